@@ -1,0 +1,320 @@
+//! Descriptor chains, validated whole before a device sees them (virtio 1.2 §2.7.5,
+//! §2.7.5.3).
+//!
+//! A chain is walked once, up front: every descriptor index is checked against its table,
+//! every buffer is translated into host pieces with a bounds check, the total length is
+//! checked for overflow, a chain longer than its table is a loop, an indirect descriptor
+//! inside an indirect table is refused, and a device-readable descriptor after a
+//! device-writable one is refused. Only then does the device get host buffers.
+
+use thiserror::Error;
+
+use crate::memory::{GuestMemory, MemoryError};
+
+/// VIRTQ_DESC_F_NEXT: the chain continues in `next`.
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+/// VIRTQ_DESC_F_WRITE: the buffer is device-writable.
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+/// VIRTQ_DESC_F_INDIRECT: the buffer holds a table of descriptors.
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+/// Size in bytes of one split-ring descriptor (`struct virtq_desc`).
+pub const DESC_SIZE: u64 = 16;
+
+/// What was wrong with a descriptor chain. The head index is reported beside it by the
+/// queue ([`crate::split::QueueError::Chain`]).
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum ChainError {
+    /// A descriptor index (head or `next`) is past the end of its table.
+    #[error("Descriptor index {index} is outside its table of {table_len}")]
+    IndexOutOfRange {
+        /// The offending index.
+        index: u16,
+        /// Entries in the table it indexes.
+        table_len: u32,
+    },
+    /// The chain visits more descriptors than its table holds: a loop.
+    #[error("Descriptor chain longer than its table of {table_len} (a loop)")]
+    TooLong {
+        /// Entries in the table.
+        table_len: u32,
+    },
+    /// A buffer or indirect table is not inside guest memory.
+    #[error("Descriptor buffer is outside guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    /// The chain's total length overflows 32 bits.
+    #[error("Descriptor chain total length overflows 32 bits")]
+    LengthOverflow,
+    /// An indirect descriptor inside an indirect table (§2.7.5.3.1).
+    #[error("Indirect descriptor inside an indirect table")]
+    NestedIndirect,
+    /// INDIRECT used without VIRTIO_RING_F_INDIRECT_DESC negotiated.
+    #[error("Indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")]
+    IndirectNotNegotiated,
+    /// INDIRECT and NEXT both set (§2.7.5.3.1).
+    #[error("Descriptor sets both INDIRECT and NEXT")]
+    IndirectWithNext,
+    /// An indirect table whose length is 0, not a multiple of 16, or has more entries
+    /// than the queue size.
+    #[error("Indirect table length {len} is invalid (multiple of 16, 1..={max} entries)")]
+    IndirectBadLength {
+        /// Length in bytes.
+        len: u32,
+        /// Most entries allowed.
+        max: u32,
+    },
+    /// A device-readable descriptor follows a device-writable one (§2.7.4.2).
+    #[error("Device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+}
+
+/// One host buffer piece of a chain. Layout-compatible with `struct iovec`, so a slice of
+/// segments can be handed to `preadv`/`pwritev` as is.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct Segment {
+    /// Host address of the first byte (inside a guest memory mapping).
+    pub base: *mut u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+// SAFETY: a segment is an address range inside guest memory mapped for the whole process;
+// it carries no thread affinity. Dereferencing it is done by its users under their own
+// SAFETY arguments.
+unsafe impl Send for Segment {}
+
+/// A validated descriptor chain: its head index and its device-readable then
+/// device-writable host buffers. Reused between requests so the data path allocates
+/// nothing once warm.
+#[derive(Debug, Default)]
+pub struct DescriptorChain {
+    head: u16,
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+    readable_len: u32,
+    writable_len: u32,
+}
+
+/// A raw split-ring descriptor as read from guest memory.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawDesc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+impl RawDesc {
+    /// Reads descriptor `index` of the table at host address `table`.
+    ///
+    /// # Safety
+    /// `table` must point to at least `index + 1` descriptors of mapped memory.
+    pub(crate) unsafe fn read(table: *const u8, index: u16) -> Self {
+        let mut raw = [0u8; DESC_SIZE as usize];
+        // SAFETY: the caller guarantees the 16 bytes at this offset are mapped; a volatile
+        // byte copy tolerates concurrent writes by the driver.
+        unsafe {
+            let src = table.add(usize::from(index) * DESC_SIZE as usize);
+            for (i, b) in raw.iter_mut().enumerate() {
+                *b = std::ptr::read_volatile(src.add(i));
+            }
+        }
+        let u64_at = |o: usize| {
+            u64::from_le_bytes([
+                raw[o],
+                raw[o + 1],
+                raw[o + 2],
+                raw[o + 3],
+                raw[o + 4],
+                raw[o + 5],
+                raw[o + 6],
+                raw[o + 7],
+            ])
+        };
+        Self {
+            addr: u64_at(0),
+            len: u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
+            flags: u16::from_le_bytes([raw[12], raw[13]]),
+            next: u16::from_le_bytes([raw[14], raw[15]]),
+        }
+    }
+}
+
+impl DescriptorChain {
+    /// The head descriptor index, to return in the used ring.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Device-readable buffers, in chain order.
+    pub fn readable(&self) -> &[Segment] {
+        &self.readable
+    }
+
+    /// Device-writable buffers, in chain order.
+    pub fn writable(&self) -> &[Segment] {
+        &self.writable
+    }
+
+    /// Total device-readable bytes.
+    pub fn readable_len(&self) -> u32 {
+        self.readable_len
+    }
+
+    /// Total device-writable bytes.
+    pub fn writable_len(&self) -> u32 {
+        self.writable_len
+    }
+
+    /// Copies up to `buf.len()` bytes from the readable part starting at byte `offset`;
+    /// returns how many were copied.
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> usize {
+        copy_segments(&self.readable, offset, buf.len(), |seg_ptr, done, n| {
+            // SAFETY: `seg_ptr..+n` is inside a validated segment of live guest memory and
+            // `buf` has room for `done + n` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(seg_ptr, buf.as_mut_ptr().add(done), n) }
+        })
+    }
+
+    /// Copies `data` into the writable part starting at byte `offset`; returns how many
+    /// bytes fit.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> usize {
+        copy_segments(&self.writable, offset, data.len(), |seg_ptr, done, n| {
+            // SAFETY: as in `read_at`, with the copy direction reversed.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(done), seg_ptr, n) }
+        })
+    }
+
+    /// Walks and validates the chain starting at `head` of the descriptor table at host
+    /// address `table` with `table_len` entries, filling `self`.
+    ///
+    /// # Safety
+    /// `table` must point to `table_len` descriptors of mapped memory that stays mapped
+    /// while `mem` is alive.
+    pub(crate) unsafe fn parse_split(
+        &mut self,
+        mem: &GuestMemory,
+        table: *const u8,
+        table_len: u16,
+        head: u16,
+        indirect_allowed: bool,
+    ) -> Result<(), ChainError> {
+        self.head = head;
+        self.readable.clear();
+        self.writable.clear();
+        self.readable_len = 0;
+        self.writable_len = 0;
+
+        let (mut tbl, mut tbl_len) = (table, u32::from(table_len));
+        let mut in_indirect = false;
+        let mut index = head;
+        let mut visited = 0u32;
+        loop {
+            if u32::from(index) >= tbl_len {
+                return Err(ChainError::IndexOutOfRange {
+                    index,
+                    table_len: tbl_len,
+                });
+            }
+            visited += 1;
+            if visited > tbl_len {
+                return Err(ChainError::TooLong { table_len: tbl_len });
+            }
+            // SAFETY: index < tbl_len entries of a table that the caller (main table) or
+            // the translation below (indirect table) proved mapped.
+            let desc = unsafe { RawDesc::read(tbl, index) };
+            if desc.flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                if in_indirect {
+                    return Err(ChainError::NestedIndirect);
+                }
+                if !indirect_allowed {
+                    return Err(ChainError::IndirectNotNegotiated);
+                }
+                if desc.flags & VIRTQ_DESC_F_NEXT != 0 {
+                    return Err(ChainError::IndirectWithNext);
+                }
+                let max = u32::from(table_len);
+                let entries = desc.len / DESC_SIZE as u32;
+                if desc.len == 0 || desc.len % DESC_SIZE as u32 != 0 || entries > max {
+                    return Err(ChainError::IndirectBadLength { len: desc.len, max });
+                }
+                tbl = mem.translate(desc.addr, u64::from(desc.len))?;
+                tbl_len = entries;
+                in_indirect = true;
+                index = 0;
+                visited = 0;
+                continue;
+            }
+            let writable = desc.flags & VIRTQ_DESC_F_WRITE != 0;
+            if writable {
+                self.writable_len = self
+                    .writable_len
+                    .checked_add(desc.len)
+                    .ok_or(ChainError::LengthOverflow)?;
+            } else {
+                if !self.writable.is_empty() || self.writable_len > 0 {
+                    return Err(ChainError::ReadableAfterWritable);
+                }
+                self.readable_len = self
+                    .readable_len
+                    .checked_add(desc.len)
+                    .ok_or(ChainError::LengthOverflow)?;
+            }
+            self.readable_len
+                .checked_add(self.writable_len)
+                .ok_or(ChainError::LengthOverflow)?;
+            let list = if writable {
+                &mut self.writable
+            } else {
+                &mut self.readable
+            };
+            mem.for_each_piece(desc.addr, u64::from(desc.len), |base, len| {
+                list.push(Segment {
+                    base,
+                    len: len as usize,
+                })
+            })?;
+            if desc.flags & VIRTQ_DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            index = desc.next;
+        }
+    }
+
+    /// Builds a chain from already-translated segments (for device tests).
+    pub fn from_segments(head: u16, readable: Vec<Segment>, writable: Vec<Segment>) -> Self {
+        let sum = |v: &[Segment]| v.iter().map(|s| s.len as u32).sum();
+        Self {
+            head,
+            readable_len: sum(&readable),
+            writable_len: sum(&writable),
+            readable,
+            writable,
+        }
+    }
+}
+
+/// Copies across segments starting at a byte offset; `copy(seg_ptr, done, n)` moves `n`
+/// bytes between the segment at `seg_ptr` and the caller's buffer at offset `done`.
+fn copy_segments(
+    segs: &[Segment],
+    mut offset: usize,
+    len: usize,
+    mut copy: impl FnMut(*mut u8, usize, usize),
+) -> usize {
+    let mut done = 0;
+    for s in segs {
+        if done == len {
+            break;
+        }
+        if offset >= s.len {
+            offset -= s.len;
+            continue;
+        }
+        let n = (s.len - offset).min(len - done);
+        copy(s.base.wrapping_add(offset), done, n);
+        done += n;
+        offset = 0;
+    }
+    done
+}

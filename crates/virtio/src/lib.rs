@@ -1,0 +1,21 @@
+//! uvdpa's virtio core: feature bits, the device status machine, guest memory and split
+//! virtqueues with validated descriptor chains (virtio 1.2 §2).
+//!
+//! Nothing in this crate trusts the driver: every ring index, descriptor address, length and
+//! flag read from guest memory is checked before it is used, and a malformed input is an
+//! error value that says what was wrong, never a panic.
+
+#![deny(missing_docs)]
+
+pub mod chain;
+pub mod features;
+pub mod memory;
+pub mod split;
+pub mod status;
+pub mod worker;
+
+pub use chain::{ChainError, DescriptorChain, Segment};
+pub use features::VirtioFeatures;
+pub use memory::{GuestMemory, MemoryError, MemoryRegion};
+pub use split::{QueueError, SplitQueue, VringConfig};
+pub use status::{DeviceStatus, StatusError, StatusMachine};
