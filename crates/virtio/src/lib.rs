@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod chain;
+pub mod device;
 pub mod features;
 pub mod memory;
 pub mod split;
@@ -15,6 +16,7 @@ pub mod status;
 pub mod worker;
 
 pub use chain::{ChainError, DescriptorChain, Segment};
+pub use device::VirtioDevice;
 pub use features::VirtioFeatures;
 pub use memory::{GuestMemory, MemoryError, MemoryRegion};
 pub use split::{QueueError, SplitQueue, VringConfig};

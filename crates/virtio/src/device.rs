@@ -1,0 +1,66 @@
+//! The device layer: what a transport (vhost-user today, VDUSE later) needs from a virtio
+//! device, in the spirit of the kernel's vdpa config ops and vhost-mdev's backend ops.
+//!
+//! The transport owns negotiation ([`crate::StatusMachine`]), the rings and the workers; the
+//! device supplies its feature offer, its config space and one [`QueueHandler`] per queue.
+
+use crate::features::VirtioFeatures;
+use crate::worker::{DeviceFault, QueueHandler};
+
+/// A software virtio device served by a transport.
+///
+/// # Invariants
+/// `features()` always contains VIRTIO_F_VERSION_1; `config()` returns the same length
+/// every call; `queue_handler` may be called again for a queue after its previous handler
+/// was dropped (reconnect, reset).
+pub trait VirtioDevice: Send + Sync {
+    /// Virtio device ID (virtio 1.2 §5): 1 network, 2 block.
+    fn device_type(&self) -> u32;
+
+    /// Number of virtqueues the device exposes.
+    fn num_queues(&self) -> u16;
+
+    /// Largest queue size (descriptors) a driver may configure.
+    fn max_queue_size(&self) -> u16;
+
+    /// Device and transport features offered to the driver.
+    fn features(&self) -> VirtioFeatures;
+
+    /// Features the driver must accept for FEATURES_OK (VIRTIO_F_VERSION_1 is implied).
+    fn mandated_features(&self) -> VirtioFeatures {
+        VirtioFeatures::VIRTIO_F_VERSION_1
+    }
+
+    /// The device-specific configuration space, little-endian, as the driver reads it.
+    fn config(&self) -> Vec<u8>;
+
+    /// A driver write to the config space at `offset`.
+    ///
+    /// # Errors
+    /// The default refuses every write: most fields are read-only.
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceFault> {
+        Err(DeviceFault(format!(
+            "config space is read-only (write of {} bytes at {offset})",
+            data.len()
+        )))
+    }
+
+    /// A request processor for queue `index`, given the negotiated features.
+    ///
+    /// # Errors
+    /// A [`DeviceFault`] if the queue cannot be served (for example a backend error).
+    fn queue_handler(
+        &self,
+        index: u16,
+        features: VirtioFeatures,
+    ) -> Result<Box<dyn QueueHandler>, DeviceFault>;
+
+    /// Makes completed writes durable (file backends: fdatasync). Called when a frontend
+    /// disconnects and at shutdown. The default does nothing.
+    ///
+    /// # Errors
+    /// A [`DeviceFault`] describing the failed flush.
+    fn flush(&self) -> Result<(), DeviceFault> {
+        Ok(())
+    }
+}
