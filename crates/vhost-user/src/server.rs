@@ -1,0 +1,190 @@
+//! The per-device vhost-user socket: accepts one frontend at a time, runs its session on a
+//! thread, and refuses a second frontend while one is connected (it is accepted and closed
+//! at once, with a log line). A frontend that disconnects leaves the device ready for the
+//! next one on the same socket.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
+use tracing::{info, warn};
+use uvdpa_virtio::VirtioDevice;
+
+use crate::connection::Connection;
+use crate::error::Error;
+use crate::session::Session;
+
+/// A device served on a vhost-user socket.
+pub struct VhostUserServer {
+    name: String,
+    path: PathBuf,
+    shutdown: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Waits until `fd` is readable or `shutdown` fires; returns false on shutdown.
+fn wait_readable(fd: impl AsFd, shutdown: &OwnedFd) -> bool {
+    loop {
+        let mut fds = [
+            PollFd::new(&fd, PollFlags::IN),
+            PollFd::new(shutdown, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) => {
+                if !fds[1].revents().is_empty() {
+                    return false;
+                }
+                if !fds[0].revents().is_empty() {
+                    return true;
+                }
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn peer_pid(s: &UnixStream) -> Option<u32> {
+    rustix::net::sockopt::socket_peercred(s)
+        .ok()
+        .map(|c| c.pid.as_raw_nonzero().get() as u32)
+}
+
+/// Runs one session to its end: until the frontend disconnects, breaks the protocol, or
+/// the server shuts down.
+fn run_session(name: &str, stream: UnixStream, device: Arc<dyn VirtioDevice>, shutdown: &OwnedFd) {
+    let pid = peer_pid(&stream);
+    info!(device = name, frontend_pid = pid, "frontend connected");
+    let mut session = Session::new(name, Connection::new(stream), device);
+    loop {
+        if !wait_readable(session.connection().socket(), shutdown) {
+            info!(device = name, "closing session for shutdown");
+            break;
+        }
+        match session.handle_one() {
+            Ok(()) => {}
+            Err(Error::Disconnected) => {
+                info!(device = name, frontend_pid = pid, "frontend disconnected");
+                break;
+            }
+            Err(e) => {
+                warn!(device = name, frontend_pid = pid, "Ending session: {e}");
+                break;
+            }
+        }
+    }
+    session.close();
+}
+
+impl VhostUserServer {
+    /// Binds `path` (replacing a stale socket file) and starts serving `device`.
+    ///
+    /// # Errors
+    /// Binding the socket or starting the thread failed.
+    pub fn start(name: &str, path: &Path, device: Arc<dyn VirtioDevice>) -> io::Result<Self> {
+        if path.exists() {
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        let shutdown = Arc::new(eventfd(0, EventfdFlags::CLOEXEC)?);
+        let sd = shutdown.clone();
+        let n = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-listen"))
+            .spawn(move || accept_loop(&n, listener, device, sd))?;
+        info!(device = name, socket = %path.display(), "serving vhost-user");
+        Ok(Self {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops accepting, ends the session (its vrings stopped and the device flushed),
+    /// and removes the socket file.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = rustix::io::write(&*self.shutdown, &1u64.to_ne_bytes());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+        info!(device = %self.name, "stopped serving");
+    }
+}
+
+impl Drop for VhostUserServer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop();
+        }
+    }
+}
+
+fn accept_loop(
+    name: &str,
+    listener: UnixListener,
+    device: Arc<dyn VirtioDevice>,
+    shutdown: Arc<OwnedFd>,
+) {
+    let busy = Arc::new(AtomicBool::new(false));
+    let mut session_thread: Option<JoinHandle<()>> = None;
+    while wait_readable(&listener, &shutdown) {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!(device = name, "accept failed: {e}");
+                continue;
+            }
+        };
+        if busy.load(Ordering::Acquire) {
+            warn!(
+                device = name,
+                frontend_pid = peer_pid(&stream),
+                "Refusing a second frontend: one is already connected"
+            );
+            drop(stream);
+            continue;
+        }
+        if let Some(t) = session_thread.take() {
+            let _ = t.join();
+        }
+        busy.store(true, Ordering::Release);
+        let (b, d, sd, n) = (
+            busy.clone(),
+            device.clone(),
+            shutdown.clone(),
+            name.to_string(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}-session"))
+            .spawn(move || {
+                run_session(&n, stream, d, &sd);
+                b.store(false, Ordering::Release);
+            });
+        match spawned {
+            Ok(t) => session_thread = Some(t),
+            Err(e) => {
+                warn!(device = name, "cannot start session thread: {e}");
+                busy.store(false, Ordering::Release);
+            }
+        }
+    }
+    if let Some(t) = session_thread.take() {
+        let _ = t.join();
+    }
+}

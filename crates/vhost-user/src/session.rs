@@ -1,0 +1,824 @@
+//! One frontend's session with a device: feature and protocol negotiation, the memory table,
+//! vrings, config space and device status (QEMU `docs/interop/vhost-user.rst`).
+//!
+//! Every request goes through the same steps: look up the code, check the protocol feature
+//! it needs, check the attached fds, check the body size and decode it, act, reply. A
+//! request the frontend asked an ack for (REPLY_ACK) gets `0` or a failure code; a failed
+//! request without an ack, and any framing error, ends the session.
+//!
+//! A vring runs (is owned by a [`QueueWorker`]) while it is started (SET_VRING_KICK
+//! received, not stopped by GET_VRING_BASE), enabled, fully addressed, and a memory table
+//! exists. Any change to what a running worker uses (memory table, kick/call/err fds) stops
+//! the worker, applies the change and starts it again with the ring state it handed back.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tracing::{debug, info, warn};
+use uvdpa_virtio::memory::MAX_REGIONS;
+use uvdpa_virtio::worker::{QueueHandler, QueueStats, QueueWorker, WorkerParams};
+use uvdpa_virtio::{
+    DeviceStatus, GuestMemory, MemoryRegion, SplitQueue, StatusMachine, VirtioDevice,
+    VirtioFeatures, VringConfig,
+};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion, VhostUserMsgValidator,
+    VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr,
+    VhostUserVringAddrFlags, VhostUserVringState, VHOST_USER_CONFIG_SIZE,
+};
+use vm_memory::ByteValued;
+
+use crate::connection::{Connection, Request};
+use crate::error::Error;
+
+/// Protocol features this backend implements (REPLY_ACK is always offered).
+pub fn supported_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::STATUS
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+/// Ring state of one vring as the frontend configured it.
+#[derive(Default)]
+struct Vring {
+    size: u16,
+    addr: Option<(u64, u64, u64)>,
+    base: u16,
+    kick: Option<Arc<OwnedFd>>,
+    call: Option<Arc<OwnedFd>>,
+    err: Option<Arc<OwnedFd>>,
+    started: bool,
+    enabled: bool,
+    worker: Option<QueueWorker>,
+    handler: Option<Box<dyn QueueHandler>>,
+    stats: Arc<QueueStats>,
+}
+
+/// A vhost-user session between one frontend and one device.
+pub struct Session {
+    name: String,
+    conn: Connection,
+    device: Arc<dyn VirtioDevice>,
+    protocol: VhostUserProtocolFeatures,
+    acked: VirtioFeatures,
+    status: StatusMachine,
+    needs_reset: Arc<AtomicBool>,
+    mem: Option<Arc<GuestMemory>>,
+    vrings: Vec<Vring>,
+}
+
+fn decode<T: ByteValued + Default + VhostUserMsgValidator>(
+    request: &'static str,
+    body: &[u8],
+) -> Result<T, Error> {
+    let mut v = T::default();
+    if body.len() != std::mem::size_of::<T>() {
+        return Err(Error::BadBodySize {
+            request,
+            got: body.len(),
+            expected: std::mem::size_of::<T>(),
+        });
+    }
+    v.as_mut_slice().copy_from_slice(body);
+    if !v.is_valid() {
+        return Err(Error::InvalidParam {
+            request,
+            reason: "field values fail validation".into(),
+        });
+    }
+    Ok(v)
+}
+
+fn expect_fds(request: &'static str, req: &Request, expected: usize) -> Result<(), Error> {
+    if req.fds.len() != expected {
+        return Err(Error::WrongFdCount {
+            request,
+            got: req.fds.len(),
+            expected,
+        });
+    }
+    Ok(())
+}
+
+fn u64_reply(v: u64) -> Vec<u8> {
+    VhostUserU64::new(v).as_slice().to_vec()
+}
+
+impl Session {
+    /// A fresh session on an accepted connection. `name` names the device in logs and
+    /// worker threads.
+    pub fn new(name: &str, conn: Connection, device: Arc<dyn VirtioDevice>) -> Self {
+        let status = StatusMachine::new(device.features(), device.mandated_features());
+        let vrings = (0..device.num_queues()).map(|_| Vring::default()).collect();
+        Self {
+            name: name.to_string(),
+            conn,
+            device,
+            protocol: VhostUserProtocolFeatures::empty(),
+            acked: VirtioFeatures::empty(),
+            status,
+            needs_reset: Arc::new(AtomicBool::new(false)),
+            mem: None,
+            vrings,
+        }
+    }
+
+    /// The connection (to poll it).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Per-vring counters.
+    pub fn vring_stats(&self, index: usize) -> Option<Arc<QueueStats>> {
+        self.vrings.get(index).map(|v| v.stats.clone())
+    }
+
+    /// The device status as GET_STATUS reports it.
+    pub fn device_status(&self) -> DeviceStatus {
+        let mut s = self.status.status();
+        if self.needs_reset.load(Ordering::Acquire) {
+            s |= DeviceStatus::DEVICE_NEEDS_RESET;
+        }
+        s
+    }
+
+    /// Reads and handles one request.
+    ///
+    /// # Errors
+    /// An error for which [`Error::ends_session`] is true, or any failure of a request that
+    /// could not be answered with a failure reply; the caller closes the session.
+    pub fn handle_one(&mut self) -> Result<(), Error> {
+        let req = self.conn.recv_request()?;
+        let code = req
+            .hdr
+            .code()
+            .ok_or(Error::UnknownRequest(req.hdr.request))?;
+        let wants_ack =
+            req.hdr.need_reply() && self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        match self.dispatch(code, &req) {
+            Ok(Some(reply)) => self.conn.send_reply(&req.hdr, &reply),
+            Ok(None) if wants_ack => self.conn.send_reply(&req.hdr, &u64_reply(0)),
+            Ok(None) => Ok(()),
+            Err(e) if e.ends_session() => Err(e),
+            Err(e) if wants_ack && !has_reply(code) => {
+                warn!(device = %self.name, request = ?code, "Request failed: {e}");
+                self.conn.send_reply(&req.hdr, &u64_reply(1))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn need(
+        &self,
+        request: &'static str,
+        f: VhostUserProtocolFeatures,
+        name: &'static str,
+    ) -> Result<(), Error> {
+        if self.protocol.contains(f) {
+            Ok(())
+        } else {
+            Err(Error::FeatureNotNegotiated {
+                request,
+                feature: name,
+            })
+        }
+    }
+
+    fn vring_index(&self, index: u32) -> Result<usize, Error> {
+        let i = index as usize;
+        if i < self.vrings.len() {
+            Ok(i)
+        } else {
+            Err(Error::VringIndex {
+                index,
+                num: self.device.num_queues(),
+            })
+        }
+    }
+
+    /// Handles one decoded request; `Ok(Some(body))` is a reply to send.
+    fn dispatch(&mut self, code: FrontendReq, req: &Request) -> Result<Option<Vec<u8>>, Error> {
+        use FrontendReq as R;
+        debug!(device = %self.name, request = ?code, size = req.body.len(), fds = req.fds.len(), "vhost-user request");
+        let no_body = |name: &'static str| -> Result<(), Error> {
+            expect_fds(name, req, 0)?;
+            if !req.body.is_empty() {
+                return Err(Error::BadBodySize {
+                    request: name,
+                    got: req.body.len(),
+                    expected: 0,
+                });
+            }
+            Ok(())
+        };
+        match code {
+            R::GET_FEATURES => {
+                no_body("GET_FEATURES")?;
+                Ok(Some(u64_reply(self.offered().bits())))
+            }
+            R::SET_FEATURES => {
+                expect_fds("SET_FEATURES", req, 0)?;
+                let v: VhostUserU64 = decode("SET_FEATURES", &req.body)?;
+                self.set_features(v.value)?;
+                Ok(None)
+            }
+            R::SET_OWNER => {
+                no_body("SET_OWNER")?;
+                Ok(None)
+            }
+            R::RESET_OWNER => {
+                no_body("RESET_OWNER")?;
+                self.reset();
+                Ok(None)
+            }
+            R::GET_PROTOCOL_FEATURES => {
+                no_body("GET_PROTOCOL_FEATURES")?;
+                Ok(Some(u64_reply(supported_protocol_features().bits())))
+            }
+            R::SET_PROTOCOL_FEATURES => {
+                expect_fds("SET_PROTOCOL_FEATURES", req, 0)?;
+                let v: VhostUserU64 = decode("SET_PROTOCOL_FEATURES", &req.body)?;
+                let unknown = v.value & !supported_protocol_features().bits();
+                if unknown != 0 {
+                    return Err(Error::InvalidParam {
+                        request: "SET_PROTOCOL_FEATURES",
+                        reason: format!("unsupported protocol features {unknown:#x}"),
+                    });
+                }
+                self.protocol = VhostUserProtocolFeatures::from_bits_truncate(v.value);
+                Ok(None)
+            }
+            R::GET_QUEUE_NUM => {
+                self.need("GET_QUEUE_NUM", VhostUserProtocolFeatures::MQ, "MQ")?;
+                no_body("GET_QUEUE_NUM")?;
+                Ok(Some(u64_reply(u64::from(self.device.num_queues()))))
+            }
+            R::SET_MEM_TABLE => {
+                self.set_mem_table(req)?;
+                Ok(None)
+            }
+            R::GET_MAX_MEM_SLOTS => {
+                self.need(
+                    "GET_MAX_MEM_SLOTS",
+                    VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+                    "CONFIGURE_MEM_SLOTS",
+                )?;
+                no_body("GET_MAX_MEM_SLOTS")?;
+                Ok(Some(u64_reply(MAX_REGIONS as u64)))
+            }
+            R::ADD_MEM_REG => {
+                self.need(
+                    "ADD_MEM_REG",
+                    VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+                    "CONFIGURE_MEM_SLOTS",
+                )?;
+                expect_fds("ADD_MEM_REG", req, 1)?;
+                let r: VhostUserSingleMemoryRegion = decode("ADD_MEM_REG", &req.body)?;
+                self.add_mem_region(&r, &req.fds)?;
+                Ok(None)
+            }
+            R::REM_MEM_REG => {
+                self.need(
+                    "REM_MEM_REG",
+                    VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+                    "CONFIGURE_MEM_SLOTS",
+                )?;
+                // QEMU attaches the region's fd; it is not needed and is closed on drop.
+                if req.fds.len() > 1 {
+                    return Err(Error::WrongFdCount {
+                        request: "REM_MEM_REG",
+                        got: req.fds.len(),
+                        expected: 1,
+                    });
+                }
+                let r: VhostUserSingleMemoryRegion = decode("REM_MEM_REG", &req.body)?;
+                self.remove_mem_region(r.guest_phys_addr, r.memory_size)?;
+                Ok(None)
+            }
+            R::SET_VRING_NUM => {
+                expect_fds("SET_VRING_NUM", req, 0)?;
+                let s: VhostUserVringState = decode("SET_VRING_NUM", &req.body)?;
+                let i = self.vring_index(s.index)?;
+                let max = self.device.max_queue_size();
+                let num = s.num;
+                if num == 0 || !num.is_power_of_two() || num > u32::from(max) {
+                    return Err(Error::InvalidParam {
+                        request: "SET_VRING_NUM",
+                        reason: format!("size {num} (a power of two, 1..={max})"),
+                    });
+                }
+                self.reconfigure(i, |v| v.size = num as u16)?;
+                Ok(None)
+            }
+            R::SET_VRING_ADDR => {
+                expect_fds("SET_VRING_ADDR", req, 0)?;
+                let a: VhostUserVringAddr = decode("SET_VRING_ADDR", &req.body)?;
+                let i = self.vring_index(a.index)?;
+                if VhostUserVringAddrFlags::from_bits(a.flags).is_none_or(|f| !f.is_empty()) {
+                    return Err(Error::InvalidParam {
+                        request: "SET_VRING_ADDR",
+                        reason: format!("flags {:#x} (dirty logging is not supported)", {
+                            a.flags
+                        }),
+                    });
+                }
+                let addrs = (a.descriptor, a.available, a.used);
+                self.reconfigure(i, |v| v.addr = Some(addrs))?;
+                Ok(None)
+            }
+            R::SET_VRING_BASE => {
+                expect_fds("SET_VRING_BASE", req, 0)?;
+                let s: VhostUserVringState = decode("SET_VRING_BASE", &req.body)?;
+                let i = self.vring_index(s.index)?;
+                let base = u16::try_from(s.num).map_err(|_| Error::InvalidParam {
+                    request: "SET_VRING_BASE",
+                    reason: format!("base {} does not fit 16 bits", { s.num }),
+                })?;
+                self.reconfigure(i, |v| v.base = base)?;
+                Ok(None)
+            }
+            R::GET_VRING_BASE => {
+                expect_fds("GET_VRING_BASE", req, 0)?;
+                let s: VhostUserVringState = decode("GET_VRING_BASE", &req.body)?;
+                let i = self.vring_index(s.index)?;
+                self.stop_vring(i);
+                let v = &mut self.vrings[i];
+                v.started = false;
+                v.kick = None;
+                let reply = VhostUserVringState::new(s.index, u32::from(v.base));
+                Ok(Some(reply.as_slice().to_vec()))
+            }
+            R::SET_VRING_KICK | R::SET_VRING_CALL | R::SET_VRING_ERR => {
+                self.set_vring_fd(code, req)?;
+                Ok(None)
+            }
+            R::SET_VRING_ENABLE => {
+                expect_fds("SET_VRING_ENABLE", req, 0)?;
+                if !self
+                    .acked
+                    .contains(VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES)
+                {
+                    return Err(Error::InvalidParam {
+                        request: "SET_VRING_ENABLE",
+                        reason: "VHOST_USER_F_PROTOCOL_FEATURES not negotiated".into(),
+                    });
+                }
+                let s: VhostUserVringState = decode("SET_VRING_ENABLE", &req.body)?;
+                let i = self.vring_index(s.index)?;
+                let enable = match s.num {
+                    0 => false,
+                    1 => true,
+                    n => {
+                        return Err(Error::InvalidParam {
+                            request: "SET_VRING_ENABLE",
+                            reason: format!("value {n} (0 or 1)"),
+                        })
+                    }
+                };
+                self.reconfigure(i, |v| v.enabled = enable)?;
+                Ok(None)
+            }
+            R::GET_CONFIG => {
+                self.need("GET_CONFIG", VhostUserProtocolFeatures::CONFIG, "CONFIG")?;
+                expect_fds("GET_CONFIG", req, 0)?;
+                Ok(Some(self.get_config(&req.body)?))
+            }
+            R::SET_CONFIG => {
+                self.need("SET_CONFIG", VhostUserProtocolFeatures::CONFIG, "CONFIG")?;
+                expect_fds("SET_CONFIG", req, 0)?;
+                let hdr_len = std::mem::size_of::<VhostUserConfig>();
+                let (head, payload) = req.body.split_at(hdr_len.min(req.body.len()));
+                let c: VhostUserConfig = decode("SET_CONFIG", head)?;
+                if payload.len() != c.size as usize {
+                    return Err(Error::BadBodySize {
+                        request: "SET_CONFIG",
+                        got: req.body.len(),
+                        expected: hdr_len + c.size as usize,
+                    });
+                }
+                self.device
+                    .write_config(c.offset, payload)
+                    .map_err(|e| Error::Device(e.0))?;
+                Ok(None)
+            }
+            R::SET_STATUS => {
+                self.need("SET_STATUS", VhostUserProtocolFeatures::STATUS, "STATUS")?;
+                expect_fds("SET_STATUS", req, 0)?;
+                let v: VhostUserU64 = decode("SET_STATUS", &req.body)?;
+                let value = u8::try_from(v.value).map_err(|_| Error::InvalidParam {
+                    request: "SET_STATUS",
+                    reason: format!("status {:#x} does not fit 8 bits", { v.value }),
+                })?;
+                self.set_status(value)?;
+                Ok(None)
+            }
+            R::GET_STATUS => {
+                self.need("GET_STATUS", VhostUserProtocolFeatures::STATUS, "STATUS")?;
+                no_body("GET_STATUS")?;
+                Ok(Some(u64_reply(u64::from(self.device_status().bits()))))
+            }
+            R::RESET_DEVICE => {
+                self.need(
+                    "RESET_DEVICE",
+                    VhostUserProtocolFeatures::RESET_DEVICE,
+                    "RESET_DEVICE",
+                )?;
+                no_body("RESET_DEVICE")?;
+                self.reset();
+                Ok(None)
+            }
+            other => {
+                warn!(device = %self.name, request = ?other, "Unsupported vhost-user request");
+                Err(Error::UnknownRequest(other as u32))
+            }
+        }
+    }
+
+    /// Features offered over vhost-user: the device's, with VHOST_USER_F_PROTOCOL_FEATURES.
+    fn offered(&self) -> VirtioFeatures {
+        self.device.features() | VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES
+    }
+
+    fn set_features(&mut self, value: u64) -> Result<(), Error> {
+        let unknown = value & !self.offered().bits();
+        if unknown != 0 {
+            return Err(Error::UnofferedFeatures { unknown });
+        }
+        let features = VirtioFeatures::from_raw(value);
+        let device_bits = features - VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES;
+        if !self.protocol.contains(VhostUserProtocolFeatures::STATUS) {
+            // Without SET_STATUS, SET_FEATURES is where FEATURES_OK is decided.
+            self.status.check_features(device_bits)?;
+        }
+        self.status.set_driver_features(device_bits);
+        if features.contains(VirtioFeatures::VIRTIO_RING_F_EVENT_IDX)
+            != self.acked.contains(VirtioFeatures::VIRTIO_RING_F_EVENT_IDX)
+            || features.contains(VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC)
+                != self
+                    .acked
+                    .contains(VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC)
+        {
+            // Ring features changed: running rings restart with the new layout rules.
+            let running: Vec<usize> = (0..self.vrings.len())
+                .filter(|&i| self.vrings[i].worker.is_some())
+                .collect();
+            for &i in &running {
+                self.stop_vring(i);
+            }
+            self.acked = features;
+            for i in running {
+                self.update_vring(i)?;
+            }
+        }
+        self.acked = features;
+        if !self
+            .acked
+            .contains(VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES)
+        {
+            // Without protocol features, rings are enabled as soon as they start.
+            for i in 0..self.vrings.len() {
+                self.reconfigure(i, |v| v.enabled = true)?;
+            }
+        }
+        debug!(device = %self.name, features = format_args!("{value:#x}"), "features acked");
+        Ok(())
+    }
+
+    fn set_status(&mut self, value: u8) -> Result<(), Error> {
+        if value == 0 {
+            self.reset();
+            return Ok(());
+        }
+        let res = self.status.set_status(value);
+        info!(device = %self.name, status = ?self.status.status().names(), "device status");
+        res?;
+        Ok(())
+    }
+
+    /// Device reset (SET_STATUS 0, RESET_DEVICE, RESET_OWNER): every vring is stopped,
+    /// in-flight requests complete before the worker hands its ring back, then the state
+    /// returns to what a new session has. The memory table and fds are dropped as well.
+    pub fn reset(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_vring(i);
+        }
+        for v in &mut self.vrings {
+            *v = Vring {
+                stats: v.stats.clone(),
+                ..Vring::default()
+            };
+        }
+        self.status.reset();
+        self.needs_reset.store(false, Ordering::Release);
+        self.acked = VirtioFeatures::empty();
+        info!(device = %self.name, "device reset");
+    }
+
+    fn set_mem_table(&mut self, req: &Request) -> Result<(), Error> {
+        let hdr_len = std::mem::size_of::<VhostUserMemory>();
+        let region_len = std::mem::size_of::<VhostUserMemoryRegion>();
+        let (head, rest) = req.body.split_at(hdr_len.min(req.body.len()));
+        let m: VhostUserMemory = decode("SET_MEM_TABLE", head)?;
+        let n = m.num_regions as usize;
+        if n == 0 || n > crate::connection::MAX_FDS {
+            return Err(Error::InvalidParam {
+                request: "SET_MEM_TABLE",
+                reason: format!("{n} regions (1..={})", crate::connection::MAX_FDS),
+            });
+        }
+        if rest.len() != n * region_len {
+            return Err(Error::BadBodySize {
+                request: "SET_MEM_TABLE",
+                got: req.body.len(),
+                expected: hdr_len + n * region_len,
+            });
+        }
+        expect_fds("SET_MEM_TABLE", req, n)?;
+        let mut regions = Vec::with_capacity(n);
+        for (chunk, fd) in rest.chunks_exact(region_len).zip(&req.fds) {
+            let r: VhostUserMemoryRegion = decode("SET_MEM_TABLE", chunk)?;
+            regions.push(MemoryRegion::map(
+                fd,
+                r.guest_phys_addr,
+                r.memory_size,
+                r.user_addr,
+                r.mmap_offset,
+            )?);
+        }
+        let mem = GuestMemory::new(regions)?;
+        info!(device = %self.name, regions = n, bytes = mem.total_size(), "memory table set");
+        self.replace_memory(|_| Ok(mem))
+    }
+
+    fn add_mem_region(
+        &mut self,
+        r: &VhostUserSingleMemoryRegion,
+        fds: &[OwnedFd],
+    ) -> Result<(), Error> {
+        let fd = fds.first().ok_or(Error::WrongFdCount {
+            request: "ADD_MEM_REG",
+            got: 0,
+            expected: 1,
+        })?;
+        let region = MemoryRegion::map(
+            fd,
+            r.guest_phys_addr,
+            r.memory_size,
+            r.user_addr,
+            r.mmap_offset,
+        )?;
+        self.replace_memory(|old| {
+            let mut regions = old;
+            regions.push(region);
+            Ok(GuestMemory::new(regions)?)
+        })
+    }
+
+    fn remove_mem_region(&mut self, gpa: u64, size: u64) -> Result<(), Error> {
+        self.replace_memory(|old| {
+            let before = old.len();
+            let regions: Vec<MemoryRegion> = old
+                .into_iter()
+                .filter(|r| !(r.gpa() == gpa && r.size() == size))
+                .collect();
+            if regions.len() == before {
+                return Err(Error::Memory(uvdpa_virtio::MemoryError::NoSuchRegion {
+                    gpa,
+                    size,
+                }));
+            }
+            Ok(GuestMemory::new(regions)?)
+        })
+    }
+
+    /// Stops running vrings, builds the new table from the old regions, and restarts them.
+    /// On failure the old table is kept only if it could be recovered; the vrings restart
+    /// on whatever table is current.
+    fn replace_memory(
+        &mut self,
+        build: impl FnOnce(Vec<MemoryRegion>) -> Result<GuestMemory, Error>,
+    ) -> Result<(), Error> {
+        let running: Vec<usize> = (0..self.vrings.len())
+            .filter(|&i| self.vrings[i].worker.is_some())
+            .collect();
+        for &i in &running {
+            self.stop_vring(i);
+        }
+        let old = match self.mem.take() {
+            Some(arc) => match Arc::try_unwrap(arc) {
+                Ok(m) => m.into_regions(),
+                Err(arc) => {
+                    // Still shared (cannot happen once workers are stopped): keep it.
+                    self.mem = Some(arc);
+                    return Err(Error::Device("guest memory still in use".into()));
+                }
+            },
+            None => Vec::new(),
+        };
+        // Keep a copy of the old layout's identity to rebuild on failure is not possible
+        // (regions own their mappings); a failed update leaves no memory table, and rings
+        // wait for the next one.
+        let result = build(old).map(|m| {
+            self.mem = Some(Arc::new(m));
+        });
+        for i in 0..self.vrings.len() {
+            self.update_vring(i)?;
+        }
+        result
+    }
+
+    fn set_vring_fd(&mut self, code: FrontendReq, req: &Request) -> Result<(), Error> {
+        let name = match code {
+            FrontendReq::SET_VRING_KICK => "SET_VRING_KICK",
+            FrontendReq::SET_VRING_CALL => "SET_VRING_CALL",
+            _ => "SET_VRING_ERR",
+        };
+        let v: VhostUserU64 = decode(name, &req.body)?;
+        let value = v.value;
+        const NOFD: u64 = 0x100;
+        if value & !(NOFD | 0xff) != 0 {
+            return Err(Error::InvalidParam {
+                request: name,
+                reason: format!("value {value:#x} has reserved bits"),
+            });
+        }
+        let i = self.vring_index((value & 0xff) as u32)?;
+        let nofd = value & NOFD != 0;
+        expect_fds(name, req, usize::from(!nofd))?;
+        let fd = req
+            .fds
+            .first()
+            .and_then(|f| f.try_clone().ok())
+            .map(Arc::new);
+        if !nofd && fd.is_none() {
+            return Err(Error::Worker {
+                index: i as u16,
+                reason: "cannot duplicate the fd".into(),
+            });
+        }
+        match code {
+            FrontendReq::SET_VRING_KICK => self.reconfigure(i, |v| {
+                // A kick fd starts the ring; without one the frontend would poll, which
+                // this backend does not support, so the ring stays stopped.
+                v.started = fd.is_some();
+                v.kick = fd;
+            }),
+            FrontendReq::SET_VRING_CALL => self.reconfigure(i, |v| v.call = fd),
+            _ => self.reconfigure(i, |v| v.err = fd),
+        }
+    }
+
+    fn get_config(&mut self, body: &[u8]) -> Result<Vec<u8>, Error> {
+        let hdr_len = std::mem::size_of::<VhostUserConfig>();
+        let (head, payload) = body.split_at(hdr_len.min(body.len()));
+        let c: VhostUserConfig = decode("GET_CONFIG", head)?;
+        let size = c.size as usize;
+        if payload.len() != size || c.offset.saturating_add(c.size) > VHOST_USER_CONFIG_SIZE {
+            return Err(Error::BadBodySize {
+                request: "GET_CONFIG",
+                got: body.len(),
+                expected: hdr_len + size,
+            });
+        }
+        let config = self.device.config();
+        let mut reply = Vec::with_capacity(hdr_len + size);
+        reply.extend_from_slice(head);
+        let start = c.offset as usize;
+        for k in 0..size {
+            reply.push(config.get(start + k).copied().unwrap_or(0));
+        }
+        Ok(reply)
+    }
+
+    /// Stops vring `i` if it runs, then applies `change` and starts it if it should run.
+    fn reconfigure(&mut self, i: usize, change: impl FnOnce(&mut Vring)) -> Result<(), Error> {
+        self.stop_vring(i);
+        if let Some(v) = self.vrings.get_mut(i) {
+            change(v);
+        }
+        self.update_vring(i)
+    }
+
+    fn stop_vring(&mut self, i: usize) {
+        let Some(v) = self.vrings.get_mut(i) else {
+            return;
+        };
+        let Some(worker) = v.worker.take() else {
+            return;
+        };
+        match worker.stop() {
+            Ok(exit) => {
+                v.base = exit.queue.next_avail();
+                v.handler = Some(exit.handler);
+                if let Some(e) = exit.error {
+                    debug!(device = %self.name, vring = i, "stopped after error: {e}");
+                }
+            }
+            Err(e) => warn!(device = %self.name, vring = i, "{e}"),
+        }
+    }
+
+    /// Starts vring `i` if it is started, enabled, addressed, and memory exists.
+    fn update_vring(&mut self, i: usize) -> Result<(), Error> {
+        let Some(mem) = self.mem.clone() else {
+            return Ok(());
+        };
+        let features = self.acked;
+        let Some(v) = self.vrings.get_mut(i) else {
+            return Ok(());
+        };
+        let (Some((desc, avail, used)), Some(kick)) = (v.addr, v.kick.clone()) else {
+            return Ok(());
+        };
+        if v.worker.is_some()
+            || !v.started
+            || !v.enabled
+            || v.size == 0
+            || self.needs_reset.load(Ordering::Acquire)
+        {
+            return Ok(());
+        }
+        let index = i as u16;
+        let cfg = VringConfig {
+            size: v.size,
+            desc_addr: desc,
+            avail_addr: avail,
+            used_addr: used,
+            next_avail: v.base,
+            event_idx: features.contains(VirtioFeatures::VIRTIO_RING_F_EVENT_IDX),
+            indirect: features.contains(VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC),
+            addrs_are_uaddr: true,
+        };
+        let queue = SplitQueue::new(&cfg, mem).map_err(|source| Error::Vring { index, source })?;
+        let handler = match v.handler.take() {
+            Some(h) => h,
+            None => self
+                .device
+                .queue_handler(index, features)
+                .map_err(|e| Error::Device(e.0))?,
+        };
+        let needs_reset = self.needs_reset.clone();
+        let name = self.name.clone();
+        let params = WorkerParams {
+            name: format!("{}-q{}", self.name, i),
+            queue,
+            kick,
+            call: v.call.clone(),
+            err: v.err.clone(),
+            handler,
+            stats: v.stats.clone(),
+            on_error: Arc::new(move |e| {
+                warn!(device = %name, vring = index, "Virtqueue failed, device needs reset: {e}");
+                needs_reset.store(true, Ordering::Release);
+            }),
+        };
+        let worker = QueueWorker::spawn(params).map_err(|e| Error::Worker {
+            index,
+            reason: e.to_string(),
+        })?;
+        v.worker = Some(worker);
+        debug!(device = %self.name, vring = i, size = v.size, base = v.base, "vring started");
+        Ok(())
+    }
+
+    /// Ends the session: stops every vring (waiting for in-flight requests) and makes
+    /// completed writes durable.
+    pub fn close(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_vring(i);
+        }
+        if let Err(e) = self.device.flush() {
+            warn!(device = %self.name, "Flush at disconnect failed: {}", e.0);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Requests whose success reply carries data (they never get a bare ack).
+fn has_reply(code: FrontendReq) -> bool {
+    matches!(
+        code,
+        FrontendReq::GET_FEATURES
+            | FrontendReq::GET_PROTOCOL_FEATURES
+            | FrontendReq::GET_QUEUE_NUM
+            | FrontendReq::GET_VRING_BASE
+            | FrontendReq::GET_CONFIG
+            | FrontendReq::GET_MAX_MEM_SLOTS
+            | FrontendReq::GET_STATUS
+    )
+}
+
+impl AsFd for Session {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.conn.as_fd()
+    }
+}
