@@ -1,0 +1,244 @@
+//! Shared helpers for end-to-end tests: a daemon process with a config, and a libblkio
+//! client (driver `virtio-blk-vhost-user`), the frontend nobody here wrote.
+
+#![allow(dead_code)]
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory under the system temp dir.
+pub fn unique_dir(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("uvdpa-t-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The path of the built `uvdpa` binary.
+pub fn uvdpa_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_uvdpa")
+}
+
+/// A running `uvdpa daemon`.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon with `config` (TOML) and waits until every `[[device]]` socket
+    /// named in `names` exists.
+    pub fn start(tag: &str, config: &str, names: &[&str]) -> Daemon {
+        let dir = unique_dir(tag);
+        Self::start_in(dir, config, names)
+    }
+
+    /// As [`Daemon::start`] in an existing directory (to restart over the same files).
+    pub fn start_in(dir: PathBuf, config: &str, names: &[&str]) -> Daemon {
+        let cfg = dir.join("uvdpa.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.join(format!("daemon-{}.log", COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let child = Command::new(uvdpa_bin())
+            .args(["daemon", "--run-dir"])
+            .arg(&dir)
+            .arg("--config")
+            .arg(&cfg)
+            .env("UVDPA_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn uvdpa daemon");
+        let d = Daemon { child: Some(child), dir, log };
+        for n in names {
+            d.wait_socket(n);
+        }
+        d
+    }
+
+    pub fn sock(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sock"))
+    }
+
+    pub fn sock_str(&self, name: &str) -> String {
+        self.sock(name).to_str().unwrap().to_string()
+    }
+
+    fn wait_socket(&self, name: &str) {
+        let p = self.sock(name);
+        let t0 = Instant::now();
+        while !p.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "socket {} did not appear; log:\n{}",
+                p.display(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().unwrap().try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("daemon did not exit within 30 s of SIGTERM; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Outcome of one request: 0 on success, a negative errno on failure.
+pub type Ret = i32;
+
+/// A libblkio `virtio-blk-vhost-user` client with one shared buffer region.
+pub struct BlkClient {
+    pub queues: Vec<Blkioq>,
+    blkio: Blkio,
+    buf: *mut u8,
+    buf_len: usize,
+    pub capacity: u64,
+}
+
+/// One request in a batch.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    Read { offset: u64, buf_off: usize, len: usize },
+    Write { offset: u64, buf_off: usize, len: usize },
+    Flush,
+    Discard { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64 },
+}
+
+impl BlkClient {
+    /// Connects and starts `num_queues` interrupt-driven queues with a `buf_len` buffer.
+    pub fn connect(path: &str, num_queues: i32, buf_len: usize) -> Result<Self, blkio::Error> {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
+        blkio.set_str("path", path)?;
+        blkio.connect()?;
+        blkio.set_i32("num-queues", num_queues)?;
+        let capacity = blkio.get_u64("capacity")?;
+        let mut out = blkio.start()?;
+        let region = blkio.alloc_mem_region(buf_len)?;
+        blkio.map_mem_region(&region)?;
+        Ok(Self {
+            queues: std::mem::take(&mut out.queues),
+            buf: region.addr as *mut u8,
+            buf_len: region.len,
+            blkio,
+            capacity,
+        })
+    }
+
+    /// The client's buffer region.
+    pub fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region was allocated and mapped by libblkio with `buf_len` bytes and
+        // stays mapped while `self.blkio` lives; requests are only in flight inside `run`,
+        // which holds `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.buf, self.buf_len) }
+    }
+
+    /// Submits every op on queue `q` at once (queue depth = ops.len()) and waits for all;
+    /// returns each op's result in order.
+    pub fn run(&mut self, q: usize, ops: &[Op]) -> Vec<Ret> {
+        let base = self.buf;
+        let queue = &mut self.queues[q];
+        for (i, op) in ops.iter().enumerate() {
+            match *op {
+                // SAFETY (pointer arithmetic only): offsets are inside the region; the
+                // tests keep buf_off + len <= buf_len.
+                Op::Read { offset, buf_off, len } => {
+                    queue.read(offset, base.wrapping_add(buf_off), len, i, ReqFlags::empty())
+                }
+                Op::Write { offset, buf_off, len } => {
+                    queue.write(offset, base.wrapping_add(buf_off), len, i, ReqFlags::empty())
+                }
+                Op::Flush => queue.flush(i, ReqFlags::empty()),
+                Op::Discard { offset, len } => queue.discard(offset, len, i, ReqFlags::empty()),
+                Op::WriteZeroes { offset, len } => {
+                    queue.write_zeroes(offset, len, i, ReqFlags::empty())
+                }
+            }
+        }
+        let mut results = vec![i32::MIN; ops.len()];
+        let mut done = 0;
+        let mut completions: Vec<MaybeUninit<Completion>> =
+            (0..ops.len()).map(|_| MaybeUninit::uninit()).collect();
+        while done < ops.len() {
+            let mut timeout = Duration::from_secs(30);
+            let n = queue
+                .do_io(&mut completions, 1, Some(&mut timeout), None)
+                .expect("do_io (a timeout means the device hung)");
+            for c in &completions[..n] {
+                // SAFETY: do_io initialised the first n completions.
+                let c = unsafe { c.assume_init_ref() };
+                results[c.user_data] = c.ret;
+                done += 1;
+            }
+        }
+        results
+    }
+}
+
+/// A deterministic pseudo-random pattern (SplitMix64) for write/verify.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        v.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Config text for one blk device.
+pub fn blk_config(name: &str, extra: &str) -> String {
+    format!("[[device]]\nname = \"{name}\"\nmgmtdev = \"blk\"\n{extra}\n")
+}
+
+/// Whether `path` is a file that exists.
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}

@@ -1,0 +1,257 @@
+//! Hostile vhost-user frontends: malformed messages get a failure reply or end their
+//! session with a log line; the device then serves the next frontend, and a second device
+//! in the same daemon keeps completing verified I/O throughout.
+
+mod common;
+
+use std::io::{IoSlice, Read};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+
+const GET_FEATURES: u32 = 1;
+const SET_FEATURES: u32 = 2;
+const SET_MEM_TABLE: u32 = 5;
+const SET_VRING_NUM: u32 = 8;
+const SET_VRING_ADDR: u32 = 9;
+const SET_VRING_KICK: u32 = 12;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const GET_CONFIG: u32 = 24;
+const REPLY_ACK: u64 = 1 << 3;
+const CONFIG: u64 = 1 << 9;
+const NEED_REPLY: u32 = 0x8;
+
+struct Raw {
+    s: UnixStream,
+}
+
+enum Answer {
+    Reply(Vec<u8>),
+    Closed,
+}
+
+impl Raw {
+    fn connect(path: &str) -> Raw {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { s }
+    }
+
+    fn send(&self, code: u32, flags: u32, body: &[u8], fds: &[BorrowedFd<'_>]) {
+        self.send_sized(code, flags, body.len() as u32, body, fds)
+    }
+
+    fn send_sized(&self, code: u32, flags: u32, size: u32, body: &[u8], fds: &[BorrowedFd<'_>]) {
+        let mut hdr = Vec::new();
+        hdr.extend_from_slice(&code.to_le_bytes());
+        hdr.extend_from_slice(&(1 | flags).to_le_bytes());
+        hdr.extend_from_slice(&size.to_le_bytes());
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(32))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() {
+            assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
+        }
+        // The peer may already have closed: ignore EPIPE, the answer says what happened.
+        let _ = sendmsg(&self.s, &[IoSlice::new(&hdr), IoSlice::new(body)], &mut control, SendFlags::NOSIGNAL);
+    }
+
+    fn answer(&mut self) -> Answer {
+        let mut hdr = [0u8; 12];
+        match self.s.read_exact(&mut hdr) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Answer::Closed,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Answer::Closed,
+            Err(e) => panic!("no answer from the backend: {e}"),
+        }
+        let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
+        assert_eq!(flags, 0x5, "reply flags must be version 1 | REPLY");
+        let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; size];
+        self.s.read_exact(&mut body).unwrap();
+        Answer::Reply(body)
+    }
+
+    fn u64_answer(&mut self) -> Option<u64> {
+        match self.answer() {
+            Answer::Reply(b) if b.len() == 8 => Some(u64::from_le_bytes(b.try_into().unwrap())),
+            Answer::Reply(b) => panic!("unexpected reply of {} bytes", b.len()),
+            Answer::Closed => None,
+        }
+    }
+
+    /// Negotiates PROTOCOL_FEATURES + REPLY_ACK (+ CONFIG) so failures are answered.
+    fn with_reply_ack(path: &str) -> Raw {
+        let mut r = Raw::connect(path);
+        r.send(GET_FEATURES, 0, &[], &[]);
+        let features = r.u64_answer().unwrap();
+        assert!(features & (1 << 30) != 0, "VHOST_USER_F_PROTOCOL_FEATURES not offered");
+        assert!(features & (1 << 32) != 0, "VIRTIO_F_VERSION_1 not offered");
+        r.send(SET_FEATURES, 0, &((1u64 << 30) | (1 << 32)).to_le_bytes(), &[]);
+        r.send(GET_PROTOCOL_FEATURES, 0, &[], &[]);
+        let p = r.u64_answer().unwrap();
+        assert!(p & REPLY_ACK != 0);
+        r.send(SET_PROTOCOL_FEATURES, NEED_REPLY, &(REPLY_ACK | CONFIG).to_le_bytes(), &[]);
+        assert_eq!(r.u64_answer(), Some(0));
+        r
+    }
+}
+
+fn vring_addr(index: u32, flags: u32) -> Vec<u8> {
+    let mut b = index.to_le_bytes().to_vec();
+    b.extend_from_slice(&flags.to_le_bytes());
+    for v in [0x1000u64, 0x2000, 0x3000, 0] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b
+}
+
+fn memfd(size: u64) -> OwnedFd {
+    let fd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, size).unwrap();
+    fd
+}
+
+fn region(gpa: u64, size: u64, uaddr: u64) -> Vec<u8> {
+    [gpa, size, uaddr, 0].iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn mem_table(regions: &[Vec<u8>]) -> Vec<u8> {
+    let mut b = (regions.len() as u32).to_le_bytes().to_vec();
+    b.extend_from_slice(&[0; 4]);
+    for r in regions {
+        b.extend_from_slice(r);
+    }
+    b
+}
+
+/// A libblkio client doing write/verify rounds on `path` until `stop`; returns rounds done.
+fn bystander(path: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut c = BlkClient::connect(&path, 1, 16 * 4096).unwrap();
+        let mut rounds = 0u64;
+        while !stop.load(Ordering::Relaxed) || rounds < 3 {
+            let data = pattern(rounds, 16 * 4096);
+            c.buf().copy_from_slice(&data);
+            let w: Vec<Op> = (0..16)
+                .map(|i| Op::Write { offset: (rounds % 64) * 65536 + i * 4096, buf_off: i as usize * 4096, len: 4096 })
+                .collect();
+            assert!(c.run(0, &w).iter().all(|&r| r == 0), "bystander write failed");
+            c.buf().fill(0);
+            let r: Vec<Op> = (0..16)
+                .map(|i| Op::Read { offset: (rounds % 64) * 65536 + i * 4096, buf_off: i as usize * 4096, len: 4096 })
+                .collect();
+            assert!(c.run(0, &r).iter().all(|&r| r == 0), "bystander read failed");
+            assert!(c.buf() == &data[..], "bystander data corrupted in round {rounds}");
+            rounds += 1;
+        }
+        rounds
+    })
+}
+
+#[test]
+fn malformed_messages_fail_the_session_not_the_daemon() {
+    let cfg = format!(
+        "{}{}",
+        blk_config("victim", "backend = \"ram\"\nsize = \"8M\"\nqueues = 2"),
+        blk_config("other", "backend = \"ram\"\nsize = \"8M\"")
+    );
+    let mut d = Daemon::start("bad", &cfg, &["victim", "other"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let other = bystander(d.sock_str("other"), stop.clone());
+    let victim = d.sock_str("victim");
+
+    // Framing errors end the session: the backend closes the connection.
+    let closing: Vec<(&str, Box<dyn Fn(&Raw)>)> = vec![
+        ("unknown request", Box::new(|r: &Raw| r.send(999, 0, &[], &[]))),
+        ("bad version", Box::new(|r: &Raw| {
+            let mut hdr = GET_FEATURES.to_le_bytes().to_vec();
+            hdr.extend_from_slice(&2u32.to_le_bytes());
+            hdr.extend_from_slice(&0u32.to_le_bytes());
+            std::io::Write::write_all(&mut &r.s, &hdr).unwrap();
+        })),
+        ("oversized body", Box::new(|r: &Raw| r.send_sized(SET_FEATURES, 0, 1 << 20, &[0; 64], &[]))),
+        ("wrong size without ack", Box::new(|r: &Raw| r.send(SET_FEATURES, 0, &[1, 2, 3, 4], &[]))),
+        ("too many fds", Box::new(|r: &Raw| {
+            let fds: Vec<OwnedFd> = (0..12).map(|_| memfd(4096)).collect();
+            let b: Vec<BorrowedFd> = fds.iter().map(|f| f.as_fd()).collect();
+            r.send(SET_FEATURES, 0, &(1u64 << 32).to_le_bytes(), &b);
+        })),
+    ];
+    for (what, send) in &closing {
+        let mut r = Raw::connect(&victim);
+        send(&r);
+        assert!(matches!(r.answer(), Answer::Closed), "{what}: session not ended");
+    }
+
+    // With REPLY_ACK negotiated, bad parameters get a failure reply and the session goes on.
+    let mut r = Raw::with_reply_ack(&victim);
+    let m1 = memfd(1 << 20);
+    let m2 = memfd(1 << 20);
+    let cases: Vec<(&str, u32, Vec<u8>, Vec<BorrowedFd>)> = vec![
+        ("wrong body size", SET_VRING_NUM, vec![0; 4], vec![]),
+        ("vring index out of range", SET_VRING_NUM, [5u32, 256].iter().flat_map(|v| v.to_le_bytes()).collect(), vec![]),
+        ("vring size not a power of two", SET_VRING_NUM, [0u32, 100].iter().flat_map(|v| v.to_le_bytes()).collect(), vec![]),
+        ("extra fd", SET_VRING_NUM, [0u32, 256].iter().flat_map(|v| v.to_le_bytes()).collect(), vec![m1.as_fd()]),
+        ("missing fd", SET_MEM_TABLE, mem_table(&[region(0, 1 << 20, 0x7000_0000)]), vec![]),
+        ("kick without fd", SET_VRING_KICK, 0u64.to_le_bytes().to_vec(), vec![]),
+        ("kick for vring 200", SET_VRING_KICK, 200u64.to_le_bytes().to_vec(), vec![m1.as_fd()]),
+        (
+            "overlapping regions",
+            SET_MEM_TABLE,
+            mem_table(&[region(0, 1 << 20, 0x7000_0000), region(0x8_0000, 1 << 20, 0x8000_0000)]),
+            vec![m1.as_fd(), m2.as_fd()],
+        ),
+        ("absurd region", SET_MEM_TABLE, mem_table(&[region(0, 1 << 60, 0x7000_0000)]), vec![m1.as_fd()]),
+        ("zero regions", SET_MEM_TABLE, mem_table(&[]), vec![]),
+        ("unoffered feature", SET_FEATURES, (1u64 << 32 | 1 << 30 | 1 << 3).to_le_bytes().to_vec(), vec![]),
+        ("vring addr with dirty logging", SET_VRING_ADDR, vring_addr(0, 1), vec![]),
+        ("vring addr for vring 9", SET_VRING_ADDR, vring_addr(9, 0), vec![]),
+    ];
+    for (what, code, body, fds) in &cases {
+        r.send(*code, NEED_REPLY, body, fds);
+        match r.u64_answer() {
+            Some(v) => assert_ne!(v, 0, "{what}: accepted"),
+            None => panic!("{what}: session ended instead of a failure reply"),
+        }
+    }
+    // The same session still answers well-formed requests.
+    r.send(GET_CONFIG, 0, &[0u32, 8, 0].iter().flat_map(|v| v.to_le_bytes()).chain([0u8; 8]).collect::<Vec<u8>>(), &[]);
+    match r.answer() {
+        Answer::Reply(b) => {
+            assert_eq!(b.len(), 20);
+            let capacity = u64::from_le_bytes(b[12..20].try_into().unwrap());
+            assert_eq!(capacity, (8 << 20) / 512, "capacity in 512-byte sectors");
+        }
+        Answer::Closed => panic!("GET_CONFIG after failures: session ended"),
+    }
+    drop(r);
+
+    // The victim serves a well-behaved frontend afterwards.
+    let mut c = None;
+    for _ in 0..100 {
+        if let Ok(x) = BlkClient::connect(&victim, 2, 4096) {
+            c = Some(x);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = c.expect("victim device did not recover");
+    c.buf().fill(0x3c);
+    assert_eq!(c.run(1, &[Op::Write { offset: 0, buf_off: 0, len: 4096 }]), vec![0]);
+    drop(c);
+
+    stop.store(true, Ordering::Relaxed);
+    let rounds = other.join().expect("bystander failed");
+    assert!(rounds >= 3);
+    assert!(d.alive(), "daemon died");
+    let log = d.log_text();
+    assert!(log.contains("Ending session"), "no log line for ended sessions");
+    assert!(d.stop().success());
+}
