@@ -127,7 +127,11 @@ impl DeviceEntry {
     /// [`ConfigError::Field`] naming the first invalid field.
     pub fn validate(&self, i: usize) -> Result<DeviceSpec, ConfigError> {
         let name = self.name.clone().unwrap_or_default();
-        let label = if name.is_empty() { format!("#{i}") } else { name.clone() };
+        let label = if name.is_empty() {
+            format!("#{i}")
+        } else {
+            name.clone()
+        };
         let err = |field: &'static str, reason: String| ConfigError::Field {
             device: label.clone(),
             field,
@@ -140,7 +144,10 @@ impl DeviceEntry {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
             || name.starts_with('.')
         {
-            return Err(err("name", format!("{name:?}: 1 to 32 characters of A-Z a-z 0-9 _ - . (not starting with .)")));
+            return Err(err(
+                "name",
+                format!("{name:?}: 1 to 32 characters of A-Z a-z 0-9 _ - . (not starting with .)"),
+            ));
         }
         match self.mgmtdev.as_deref() {
             Some("blk") => {}
@@ -149,16 +156,22 @@ impl DeviceEntry {
         let size = match &self.size {
             None => None,
             Some(SizeValue::Bytes(b)) => Some(*b),
-            Some(SizeValue::Text(t)) => Some(
-                parse_size(t).ok_or_else(|| err("size", format!("{t:?}: a byte count with optional K/M/G/T suffix")))?,
-            ),
+            Some(SizeValue::Text(t)) => Some(parse_size(t).ok_or_else(|| {
+                err(
+                    "size",
+                    format!("{t:?}: a byte count with optional K/M/G/T suffix"),
+                )
+            })?),
         };
-        let need_size = |kind: &str| {
-            size.ok_or_else(|| err("size", format!("required for backend {kind}")))
-        };
+        let need_size =
+            |kind: &str| size.ok_or_else(|| err("size", format!("required for backend {kind}")));
         let backend = match self.backend.as_deref().unwrap_or("ram") {
-            "ram" => BackendSpec::Ram { size: need_size("ram")? },
-            "null" => BackendSpec::Null { size: need_size("null")? },
+            "ram" => BackendSpec::Ram {
+                size: need_size("ram")?,
+            },
+            "null" => BackendSpec::Null {
+                size: need_size("null")?,
+            },
             "file" => BackendSpec::File {
                 path: self
                     .path
@@ -173,7 +186,10 @@ impl DeviceEntry {
         }
         if let Some(s) = size {
             if s == 0 || s % 512 != 0 {
-                return Err(err("size", format!("{s}: a positive multiple of 512 bytes")));
+                return Err(err(
+                    "size",
+                    format!("{s}: a positive multiple of 512 bytes"),
+                ));
             }
         }
         let queues = self.queues.unwrap_or(1);
@@ -182,13 +198,22 @@ impl DeviceEntry {
         }
         let queue_size = self.queue_size.unwrap_or(256);
         if queue_size == 0 || !queue_size.is_power_of_two() || queue_size > 32768 {
-            return Err(err("queue_size", format!("{queue_size}: a power of two, 1..=32768")));
+            return Err(err(
+                "queue_size",
+                format!("{queue_size}: a power of two, 1..=32768"),
+            ));
         }
         let lbs = self.logical_block_size.unwrap_or(512);
         if !matches!(lbs, 512 | 1024 | 2048 | 4096) {
-            return Err(err("logical_block_size", format!("{lbs}: 512, 1024, 2048 or 4096")));
+            return Err(err(
+                "logical_block_size",
+                format!("{lbs}: 512, 1024, 2048 or 4096"),
+            ));
         }
-        let serial = self.serial.clone().unwrap_or_else(|| format!("uvdpa-{name}"));
+        let serial = self
+            .serial
+            .clone()
+            .unwrap_or_else(|| format!("uvdpa-{name}"));
         if serial.len() > 20 {
             return Err(err("serial", format!("{serial:?}: at most 20 bytes")));
         }
@@ -304,7 +329,10 @@ mod tests {
         assert!(matches!(d[0].blk.backend, BackendSpec::Null { size } if size == 1 << 30));
         assert_eq!((d[0].blk.num_queues, d[0].blk.queue_size), (4, 128));
         assert!(d[0].blk.read_only);
-        assert!(matches!(&d[1].blk.backend, BackendSpec::File { direct: true, .. }));
+        assert!(matches!(
+            &d[1].blk.backend,
+            BackendSpec::File { direct: true, .. }
+        ));
     }
 
     #[test]
@@ -321,11 +349,26 @@ mod tests {
         ] {
             assert_eq!(field_of(&format!("{base}{extra}\n")).0, field, "{extra}");
         }
-        assert_eq!(field_of("[[device]]\nname = \"a\"\nmgmtdev = \"blk\"\nsize = \"1000\"\n").0, "size");
-        assert_eq!(field_of("[[device]]\nname = \"a\"\nmgmtdev = \"blk\"\nsize = \"12Q\"\n").0, "size");
-        assert_eq!(field_of("[[device]]\nname = \"a\"\nmgmtdev = \"blk\"\n").0, "size");
-        assert_eq!(field_of("[[device]]\nname = \"a b\"\nmgmtdev = \"blk\"\nsize = 512\n").0, "name");
-        assert_eq!(field_of("[[device]]\nname = \"a\"\nmgmtdev = \"net\"\nsize = 512\n").0, "mgmtdev");
+        assert_eq!(
+            field_of("[[device]]\nname = \"a\"\nmgmtdev = \"blk\"\nsize = \"1000\"\n").0,
+            "size"
+        );
+        assert_eq!(
+            field_of("[[device]]\nname = \"a\"\nmgmtdev = \"blk\"\nsize = \"12Q\"\n").0,
+            "size"
+        );
+        assert_eq!(
+            field_of("[[device]]\nname = \"a\"\nmgmtdev = \"blk\"\n").0,
+            "size"
+        );
+        assert_eq!(
+            field_of("[[device]]\nname = \"a b\"\nmgmtdev = \"blk\"\nsize = 512\n").0,
+            "name"
+        );
+        assert_eq!(
+            field_of("[[device]]\nname = \"a\"\nmgmtdev = \"net\"\nsize = 512\n").0,
+            "mgmtdev"
+        );
         assert_eq!(
             field_of("[[device]]\nname = \"a\"\nmgmtdev = \"blk\"\nbackend = \"file\"\n").0,
             "path"
@@ -336,7 +379,11 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_toml_are_parse_errors() {
-        for text in ["[[device]]\nnmae = \"a\"\n", "[[device]\n", "[[device]]\nqueues = \"x\"\n"] {
+        for text in [
+            "[[device]]\nnmae = \"a\"\n",
+            "[[device]\n",
+            "[[device]]\nqueues = \"x\"\n",
+        ] {
             assert!(matches!(
                 parse_config(Path::new("t"), text),
                 Err(ConfigError::Parse { .. })

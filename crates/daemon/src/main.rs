@@ -72,8 +72,8 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
     // Create every device before serving any, so a bad backend fails the start cleanly.
     let mut devices: Vec<(DeviceSpec, Arc<dyn VirtioDevice>)> = Vec::new();
     for spec in specs {
-        let dev = BlkDevice::new(spec.blk.clone())
-            .map_err(|e| format!("device {}: {e}", spec.name))?;
+        let dev =
+            BlkDevice::new(spec.blk.clone()).map_err(|e| format!("device {}: {e}", spec.name))?;
         devices.push((spec, Arc::new(dev)));
     }
     let run_dir = run_dir.unwrap_or_else(default_run_dir);
@@ -87,8 +87,13 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
     let mut servers = Vec::new();
     for (spec, dev) in &devices {
         let sock = run_dir.join(format!("{}.sock", spec.name));
-        let server = VhostUserServer::start(&spec.name, &sock, dev.clone())
-            .map_err(|e| format!("device {}: cannot serve on {}: {e}", spec.name, sock.display()))?;
+        let server = VhostUserServer::start(&spec.name, &sock, dev.clone()).map_err(|e| {
+            format!(
+                "device {}: cannot serve on {}: {e}",
+                spec.name,
+                sock.display()
+            )
+        })?;
         println!("{}: vhost-user-blk at {}", spec.name, sock.display());
         println!("  attach with: {}", qemu_command_line(spec, &sock));
         servers.push(server);

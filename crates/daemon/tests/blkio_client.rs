@@ -34,7 +34,11 @@ fn write_verify(c: &mut BlkClient, q: usize, n: usize, qd: usize, bs: usize, see
         }
         let ops: Vec<Op> = chunk
             .iter()
-            .map(|&i| Op::Write { offset: offs[i], buf_off: i % qd * bs, len: bs })
+            .map(|&i| Op::Write {
+                offset: offs[i],
+                buf_off: i % qd * bs,
+                len: bs,
+            })
             .collect();
         assert!(c.run(q, &ops).iter().all(|&r| r == 0), "writes failed");
     }
@@ -42,7 +46,11 @@ fn write_verify(c: &mut BlkClient, q: usize, n: usize, qd: usize, bs: usize, see
         c.buf()[..qd * bs].fill(0x5a);
         let ops: Vec<Op> = chunk
             .iter()
-            .map(|&i| Op::Read { offset: offs[i], buf_off: i % qd * bs, len: bs })
+            .map(|&i| Op::Read {
+                offset: offs[i],
+                buf_off: i % qd * bs,
+                len: bs,
+            })
             .collect();
         assert!(c.run(q, &ops).iter().all(|&r| r == 0), "reads failed");
         for &i in chunk {
@@ -57,7 +65,11 @@ fn write_verify(c: &mut BlkClient, q: usize, n: usize, qd: usize, bs: usize, see
 
 #[test]
 fn ram_write_read_verify_qd1_and_qd32_one_queue() {
-    let d = Daemon::start("qd", &blk_config("r0", "backend = \"ram\"\nsize = \"64M\""), &["r0"]);
+    let d = Daemon::start(
+        "qd",
+        &blk_config("r0", "backend = \"ram\"\nsize = \"64M\""),
+        &["r0"],
+    );
     let mut c = BlkClient::connect(&d.sock_str("r0"), 1, 32 * 65536).unwrap();
     assert_eq!(c.capacity, 64 * MIB);
     write_verify(&mut c, 0, 24, 1, 4096, 1);
@@ -87,23 +99,57 @@ fn two_queues_carry_independent_io() {
 
 #[test]
 fn flush_discard_and_write_zeroes_read_back_zeroes() {
-    let d = Daemon::start("dz", &blk_config("z0", "backend = \"ram\"\nsize = \"16M\""), &["z0"]);
+    let d = Daemon::start(
+        "dz",
+        &blk_config("z0", "backend = \"ram\"\nsize = \"16M\""),
+        &["z0"],
+    );
     let mut c = BlkClient::connect(&d.sock_str("z0"), 1, 65536).unwrap();
     let bs = 65536usize;
     c.buf()[..bs].fill(0xee);
     let ops = [
-        Op::Write { offset: 0, buf_off: 0, len: bs },
-        Op::Write { offset: 8 * MIB, buf_off: 0, len: bs },
+        Op::Write {
+            offset: 0,
+            buf_off: 0,
+            len: bs,
+        },
+        Op::Write {
+            offset: 8 * MIB,
+            buf_off: 0,
+            len: bs,
+        },
     ];
     assert_eq!(c.run(0, &ops), vec![0, 0]);
     assert_eq!(c.run(0, &[Op::Flush]), vec![0]);
     assert_eq!(
-        c.run(0, &[Op::Discard { offset: 0, len: bs as u64 }, Op::WriteZeroes { offset: 8 * MIB + 4096, len: 8192 }]),
+        c.run(
+            0,
+            &[
+                Op::Discard {
+                    offset: 0,
+                    len: bs as u64
+                },
+                Op::WriteZeroes {
+                    offset: 8 * MIB + 4096,
+                    len: 8192
+                }
+            ]
+        ),
         vec![0, 0]
     );
     for (offset, zero_at, len) in [(0u64, 0..bs, bs), (8 * MIB, 4096..12288, bs)] {
         c.buf()[..bs].fill(0x11);
-        assert_eq!(c.run(0, &[Op::Read { offset, buf_off: 0, len }]), vec![0]);
+        assert_eq!(
+            c.run(
+                0,
+                &[Op::Read {
+                    offset,
+                    buf_off: 0,
+                    len
+                }]
+            ),
+            vec![0]
+        );
         let got = c.buf()[..len].to_vec();
         for (i, b) in got.iter().enumerate() {
             let want = if zero_at.contains(&i) { 0 } else { 0xee };
@@ -121,11 +167,36 @@ fn read_only_device_refuses_writes_and_serves_reads() {
         &blk_config("ro0", "backend = \"ram\"\nsize = \"8M\"\nread_only = true"),
         &["ro0"],
     );
-    let mut c = BlkClient::connect(&d.sock_str("ro0"), 1, 4096).unwrap();
-    let r = c.run(0, &[Op::Write { offset: 0, buf_off: 0, len: 4096 }]);
+    // The device offers VIRTIO_BLK_F_RO: libblkio refuses a read-write open of it.
+    let rw = BlkClient::connect(&d.sock_str("ro0"), 1, 4096);
+    assert!(
+        rw.is_err(),
+        "read-write open of a read-only device succeeded"
+    );
+    // (The device's own IOERR answer to OUT is shown by vhost_user_frontend.rs and the
+    // uvdpa-devices unit tests: libblkio does not send writes to a read-only device.)
+    let mut c = BlkClient::connect_with(&d.sock_str("ro0"), 1, 4096, true).unwrap();
+    let r = c.run(
+        0,
+        &[Op::Write {
+            offset: 0,
+            buf_off: 0,
+            len: 4096,
+        }],
+    );
     assert!(r[0] < 0, "write to a read-only device succeeded: {r:?}");
     c.buf().fill(0x77);
-    assert_eq!(c.run(0, &[Op::Read { offset: 4096, buf_off: 0, len: 4096 }]), vec![0]);
+    assert_eq!(
+        c.run(
+            0,
+            &[Op::Read {
+                offset: 4096,
+                buf_off: 0,
+                len: 4096
+            }]
+        ),
+        vec![0]
+    );
     assert!(c.buf().iter().all(|&b| b == 0));
     drop(c);
     assert!(d.stop().success());
@@ -133,12 +204,36 @@ fn read_only_device_refuses_writes_and_serves_reads() {
 
 #[test]
 fn null_backend_reads_zeroes_and_discards_writes() {
-    let d = Daemon::start("null", &blk_config("n0", "backend = \"null\"\nsize = \"1G\""), &["n0"]);
+    let d = Daemon::start(
+        "null",
+        &blk_config("n0", "backend = \"null\"\nsize = \"1G\""),
+        &["n0"],
+    );
     let mut c = BlkClient::connect(&d.sock_str("n0"), 1, 8192).unwrap();
     assert_eq!(c.capacity, 1 << 30);
     c.buf().fill(0x42);
-    assert_eq!(c.run(0, &[Op::Write { offset: 0, buf_off: 0, len: 4096 }]), vec![0]);
-    assert_eq!(c.run(0, &[Op::Read { offset: 0, buf_off: 4096, len: 4096 }]), vec![0]);
+    assert_eq!(
+        c.run(
+            0,
+            &[Op::Write {
+                offset: 0,
+                buf_off: 0,
+                len: 4096
+            }]
+        ),
+        vec![0]
+    );
+    assert_eq!(
+        c.run(
+            0,
+            &[Op::Read {
+                offset: 0,
+                buf_off: 4096,
+                len: 4096
+            }]
+        ),
+        vec![0]
+    );
     assert!(c.buf()[4096..].iter().all(|&b| b == 0));
     drop(c);
     assert!(d.stop().success());
@@ -146,8 +241,12 @@ fn null_backend_reads_zeroes_and_discards_writes() {
 
 #[test]
 fn second_frontend_is_refused_while_one_is_connected() {
-    let d = Daemon::start("busy", &blk_config("b0", "backend = \"ram\"\nsize = \"8M\""), &["b0"]);
-    let mut first = BlkClient::connect(&d.sock_str("b0"), 1, 4096).unwrap();
+    let d = Daemon::start(
+        "busy",
+        &blk_config("b0", "backend = \"ram\"\nsize = \"8M\""),
+        &["b0"],
+    );
+    let mut first = BlkClient::connect(&d.sock_str("b0"), 1, 4 * 4096).unwrap();
     let second = BlkClient::connect(&d.sock_str("b0"), 1, 4096);
     assert!(second.is_err(), "a second frontend was accepted");
     // The first one is unaffected.
@@ -159,12 +258,26 @@ fn second_frontend_is_refused_while_one_is_connected() {
 
 #[test]
 fn reconnect_keeps_ram_data() {
-    let d = Daemon::start("recon", &blk_config("k0", "backend = \"ram\"\nsize = \"16M\""), &["k0"]);
+    let d = Daemon::start(
+        "recon",
+        &blk_config("k0", "backend = \"ram\"\nsize = \"16M\""),
+        &["k0"],
+    );
     let data = pattern(99, 65536);
     {
         let mut c = BlkClient::connect(&d.sock_str("k0"), 1, 65536).unwrap();
         c.buf().copy_from_slice(&data);
-        assert_eq!(c.run(0, &[Op::Write { offset: 4 * MIB, buf_off: 0, len: 65536 }]), vec![0]);
+        assert_eq!(
+            c.run(
+                0,
+                &[Op::Write {
+                    offset: 4 * MIB,
+                    buf_off: 0,
+                    len: 65536
+                }]
+            ),
+            vec![0]
+        );
     }
     // The device becomes ready again once the session ends; retry briefly.
     let mut c = None;
@@ -178,7 +291,17 @@ fn reconnect_keeps_ram_data() {
         }
     }
     let mut c = c.expect("reconnect failed");
-    assert_eq!(c.run(0, &[Op::Read { offset: 4 * MIB, buf_off: 0, len: 65536 }]), vec![0]);
+    assert_eq!(
+        c.run(
+            0,
+            &[Op::Read {
+                offset: 4 * MIB,
+                buf_off: 0,
+                len: 65536
+            }]
+        ),
+        vec![0]
+    );
     assert!(c.buf() == &data[..], "data lost across reconnect");
     drop(c);
     assert!(d.stop().success());
@@ -189,26 +312,49 @@ fn file_backend_holds_data_after_sigterm_and_socket_is_removed() {
     let dir = unique_dir("file");
     let img = dir.join("disk.img");
     std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
-    let cfg = blk_config("f0", &format!("backend = \"file\"\npath = \"{}\"", img.display()));
+    let cfg = blk_config(
+        "f0",
+        &format!("backend = \"file\"\npath = \"{}\"", img.display()),
+    );
     let d = Daemon::start_in(dir.clone(), &cfg, &["f0"]);
     let data = pattern(7, 65536);
     let mut c = BlkClient::connect(&d.sock_str("f0"), 1, 65536).unwrap();
     c.buf().copy_from_slice(&data);
-    assert_eq!(c.run(0, &[Op::Write { offset: MIB, buf_off: 0, len: 65536 }, Op::Flush]), vec![0, 0]);
+    assert_eq!(
+        c.run(
+            0,
+            &[
+                Op::Write {
+                    offset: MIB,
+                    buf_off: 0,
+                    len: 65536
+                },
+                Op::Flush
+            ]
+        ),
+        vec![0, 0]
+    );
     let sock = d.sock("f0");
     // Stop while the frontend is still connected: the daemon drains and exits 0.
     assert!(d.stop().success());
     drop(c);
     assert!(!sock.exists(), "socket not removed at exit");
     let on_disk = std::fs::read(&img).unwrap();
-    assert!(on_disk[MIB as usize..][..65536] == data[..], "file lacks the written data");
+    assert!(
+        on_disk[MIB as usize..][..65536] == data[..],
+        "file lacks the written data"
+    );
 }
 
 #[test]
 fn invalid_config_fails_before_serving_and_names_the_field() {
     let dir = unique_dir("badcfg");
     let cfg = dir.join("bad.toml");
-    std::fs::write(&cfg, blk_config("x0", "backend = \"ram\"\nsize = \"8M\"\nqueue_size = 100")).unwrap();
+    std::fs::write(
+        &cfg,
+        blk_config("x0", "backend = \"ram\"\nsize = \"8M\"\nqueue_size = 100"),
+    )
+    .unwrap();
     let out = std::process::Command::new(uvdpa_bin())
         .args(["daemon", "--run-dir"])
         .arg(&dir)
@@ -221,7 +367,11 @@ fn invalid_config_fails_before_serving_and_names_the_field() {
     assert!(err.contains("queue_size"), "stderr: {err}");
     assert!(!dir.join("x0.sock").exists());
     // A missing backing file is also refused before anything is served.
-    std::fs::write(&cfg, blk_config("x1", "backend = \"file\"\npath = \"/nonexistent/disk.img\"")).unwrap();
+    std::fs::write(
+        &cfg,
+        blk_config("x1", "backend = \"file\"\npath = \"/nonexistent/disk.img\""),
+    )
+    .unwrap();
     let out = std::process::Command::new(uvdpa_bin())
         .args(["daemon", "--run-dir"])
         .arg(&dir)

@@ -33,12 +33,20 @@ fn run_guest(sock: &str, queues: u32, smp: u32, extra: &[&str]) -> (i32, String)
     build_initramfs();
     let out = Command::new("bash")
         .arg(guest_dir().join("run-guest.sh"))
-        .args(["--vhost-user-blk", sock, "--queues", &queues.to_string(), "--smp", &smp.to_string()])
+        .args([
+            "--vhost-user-blk",
+            sock,
+            "--queues",
+            &queues.to_string(),
+            "--smp",
+            &smp.to_string(),
+        ])
         .args(["--timeout", "240"])
         .args(extra)
         .output()
         .expect("run run-guest.sh");
-    let console = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let console =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), console)
 }
 
@@ -53,10 +61,24 @@ fn result_line(console: &str) -> String {
 
 #[test]
 fn guest_verifies_ram_disk_one_queue() {
-    let d = Daemon::start("g1", &blk_config("g1", "backend = \"ram\"\nsize = \"256M\""), &["g1"]);
-    let (code, console) = run_guest(&d.sock_str("g1"), 1, 1, &["--mode", "verify", "--count", "16"]);
+    let d = Daemon::start(
+        "g1",
+        &blk_config("g1", "backend = \"ram\"\nsize = \"256M\""),
+        &["g1"],
+    );
+    let (code, console) = run_guest(
+        &d.sock_str("g1"),
+        1,
+        1,
+        &["--mode", "verify", "--count", "16"],
+    );
     let line = result_line(&console);
-    assert_eq!(code, 0, "guest failed: {line}\n{console}\ndaemon log:\n{}", d.log_text());
+    assert_eq!(
+        code,
+        0,
+        "guest failed: {line}\n{console}\ndaemon log:\n{}",
+        d.log_text()
+    );
     assert!(line.contains("PASS") && line.contains("queues=1"), "{line}");
     assert!(d.stop().success());
 }
@@ -68,9 +90,19 @@ fn guest_verifies_two_queues_with_two_vcpus() {
         &blk_config("g2", "backend = \"ram\"\nsize = \"128M\"\nqueues = 2"),
         &["g2"],
     );
-    let (code, console) = run_guest(&d.sock_str("g2"), 2, 2, &["--mode", "verify", "--count", "24"]);
+    let (code, console) = run_guest(
+        &d.sock_str("g2"),
+        2,
+        2,
+        &["--mode", "verify", "--count", "24"],
+    );
     let line = result_line(&console);
-    assert_eq!(code, 0, "guest failed: {line}\n{console}\ndaemon log:\n{}", d.log_text());
+    assert_eq!(
+        code,
+        0,
+        "guest failed: {line}\n{console}\ndaemon log:\n{}",
+        d.log_text()
+    );
     assert!(line.contains("PASS") && line.contains("queues=2"), "{line}");
     assert!(d.stop().success());
 }
@@ -82,16 +114,26 @@ fn guest_writes_land_in_the_backing_file() {
     let f = std::fs::File::create(&img).unwrap();
     f.set_len(64 << 20).unwrap();
     drop(f);
-    let cfg = blk_config("gf", &format!("backend = \"file\"\npath = \"{}\"", img.display()));
+    let cfg = blk_config(
+        "gf",
+        &format!("backend = \"file\"\npath = \"{}\"", img.display()),
+    );
     let d = Daemon::start_in(dir, &cfg, &["gf"]);
     let (code, console) = run_guest(
         &d.sock_str("gf"),
         1,
         1,
-        &["--mode", "write", "--seed", "42", "--count", "8", "--bs", "65536"],
+        &[
+            "--mode", "write", "--seed", "42", "--count", "8", "--bs", "65536",
+        ],
     );
     let line = result_line(&console);
-    assert_eq!(code, 0, "guest failed: {line}\n{console}\ndaemon log:\n{}", d.log_text());
+    assert_eq!(
+        code,
+        0,
+        "guest failed: {line}\n{console}\ndaemon log:\n{}",
+        d.log_text()
+    );
     assert!(d.stop().success(), "daemon did not exit cleanly");
     // After the daemon has exited, the file must hold exactly what the guest wrote.
     let st = Command::new("bash")
@@ -100,5 +142,8 @@ fn guest_writes_land_in_the_backing_file() {
         .arg(&line)
         .status()
         .unwrap();
-    assert!(st.success(), "backing file does not hold the guest's data ({line})");
+    assert!(
+        st.success(),
+        "backing file does not hold the guest's data ({line})"
+    );
 }

@@ -59,7 +59,12 @@ impl Raw {
             assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
         }
         // The peer may already have closed: ignore EPIPE, the answer says what happened.
-        let _ = sendmsg(&self.s, &[IoSlice::new(&hdr), IoSlice::new(body)], &mut control, SendFlags::NOSIGNAL);
+        let _ = sendmsg(
+            &self.s,
+            &[IoSlice::new(&hdr), IoSlice::new(body)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        );
     }
 
     fn answer(&mut self) -> Answer {
@@ -91,13 +96,26 @@ impl Raw {
         let mut r = Raw::connect(path);
         r.send(GET_FEATURES, 0, &[], &[]);
         let features = r.u64_answer().unwrap();
-        assert!(features & (1 << 30) != 0, "VHOST_USER_F_PROTOCOL_FEATURES not offered");
+        assert!(
+            features & (1 << 30) != 0,
+            "VHOST_USER_F_PROTOCOL_FEATURES not offered"
+        );
         assert!(features & (1 << 32) != 0, "VIRTIO_F_VERSION_1 not offered");
-        r.send(SET_FEATURES, 0, &((1u64 << 30) | (1 << 32)).to_le_bytes(), &[]);
+        r.send(
+            SET_FEATURES,
+            0,
+            &((1u64 << 30) | (1 << 32)).to_le_bytes(),
+            &[],
+        );
         r.send(GET_PROTOCOL_FEATURES, 0, &[], &[]);
         let p = r.u64_answer().unwrap();
         assert!(p & REPLY_ACK != 0);
-        r.send(SET_PROTOCOL_FEATURES, NEED_REPLY, &(REPLY_ACK | CONFIG).to_le_bytes(), &[]);
+        r.send(
+            SET_PROTOCOL_FEATURES,
+            NEED_REPLY,
+            &(REPLY_ACK | CONFIG).to_le_bytes(),
+            &[],
+        );
         assert_eq!(r.u64_answer(), Some(0));
         r
     }
@@ -119,7 +137,10 @@ fn memfd(size: u64) -> OwnedFd {
 }
 
 fn region(gpa: u64, size: u64, uaddr: u64) -> Vec<u8> {
-    [gpa, size, uaddr, 0].iter().flat_map(|v| v.to_le_bytes()).collect()
+    [gpa, size, uaddr, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
 }
 
 fn mem_table(regions: &[Vec<u8>]) -> Vec<u8> {
@@ -140,15 +161,32 @@ fn bystander(path: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64
             let data = pattern(rounds, 16 * 4096);
             c.buf().copy_from_slice(&data);
             let w: Vec<Op> = (0..16)
-                .map(|i| Op::Write { offset: (rounds % 64) * 65536 + i * 4096, buf_off: i as usize * 4096, len: 4096 })
+                .map(|i| Op::Write {
+                    offset: (rounds % 64) * 65536 + i * 4096,
+                    buf_off: i as usize * 4096,
+                    len: 4096,
+                })
                 .collect();
-            assert!(c.run(0, &w).iter().all(|&r| r == 0), "bystander write failed");
+            assert!(
+                c.run(0, &w).iter().all(|&r| r == 0),
+                "bystander write failed"
+            );
             c.buf().fill(0);
             let r: Vec<Op> = (0..16)
-                .map(|i| Op::Read { offset: (rounds % 64) * 65536 + i * 4096, buf_off: i as usize * 4096, len: 4096 })
+                .map(|i| Op::Read {
+                    offset: (rounds % 64) * 65536 + i * 4096,
+                    buf_off: i as usize * 4096,
+                    len: 4096,
+                })
                 .collect();
-            assert!(c.run(0, &r).iter().all(|&r| r == 0), "bystander read failed");
-            assert!(c.buf() == &data[..], "bystander data corrupted in round {rounds}");
+            assert!(
+                c.run(0, &r).iter().all(|&r| r == 0),
+                "bystander read failed"
+            );
+            assert!(
+                c.buf() == &data[..],
+                "bystander data corrupted in round {rounds}"
+            );
             rounds += 1;
         }
         rounds
@@ -168,26 +206,45 @@ fn malformed_messages_fail_the_session_not_the_daemon() {
     let victim = d.sock_str("victim");
 
     // Framing errors end the session: the backend closes the connection.
-    let closing: Vec<(&str, Box<dyn Fn(&Raw)>)> = vec![
-        ("unknown request", Box::new(|r: &Raw| r.send(999, 0, &[], &[]))),
-        ("bad version", Box::new(|r: &Raw| {
-            let mut hdr = GET_FEATURES.to_le_bytes().to_vec();
-            hdr.extend_from_slice(&2u32.to_le_bytes());
-            hdr.extend_from_slice(&0u32.to_le_bytes());
-            std::io::Write::write_all(&mut &r.s, &hdr).unwrap();
-        })),
-        ("oversized body", Box::new(|r: &Raw| r.send_sized(SET_FEATURES, 0, 1 << 20, &[0; 64], &[]))),
-        ("wrong size without ack", Box::new(|r: &Raw| r.send(SET_FEATURES, 0, &[1, 2, 3, 4], &[]))),
-        ("too many fds", Box::new(|r: &Raw| {
-            let fds: Vec<OwnedFd> = (0..12).map(|_| memfd(4096)).collect();
-            let b: Vec<BorrowedFd> = fds.iter().map(|f| f.as_fd()).collect();
-            r.send(SET_FEATURES, 0, &(1u64 << 32).to_le_bytes(), &b);
-        })),
+    type Sender = Box<dyn Fn(&Raw)>;
+    let closing: Vec<(&str, Sender)> = vec![
+        (
+            "unknown request",
+            Box::new(|r: &Raw| r.send(999, 0, &[], &[])),
+        ),
+        (
+            "bad version",
+            Box::new(|r: &Raw| {
+                let mut hdr = GET_FEATURES.to_le_bytes().to_vec();
+                hdr.extend_from_slice(&2u32.to_le_bytes());
+                hdr.extend_from_slice(&0u32.to_le_bytes());
+                std::io::Write::write_all(&mut &r.s, &hdr).unwrap();
+            }),
+        ),
+        (
+            "oversized body",
+            Box::new(|r: &Raw| r.send_sized(SET_FEATURES, 0, 1 << 20, &[0; 64], &[])),
+        ),
+        (
+            "wrong size without ack",
+            Box::new(|r: &Raw| r.send(SET_FEATURES, 0, &[1, 2, 3, 4], &[])),
+        ),
+        (
+            "too many fds",
+            Box::new(|r: &Raw| {
+                let fds: Vec<OwnedFd> = (0..12).map(|_| memfd(4096)).collect();
+                let b: Vec<BorrowedFd> = fds.iter().map(|f| f.as_fd()).collect();
+                r.send(SET_FEATURES, 0, &(1u64 << 32).to_le_bytes(), &b);
+            }),
+        ),
     ];
     for (what, send) in &closing {
         let mut r = Raw::connect(&victim);
         send(&r);
-        assert!(matches!(r.answer(), Answer::Closed), "{what}: session not ended");
+        assert!(
+            matches!(r.answer(), Answer::Closed),
+            "{what}: session not ended"
+        );
     }
 
     // With REPLY_ACK negotiated, bad parameters get a failure reply and the session goes on.
@@ -196,23 +253,76 @@ fn malformed_messages_fail_the_session_not_the_daemon() {
     let m2 = memfd(1 << 20);
     let cases: Vec<(&str, u32, Vec<u8>, Vec<BorrowedFd>)> = vec![
         ("wrong body size", SET_VRING_NUM, vec![0; 4], vec![]),
-        ("vring index out of range", SET_VRING_NUM, [5u32, 256].iter().flat_map(|v| v.to_le_bytes()).collect(), vec![]),
-        ("vring size not a power of two", SET_VRING_NUM, [0u32, 100].iter().flat_map(|v| v.to_le_bytes()).collect(), vec![]),
-        ("extra fd", SET_VRING_NUM, [0u32, 256].iter().flat_map(|v| v.to_le_bytes()).collect(), vec![m1.as_fd()]),
-        ("missing fd", SET_MEM_TABLE, mem_table(&[region(0, 1 << 20, 0x7000_0000)]), vec![]),
-        ("kick without fd", SET_VRING_KICK, 0u64.to_le_bytes().to_vec(), vec![]),
-        ("kick for vring 200", SET_VRING_KICK, 200u64.to_le_bytes().to_vec(), vec![m1.as_fd()]),
+        (
+            "vring index out of range",
+            SET_VRING_NUM,
+            [5u32, 256].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            vec![],
+        ),
+        (
+            "vring size not a power of two",
+            SET_VRING_NUM,
+            [0u32, 100].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            vec![],
+        ),
+        (
+            "extra fd",
+            SET_VRING_NUM,
+            [0u32, 256].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            vec![m1.as_fd()],
+        ),
+        (
+            "missing fd",
+            SET_MEM_TABLE,
+            mem_table(&[region(0, 1 << 20, 0x7000_0000)]),
+            vec![],
+        ),
+        (
+            "kick without fd",
+            SET_VRING_KICK,
+            0u64.to_le_bytes().to_vec(),
+            vec![],
+        ),
+        (
+            "kick for vring 200",
+            SET_VRING_KICK,
+            200u64.to_le_bytes().to_vec(),
+            vec![m1.as_fd()],
+        ),
         (
             "overlapping regions",
             SET_MEM_TABLE,
-            mem_table(&[region(0, 1 << 20, 0x7000_0000), region(0x8_0000, 1 << 20, 0x8000_0000)]),
+            mem_table(&[
+                region(0, 1 << 20, 0x7000_0000),
+                region(0x8_0000, 1 << 20, 0x8000_0000),
+            ]),
             vec![m1.as_fd(), m2.as_fd()],
         ),
-        ("absurd region", SET_MEM_TABLE, mem_table(&[region(0, 1 << 60, 0x7000_0000)]), vec![m1.as_fd()]),
+        (
+            "absurd region",
+            SET_MEM_TABLE,
+            mem_table(&[region(0, 1 << 60, 0x7000_0000)]),
+            vec![m1.as_fd()],
+        ),
         ("zero regions", SET_MEM_TABLE, mem_table(&[]), vec![]),
-        ("unoffered feature", SET_FEATURES, (1u64 << 32 | 1 << 30 | 1 << 3).to_le_bytes().to_vec(), vec![]),
-        ("vring addr with dirty logging", SET_VRING_ADDR, vring_addr(0, 1), vec![]),
-        ("vring addr for vring 9", SET_VRING_ADDR, vring_addr(9, 0), vec![]),
+        (
+            "unoffered feature",
+            SET_FEATURES,
+            (1u64 << 32 | 1 << 30 | 1 << 3).to_le_bytes().to_vec(),
+            vec![],
+        ),
+        (
+            "vring addr with dirty logging",
+            SET_VRING_ADDR,
+            vring_addr(0, 1),
+            vec![],
+        ),
+        (
+            "vring addr for vring 9",
+            SET_VRING_ADDR,
+            vring_addr(9, 0),
+            vec![],
+        ),
     ];
     for (what, code, body, fds) in &cases {
         r.send(*code, NEED_REPLY, body, fds);
@@ -222,7 +332,16 @@ fn malformed_messages_fail_the_session_not_the_daemon() {
         }
     }
     // The same session still answers well-formed requests.
-    r.send(GET_CONFIG, 0, &[0u32, 8, 0].iter().flat_map(|v| v.to_le_bytes()).chain([0u8; 8]).collect::<Vec<u8>>(), &[]);
+    r.send(
+        GET_CONFIG,
+        0,
+        &[0u32, 8, 0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .chain([0u8; 8])
+            .collect::<Vec<u8>>(),
+        &[],
+    );
     match r.answer() {
         Answer::Reply(b) => {
             assert_eq!(b.len(), 20);
@@ -244,7 +363,17 @@ fn malformed_messages_fail_the_session_not_the_daemon() {
     }
     let mut c = c.expect("victim device did not recover");
     c.buf().fill(0x3c);
-    assert_eq!(c.run(1, &[Op::Write { offset: 0, buf_off: 0, len: 4096 }]), vec![0]);
+    assert_eq!(
+        c.run(
+            1,
+            &[Op::Write {
+                offset: 0,
+                buf_off: 0,
+                len: 4096
+            }]
+        ),
+        vec![0]
+    );
     drop(c);
 
     stop.store(true, Ordering::Relaxed);
@@ -252,6 +381,9 @@ fn malformed_messages_fail_the_session_not_the_daemon() {
     assert!(rounds >= 3);
     assert!(d.alive(), "daemon died");
     let log = d.log_text();
-    assert!(log.contains("Ending session"), "no log line for ended sessions");
+    assert!(
+        log.contains("Ending session"),
+        "no log line for ended sessions"
+    );
     assert!(d.stop().success());
 }

@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{IoSlice, Read};
-use std::mem::MaybeUninit;
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -24,8 +23,13 @@ const UADDR: u64 = 0x7f00_0000_0000;
 const MEM: u64 = 4 << 20;
 
 fn wait_call(call: &EventFd) {
-    let mut fds = [PollFd::new(call, PollFlags::IN)];
-    let t = Timespec { tv_sec: 10, tv_nsec: 0 };
+    // SAFETY: the EventFd outlives this borrow of its fd.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(call.as_raw_fd()) };
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let t = Timespec {
+        tv_sec: 10,
+        tv_nsec: 0,
+    };
     let n = poll(&mut fds, Some(&t)).unwrap();
     assert_eq!(n, 1, "no used-buffer notification within 10 s");
     call.read().unwrap();
@@ -33,7 +37,13 @@ fn wait_call(call: &EventFd) {
 
 /// Puts a virtio-blk request (header, optional data, status byte) on the ring and returns
 /// (head, status address).
-fn blk_request(dq: &mut DriverQueue, t: u32, sector: u64, data: Option<(u64, u32, bool)>, slot: u64) -> (u16, u64) {
+fn blk_request(
+    dq: &mut DriverQueue,
+    t: u32,
+    sector: u64,
+    data: Option<(u64, u32, bool)>,
+    slot: u64,
+) -> (u16, u64) {
     let hdr = 0x20_0000 + slot * 0x100;
     let status = hdr + 0x80;
     let mut h = t.to_le_bytes().to_vec();
@@ -55,7 +65,14 @@ fn status_byte(dq: &DriverQueue, at: u64) -> u8 {
 
 #[test]
 fn rust_vmm_frontend_drives_blk_lifecycle() {
-    let d = Daemon::start("fe", &blk_config("fe", "backend = \"ram\"\nsize = \"16M\"\nserial = \"fe-serial\""), &["fe"]);
+    let d = Daemon::start(
+        "fe",
+        &blk_config(
+            "fe",
+            "backend = \"ram\"\nsize = \"16M\"\nserial = \"fe-serial\"",
+        ),
+        &["fe"],
+    );
     let mut fe = Frontend::connect(d.sock("fe"), 1).unwrap();
     fe.set_owner().unwrap();
     let offered = fe.get_features().unwrap();
@@ -63,18 +80,31 @@ fn rust_vmm_frontend_drives_blk_lifecycle() {
     assert!(offered & (1 << 9) != 0, "VIRTIO_BLK_F_FLUSH offered");
     fe.set_features((1 << 32) | (1 << 30) | (1 << 28)).unwrap();
     let pf = fe.get_protocol_features().unwrap();
-    for f in [P::MQ, P::REPLY_ACK, P::CONFIG, P::CONFIGURE_MEM_SLOTS, P::STATUS, P::RESET_DEVICE] {
+    for f in [
+        P::MQ,
+        P::REPLY_ACK,
+        P::CONFIG,
+        P::CONFIGURE_MEM_SLOTS,
+        P::STATUS,
+        P::RESET_DEVICE,
+    ] {
         assert!(pf.contains(f), "{f:?} not offered");
     }
-    fe.set_protocol_features(P::MQ | P::REPLY_ACK | P::CONFIG | P::CONFIGURE_MEM_SLOTS | P::RESET_DEVICE)
-        .unwrap();
+    fe.set_protocol_features(
+        P::MQ | P::REPLY_ACK | P::CONFIG | P::CONFIGURE_MEM_SLOTS | P::RESET_DEVICE,
+    )
+    .unwrap();
+    // Ask for an ack on every request from here on (REPLY_ACK), so failures are reported.
+    fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
     assert_eq!(fe.get_queue_num().unwrap(), 1);
     assert_eq!(fe.get_max_mem_slots().unwrap(), 32);
 
     // Guest memory: a memfd the test maps as the "driver" and the frontend hands over.
     let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
     rustix::fs::ftruncate(&fd, MEM).unwrap();
-    let mem = Arc::new(GuestMemory::new(vec![MemoryRegion::map(&fd, 0, MEM, UADDR, 0).unwrap()]).unwrap());
+    let mem = Arc::new(
+        GuestMemory::new(vec![MemoryRegion::map(&fd, 0, MEM, UADDR, 0).unwrap()]).unwrap(),
+    );
     let region = VhostUserMemoryRegionInfo {
         guest_phys_addr: 0,
         memory_size: MEM,
@@ -129,7 +159,13 @@ fn rust_vmm_frontend_drives_blk_lifecycle() {
     // GET_ID, an unsupported type, and a read past the end.
     let (_, st_id) = blk_request(&mut dq, 8, 0, Some((0x32_0000, 20, true)), 2);
     let (_, st_bad) = blk_request(&mut dq, 77, 0, None, 3);
-    let (_, st_eod) = blk_request(&mut dq, 0, (16 << 20) / 512, Some((0x33_0000, 512, true)), 4);
+    let (_, st_eod) = blk_request(
+        &mut dq,
+        0,
+        (16 << 20) / 512,
+        Some((0x33_0000, 512, true)),
+        4,
+    );
     dq.publish();
     kick.write(1).unwrap();
     wait_call(&call);
@@ -155,9 +191,80 @@ fn rust_vmm_frontend_drives_blk_lifecycle() {
     };
     fe.add_mem_region(&r2).unwrap();
     fe.remove_mem_region(&r2).unwrap();
-    assert!(fe.remove_mem_region(&r2).is_err(), "removing an absent region must fail");
+    assert!(
+        fe.remove_mem_region(&r2).is_err(),
+        "removing an absent region must fail"
+    );
 
     fe.reset_device().unwrap();
+    drop(fe);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn read_only_device_answers_out_with_ioerr() {
+    let d = Daemon::start(
+        "fero",
+        &blk_config("ro", "backend = \"ram\"\nsize = \"1M\"\nread_only = true"),
+        &["ro"],
+    );
+    let fe = Frontend::connect(d.sock("ro"), 1).unwrap();
+    fe.set_owner().unwrap();
+    assert!(
+        fe.get_features().unwrap() & (1 << 5) != 0,
+        "VIRTIO_BLK_F_RO offered"
+    );
+    fe.set_features((1 << 32) | (1 << 5)).unwrap();
+    let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, MEM).unwrap();
+    let mem = Arc::new(
+        GuestMemory::new(vec![MemoryRegion::map(&fd, 0, MEM, UADDR, 0).unwrap()]).unwrap(),
+    );
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM,
+        userspace_addr: UADDR,
+        mmap_offset: 0,
+        mmap_handle: fd.as_raw_fd(),
+    };
+    fe.set_mem_table(&[region]).unwrap();
+    let mut dq = DriverQueue::new(mem.clone(), 0x1000, 16);
+    let (call, kick) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    fe.set_vring_num(0, 16).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: 16,
+            queue_size: 16,
+            flags: 0,
+            desc_table_addr: UADDR + dq.desc,
+            used_ring_addr: UADDR + dq.used,
+            avail_ring_addr: UADDR + dq.avail,
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+    // Without VHOST_USER_F_PROTOCOL_FEATURES the ring is enabled once it has a kick fd.
+    fe.set_vring_kick(0, &kick).unwrap();
+    mem.write(0x30_0000, &[0xaa; 512]).unwrap();
+    let (_, st_out) = blk_request(&mut dq, 1, 0, Some((0x30_0000, 512, false)), 0);
+    let (_, st_in) = blk_request(&mut dq, 0, 0, Some((0x31_0000, 512, true)), 1);
+    dq.publish();
+    kick.write(1).unwrap();
+    wait_call(&call);
+    assert_eq!(
+        status_byte(&dq, st_out),
+        1,
+        "OUT on a read-only device: VIRTIO_BLK_S_IOERR"
+    );
+    assert_eq!(status_byte(&dq, st_in), 0);
+    let mut back = [0xffu8; 512];
+    mem.read(0x31_0000, &mut back).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "the refused write reached the disk"
+    );
     drop(fe);
     assert!(d.stop().success());
 }
@@ -170,10 +277,9 @@ impl Raw {
         let mut hdr = code.to_le_bytes().to_vec();
         hdr.extend_from_slice(&(1u32 | if need_reply { 8 } else { 0 }).to_le_bytes());
         hdr.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        let mut space = [MaybeUninit::<u8>::uninit(); 0];
-        let mut ctl = rustix::net::SendAncillaryBuffer::new(&mut space);
-        rustix::net::sendmsg(&self.0, &[IoSlice::new(&hdr), IoSlice::new(body)], &mut ctl, rustix::net::SendFlags::NOSIGNAL)
-            .unwrap();
+        let mut msg = hdr;
+        msg.extend_from_slice(body);
+        std::io::Write::write_all(&mut &self.0, &msg).unwrap();
         let expects = need_reply || matches!(code, 1 | 15 | 40);
         if !expects {
             return None;
@@ -192,13 +298,24 @@ fn status_protocol_refuses_features_ok_and_resets() {
     const SET_PROTOCOL_FEATURES: u32 = 16;
     const SET_STATUS: u32 = 39;
     const GET_STATUS: u32 = 40;
-    let d = Daemon::start("st", &blk_config("st", "backend = \"null\"\nsize = \"1M\""), &["st"]);
+    let d = Daemon::start(
+        "st",
+        &blk_config("st", "backend = \"null\"\nsize = \"1M\""),
+        &["st"],
+    );
     let s = UnixStream::connect(d.sock("st")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut r = Raw(s);
     let proto = (1u64 << 30) | (1 << 32);
-    r.req(SET_PROTOCOL_FEATURES, false, &(P::REPLY_ACK | P::STATUS).bits().to_le_bytes());
-    assert_eq!(r.req(SET_FEATURES, true, &(1u64 << 30).to_le_bytes()), Some(0));
+    r.req(
+        SET_PROTOCOL_FEATURES,
+        false,
+        &(P::REPLY_ACK | P::STATUS).bits().to_le_bytes(),
+    );
+    assert_eq!(
+        r.req(SET_FEATURES, true, &(1u64 << 30).to_le_bytes()),
+        Some(0)
+    );
     assert_eq!(r.req(SET_STATUS, true, &1u64.to_le_bytes()), Some(0));
     assert_eq!(r.req(SET_STATUS, true, &3u64.to_le_bytes()), Some(0));
     // The driver left out VIRTIO_F_VERSION_1 (mandated): FEATURES_OK is refused...

@@ -19,6 +19,10 @@ use crate::connection::Connection;
 use crate::error::Error;
 use crate::session::Session;
 
+/// How long a new connection waits for a previous session that is ending before it is
+/// refused as a second frontend.
+pub const SESSION_END_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A device served on a vhost-user socket.
 pub struct VhostUserServer {
     name: String,
@@ -151,6 +155,12 @@ fn accept_loop(
                 continue;
             }
         };
+        // A frontend that just disconnected may still be winding down (stopping its
+        // vrings): give it a bounded moment before calling the newcomer a second frontend.
+        let deadline = std::time::Instant::now() + SESSION_END_GRACE;
+        while busy.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         if busy.load(Ordering::Acquire) {
             warn!(
                 device = name,

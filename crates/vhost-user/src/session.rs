@@ -112,7 +112,13 @@ impl Session {
     /// A fresh session on an accepted connection. `name` names the device in logs and
     /// worker threads.
     pub fn new(name: &str, conn: Connection, device: Arc<dyn VirtioDevice>) -> Self {
-        let status = StatusMachine::new(device.features(), device.mandated_features());
+        // Offer and mandate as the device says; vhost-user frontends proxy the status of
+        // their own driver and may write FEATURES_OK/DRIVER_OK alone (QEMU 7.2 does).
+        let status = StatusMachine::new(
+            device.features() | VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES,
+            device.mandated_features(),
+        )
+        .with_strict_order(false);
         let vrings = (0..device.num_queues()).map(|_| Vring::default()).collect();
         Self {
             name: name.to_string(),
@@ -157,9 +163,12 @@ impl Session {
             .hdr
             .code()
             .ok_or(Error::UnknownRequest(req.hdr.request))?;
+        let result = self.dispatch(code, &req);
+        // Evaluated after the request, so SET_PROTOCOL_FEATURES enabling REPLY_ACK with
+        // NEED_REPLY is acked, as the rust-vmm backend does.
         let wants_ack =
             req.hdr.need_reply() && self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
-        match self.dispatch(code, &req) {
+        match result {
             Ok(Some(reply)) => self.conn.send_reply(&req.hdr, &reply),
             Ok(None) if wants_ack => self.conn.send_reply(&req.hdr, &u64_reply(0)),
             Ok(None) => Ok(()),
@@ -490,7 +499,7 @@ impl Session {
 
     fn set_status(&mut self, value: u8) -> Result<(), Error> {
         if value == 0 {
-            self.reset();
+            self.reset_status();
             return Ok(());
         }
         let res = self.status.set_status(value);
@@ -499,7 +508,28 @@ impl Session {
         Ok(())
     }
 
-    /// Device reset (SET_STATUS 0, RESET_DEVICE, RESET_OWNER): every vring is stopped,
+    /// Device reset by status (SET_STATUS 0, virtio 1.2 §2.1): every vring is stopped, its
+    /// in-flight requests completed before its worker hands it back, and the status machine
+    /// returns to 0. The vrings keep their configuration and the base they stopped at, so a
+    /// GET_VRING_BASE that follows (QEMU 7.2 sends SET_STATUS 0 first when it stops a
+    /// device) reports where the ring really is; a vring runs again only after a new
+    /// SET_VRING_KICK. Session-level negotiation (virtio and protocol features) is kept.
+    pub fn reset_status(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_vring(i);
+            if let Some(v) = self.vrings.get_mut(i) {
+                v.started = false;
+                v.kick = None;
+            }
+        }
+        let driver = self.status.driver_features();
+        self.status.reset();
+        self.status.set_driver_features(driver);
+        self.needs_reset.store(false, Ordering::Release);
+        info!(device = %self.name, "device status reset");
+    }
+
+    /// Full device reset (RESET_DEVICE, RESET_OWNER): every vring is stopped,
     /// in-flight requests complete before the worker hands its ring back, then the state
     /// returns to what a new session has. The memory table and fds are dropped as well.
     pub fn reset(&mut self) {

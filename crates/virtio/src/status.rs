@@ -81,6 +81,7 @@ pub struct StatusMachine {
     offered: VirtioFeatures,
     mandated: VirtioFeatures,
     driver: VirtioFeatures,
+    strict_order: bool,
 }
 
 impl StatusMachine {
@@ -92,7 +93,18 @@ impl StatusMachine {
             offered,
             mandated: (mandated | VirtioFeatures::VIRTIO_F_VERSION_1) & offered,
             driver: VirtioFeatures::empty(),
+            strict_order: true,
         }
+    }
+
+    /// Whether ACKNOWLEDGE and DRIVER must precede FEATURES_OK (default: yes, as a driver
+    /// talking to the device directly must do, §3.1.1). A vhost-user frontend proxies the
+    /// status of a driver it runs itself and may write FEATURES_OK or DRIVER_OK alone (QEMU
+    /// 7.2 does); with `false` only "FEATURES_OK before DRIVER_OK" is enforced. FEATURES_OK
+    /// is validated either way.
+    pub fn with_strict_order(mut self, strict: bool) -> Self {
+        self.strict_order = strict;
+        self
     }
 
     /// The current status byte.
@@ -177,6 +189,9 @@ impl StatusMachine {
             ),
         ];
         for (bit, needs, name) in order {
+            if !self.strict_order && bit != DeviceStatus::DRIVER_OK {
+                continue;
+            }
             if new.contains(bit) && !new.contains(needs) {
                 return Err(StatusError::OutOfOrder {
                     new: value,
@@ -288,6 +303,26 @@ mod tests {
             Err(StatusError::ClearsBits { .. })
         ));
         assert_eq!(m.status().bits(), A | D);
+    }
+
+    #[test]
+    fn relaxed_order_accepts_proxied_status_but_keeps_driver_ok_rule() {
+        let mut m = machine().with_strict_order(false);
+        m.set_driver_features(VirtioFeatures::from_raw((1 << 32) | (1 << 9)));
+        m.set_status(FOK).unwrap();
+        m.set_status(FOK | DOK).unwrap();
+        assert!(m.is_live());
+        let mut m = machine().with_strict_order(false);
+        assert!(matches!(
+            m.set_status(DOK),
+            Err(StatusError::OutOfOrder { .. })
+        ));
+        m.set_driver_features(VirtioFeatures::from_raw(1 << 32));
+        assert!(matches!(
+            m.set_status(FOK),
+            Err(StatusError::MissingMandated { .. })
+        ));
+        assert_eq!(m.status().bits(), 0);
     }
 
     #[test]

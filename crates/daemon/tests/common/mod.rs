@@ -46,7 +46,10 @@ impl Daemon {
     pub fn start_in(dir: PathBuf, config: &str, names: &[&str]) -> Daemon {
         let cfg = dir.join("uvdpa.toml");
         std::fs::write(&cfg, config).unwrap();
-        let log = dir.join(format!("daemon-{}.log", COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let log = dir.join(format!(
+            "daemon-{}.log",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         let child = Command::new(uvdpa_bin())
             .args(["daemon", "--run-dir"])
             .arg(&dir)
@@ -57,7 +60,11 @@ impl Daemon {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn uvdpa daemon");
-        let d = Daemon { child: Some(child), dir, log };
+        let d = Daemon {
+            child: Some(child),
+            dir,
+            log,
+        };
         for n in names {
             d.wait_socket(n);
         }
@@ -102,7 +109,10 @@ impl Daemon {
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
         let t0 = Instant::now();
         loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -110,7 +120,10 @@ impl Daemon {
             }
             if t0.elapsed() > Duration::from_secs(30) {
                 let _ = child.kill();
-                panic!("daemon did not exit within 30 s of SIGTERM; log:\n{}", self.log_text());
+                panic!(
+                    "daemon did not exit within 30 s of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -141,18 +154,43 @@ pub struct BlkClient {
 /// One request in a batch.
 #[derive(Debug, Clone, Copy)]
 pub enum Op {
-    Read { offset: u64, buf_off: usize, len: usize },
-    Write { offset: u64, buf_off: usize, len: usize },
+    Read {
+        offset: u64,
+        buf_off: usize,
+        len: usize,
+    },
+    Write {
+        offset: u64,
+        buf_off: usize,
+        len: usize,
+    },
     Flush,
-    Discard { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64 },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl BlkClient {
     /// Connects and starts `num_queues` interrupt-driven queues with a `buf_len` buffer.
     pub fn connect(path: &str, num_queues: i32, buf_len: usize) -> Result<Self, blkio::Error> {
+        Self::connect_with(path, num_queues, buf_len, false)
+    }
+
+    /// As [`BlkClient::connect`], setting libblkio's `read-only` property.
+    pub fn connect_with(
+        path: &str,
+        num_queues: i32,
+        buf_len: usize,
+        read_only: bool,
+    ) -> Result<Self, blkio::Error> {
         let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
         blkio.set_str("path", path)?;
+        blkio.set_bool("read-only", read_only)?;
         blkio.connect()?;
         blkio.set_i32("num-queues", num_queues)?;
         let capacity = blkio.get_u64("capacity")?;
@@ -185,12 +223,28 @@ impl BlkClient {
             match *op {
                 // SAFETY (pointer arithmetic only): offsets are inside the region; the
                 // tests keep buf_off + len <= buf_len.
-                Op::Read { offset, buf_off, len } => {
-                    queue.read(offset, base.wrapping_add(buf_off), len, i, ReqFlags::empty())
-                }
-                Op::Write { offset, buf_off, len } => {
-                    queue.write(offset, base.wrapping_add(buf_off), len, i, ReqFlags::empty())
-                }
+                Op::Read {
+                    offset,
+                    buf_off,
+                    len,
+                } => queue.read(
+                    offset,
+                    base.wrapping_add(buf_off),
+                    len,
+                    i,
+                    ReqFlags::empty(),
+                ),
+                Op::Write {
+                    offset,
+                    buf_off,
+                    len,
+                } => queue.write(
+                    offset,
+                    base.wrapping_add(buf_off),
+                    len,
+                    i,
+                    ReqFlags::empty(),
+                ),
                 Op::Flush => queue.flush(i, ReqFlags::empty()),
                 Op::Discard { offset, len } => queue.discard(offset, len, i, ReqFlags::empty()),
                 Op::WriteZeroes { offset, len } => {

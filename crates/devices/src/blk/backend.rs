@@ -1,0 +1,773 @@
+//! Disk backends: where a virtio-blk device's sectors live.
+//!
+//! - [`RamDisk`]: an anonymous private mapping owned by the device; requests copy straight
+//!   between it and guest buffers.
+//! - [`FileDisk`]: a regular file or block device; requests are `preadv`/`pwritev` with the
+//!   guest buffers as the iovecs, so data moves between the kernel and guest memory without
+//!   a copy in between.
+//! - `Null`: reads return zeroes, writes are dropped (benchmarks of the request path).
+//!
+//! Backends are shared by every queue of a device (`&self` everywhere, no lock): the
+//! kernel serialises file I/O, and concurrent RAM copies to the same sectors race exactly
+//! as concurrent DMA to a real disk would, which drivers already avoid.
+//!
+//! Read and write are `unsafe fn`s: they dereference the raw guest buffer pointers of
+//! [`Segment`]s. Ranges are checked here again (on top of the request parser) so that a
+//! backend never touches memory outside its own disk, whatever its caller passes.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::mem::{align_of, offset_of, size_of};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+use std::ptr::NonNull;
+
+use rustix::fs::FallocateFlags;
+use rustix::io::Errno;
+use uvdpa_virtio::Segment;
+
+use super::{BlkError, SECTOR_SIZE};
+
+// `Segment` is documented as layout-compatible with `struct iovec`; the file backend relies
+// on it to pass a chain's segments to preadv/pwritev without copying them.
+const _: () = {
+    assert!(size_of::<Segment>() == size_of::<libc::iovec>());
+    assert!(align_of::<Segment>() == align_of::<libc::iovec>());
+    assert!(offset_of!(Segment, base) == offset_of!(libc::iovec, iov_base));
+    assert!(offset_of!(Segment, len) == offset_of!(libc::iovec, iov_len));
+};
+
+/// Most iovecs one preadv/pwritev accepts (Linux `UIO_MAXIOV`); longer chains are done in
+/// several calls.
+const IOV_MAX: usize = 1024;
+/// Size of the per-queue bounce buffer used for O_DIRECT requests with unaligned buffers;
+/// larger requests go through it in chunks.
+const BOUNCE_LEN: usize = 1 << 20;
+/// Alignment of the bounce buffer (at least any logical block size we accept).
+const BOUNCE_ALIGN: usize = 4096;
+
+/// Zeroes to write when a file cannot deallocate or zero a range itself; aligned so it can
+/// be written to an O_DIRECT file.
+#[repr(C, align(4096))]
+struct ZeroBlock([u8; 64 * 1024]);
+static ZEROES: ZeroBlock = ZeroBlock([0; 64 * 1024]);
+
+/// A device's backend, chosen by [`super::BackendSpec`].
+#[derive(Debug)]
+pub(crate) enum Backend {
+    /// Sectors in an anonymous mapping.
+    Ram(RamDisk),
+    /// Sectors in a file or block device.
+    File(FileDisk),
+    /// No sectors: reads are zeroes, writes vanish.
+    Null {
+        /// Capacity in bytes.
+        size: u64,
+    },
+}
+
+/// A per-queue aligned buffer for O_DIRECT requests whose guest buffers are not aligned;
+/// allocated on first use and kept, so the data path does not allocate once warm.
+#[derive(Default)]
+pub(crate) struct Bounce {
+    buf: Vec<u8>,
+}
+
+impl Bounce {
+    /// The aligned window of the buffer, [`BOUNCE_LEN`] bytes.
+    fn get(&mut self) -> io::Result<&mut [u8]> {
+        if self.buf.is_empty() {
+            self.buf = vec![0; BOUNCE_LEN + BOUNCE_ALIGN];
+        }
+        let off = self.buf.as_ptr().align_offset(BOUNCE_ALIGN);
+        off.checked_add(BOUNCE_LEN)
+            .and_then(|end| self.buf.get_mut(off..end))
+            .ok_or_else(|| io::Error::other("bounce buffer cannot be aligned"))
+    }
+}
+
+impl Backend {
+    /// Capacity in bytes (a multiple of the logical block size).
+    pub(crate) fn size(&self) -> u64 {
+        match self {
+            Self::Ram(r) => r.len as u64,
+            Self::File(f) => f.size,
+            Self::Null { size } => *size,
+        }
+    }
+
+    /// Alignment that O_DIRECT needs for request offsets, lengths and buffers, if the
+    /// backend uses O_DIRECT.
+    pub(crate) fn direct_align(&self) -> Option<usize> {
+        match self {
+            Self::File(f) => f.direct_align,
+            _ => None,
+        }
+    }
+
+    /// Reads `bufs.len()` segments' worth of bytes at `offset` into `bufs`. `bufs` is
+    /// scratch: it may be modified (advanced past partial transfers).
+    ///
+    /// # Safety
+    /// Every segment must be valid for writes of its length for the whole call and must
+    /// not overlap any Rust object (it points into guest memory the caller keeps mapped).
+    pub(crate) unsafe fn read(
+        &self,
+        offset: u64,
+        bufs: &mut [Segment],
+        bounce: &mut Bounce,
+    ) -> io::Result<()> {
+        let len = total_len(bufs)?;
+        check_range(offset, len, self.size())?;
+        match self {
+            // SAFETY: forwarded from this function's contract.
+            Self::Ram(r) => unsafe { r.read(offset, bufs) },
+            // SAFETY: forwarded from this function's contract.
+            Self::File(f) => unsafe { f.read(offset, bufs, bounce) },
+            Self::Null { .. } => {
+                for s in bufs.iter() {
+                    // SAFETY: the caller guarantees each segment is writable for its length.
+                    unsafe { std::ptr::write_bytes(s.base, 0, s.len) };
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the bytes of `bufs` at `offset`. `bufs` is scratch, as for
+    /// [`Backend::read`].
+    ///
+    /// # Safety
+    /// Every segment must be valid for reads of its length for the whole call and must not
+    /// overlap any Rust object.
+    pub(crate) unsafe fn write(
+        &self,
+        offset: u64,
+        bufs: &mut [Segment],
+        bounce: &mut Bounce,
+    ) -> io::Result<()> {
+        let len = total_len(bufs)?;
+        check_range(offset, len, self.size())?;
+        match self {
+            // SAFETY: forwarded from this function's contract.
+            Self::Ram(r) => unsafe { r.write(offset, bufs) },
+            // SAFETY: forwarded from this function's contract.
+            Self::File(f) => unsafe { f.write(offset, bufs, bounce) },
+            Self::Null { .. } => Ok(()),
+        }
+    }
+
+    /// Makes completed writes durable.
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        match self {
+            Self::File(f) => retry_intr(|| rustix::fs::fdatasync(&f.file)),
+            Self::Ram(_) | Self::Null { .. } => Ok(()),
+        }
+    }
+
+    /// Discards `len` bytes at `offset` (a hint: the file backend ignores filesystems that
+    /// cannot punch holes). Reads of a discarded range return zeroes where the backend
+    /// could deallocate it.
+    pub(crate) fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(offset, len, self.size())?;
+        match self {
+            Self::Ram(r) => r.zero(offset, len),
+            Self::File(f) => match f.fallocate(punch_hole(), offset, len) {
+                Err(e) if unsupported(e) => Ok(()),
+                r => r.map_err(io::Error::from),
+            },
+            Self::Null { .. } => Ok(()),
+        }
+    }
+
+    /// Makes `len` bytes at `offset` read back as zeroes, deallocating them if `unmap`
+    /// allows and the backend can.
+    pub(crate) fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        check_range(offset, len, self.size())?;
+        match self {
+            Self::Ram(r) => r.zero(offset, len),
+            Self::File(f) => f.write_zeroes(offset, len, unmap),
+            Self::Null { .. } => Ok(()),
+        }
+    }
+}
+
+/// Sum of segment lengths, as a byte count on the disk.
+fn total_len(bufs: &[Segment]) -> io::Result<u64> {
+    bufs.iter()
+        .try_fold(0u64, |acc, s| acc.checked_add(s.len as u64))
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Refuses a range that does not lie inside a disk of `size` bytes.
+fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset}+{len} is past the end of the disk ({size} bytes)"),
+        )),
+    }
+}
+
+fn retry_intr<T>(mut f: impl FnMut() -> rustix::io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(Errno::INTR) => continue,
+            r => return r.map_err(io::Error::from),
+        }
+    }
+}
+
+/// Drops the first `n` bytes of `bufs`, and any empty segments after them.
+fn advance(bufs: &mut &mut [Segment], mut n: usize) {
+    let mut done = 0;
+    for s in bufs.iter_mut() {
+        if n < s.len {
+            s.base = s.base.wrapping_add(n);
+            s.len -= n;
+            break;
+        }
+        n -= s.len;
+        done += 1;
+    }
+    let all = std::mem::take(bufs);
+    *bufs = all.get_mut(done..).unwrap_or_default();
+}
+
+/// Copies `src` into the bytes of `segs` starting `skip` bytes in.
+///
+/// # Safety
+/// Every segment must be valid for writes of its length and must not overlap `src`.
+unsafe fn scatter(segs: &[Segment], mut skip: usize, src: &[u8]) {
+    let mut done = 0;
+    for s in segs {
+        if done == src.len() {
+            break;
+        }
+        if skip >= s.len {
+            skip -= s.len;
+            continue;
+        }
+        let n = (s.len - skip).min(src.len() - done);
+        // SAFETY: `skip + n <= s.len`, so the destination lies in the segment (caller's
+        // contract); `done + n <= src.len()`.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(done), s.base.add(skip), n) };
+        done += n;
+        skip = 0;
+    }
+}
+
+/// Copies the bytes of `segs` starting `skip` bytes in into `dst`.
+///
+/// # Safety
+/// Every segment must be valid for reads of its length and must not overlap `dst`.
+unsafe fn gather(segs: &[Segment], mut skip: usize, dst: &mut [u8]) {
+    let mut done = 0;
+    for s in segs {
+        if done == dst.len() {
+            break;
+        }
+        if skip >= s.len {
+            skip -= s.len;
+            continue;
+        }
+        let n = (s.len - skip).min(dst.len() - done);
+        // SAFETY: as in `scatter`, with source and destination swapped.
+        unsafe { std::ptr::copy_nonoverlapping(s.base.add(skip), dst.as_mut_ptr().add(done), n) };
+        done += n;
+        skip = 0;
+    }
+}
+
+/// A disk in an anonymous private mapping (`MAP_NORESERVE`: untouched sectors cost no
+/// memory). It lives as long as the device, across frontend reconnects.
+#[derive(Debug)]
+pub(crate) struct RamDisk {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only accessed through raw-pointer copies
+// (never references), so it may move between and be shared by queue threads; concurrent
+// copies to the same bytes are the guest's own race, as with DMA.
+unsafe impl Send for RamDisk {}
+// SAFETY: see `Send`.
+unsafe impl Sync for RamDisk {}
+
+impl RamDisk {
+    /// Maps `size` bytes of zeroes.
+    pub(crate) fn new(size: u64) -> Result<Self, BlkError> {
+        let map_err = |source| BlkError::MapMemory { size, source };
+        let len = usize::try_from(size)
+            .map_err(|_| map_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel chooses; it
+        // aliases nothing.
+        let ptr = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|e| map_err(e.into()))?;
+        let base = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| map_err(io::Error::from(io::ErrorKind::OutOfMemory)))?;
+        Ok(Self { base, len })
+    }
+
+    /// Host pointer to disk byte `offset`, after [`check_range`] proved
+    /// `offset + len <= self.len`.
+    fn at(&self, offset: u64) -> *mut u8 {
+        self.base.as_ptr().wrapping_add(offset as usize)
+    }
+
+    /// # Safety
+    /// As [`Backend::read`]; the range was checked against the disk size.
+    unsafe fn read(&self, offset: u64, bufs: &[Segment]) -> io::Result<()> {
+        let mut src = self.at(offset);
+        for s in bufs {
+            // SAFETY: the source lies inside the mapping (range checked by the caller), the
+            // destination is a writable guest segment (caller's contract); a private
+            // mapping and guest memory never overlap.
+            unsafe { std::ptr::copy_nonoverlapping(src, s.base, s.len) };
+            src = src.wrapping_add(s.len);
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// As [`Backend::write`]; the range was checked against the disk size.
+    unsafe fn write(&self, offset: u64, bufs: &[Segment]) -> io::Result<()> {
+        let mut dst = self.at(offset);
+        for s in bufs {
+            // SAFETY: as in `read`, with the copy direction reversed.
+            unsafe { std::ptr::copy_nonoverlapping(s.base, dst, s.len) };
+            dst = dst.wrapping_add(s.len);
+        }
+        Ok(())
+    }
+
+    /// Zeroes a checked range: whole pages are given back to the kernel (they read back
+    /// as zeroes), partial pages at the edges are cleared in place.
+    fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Both fit: check_range proved offset + len <= self.len, a usize.
+        let (start, end) = (offset as usize, (offset + len) as usize);
+        let page = rustix::param::page_size();
+        let inner_start = start.next_multiple_of(page).min(end);
+        let inner_end = (end - end % page).max(inner_start);
+        // SAFETY: all three ranges lie inside the mapping (start..end was checked), whose
+        // base is page aligned; DONTNEED on a private anonymous mapping only replaces
+        // whole pages with zero pages and no Rust reference points into it.
+        unsafe {
+            std::ptr::write_bytes(self.at(start as u64), 0, inner_start - start);
+            std::ptr::write_bytes(self.at(inner_end as u64), 0, end - inner_end);
+            let whole = inner_end - inner_start;
+            if whole > 0
+                && rustix::mm::madvise(
+                    self.at(inner_start as u64).cast(),
+                    whole,
+                    rustix::mm::Advice::LinuxDontNeed,
+                )
+                .is_err()
+            {
+                std::ptr::write_bytes(self.at(inner_start as u64), 0, whole);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RamDisk {
+    fn drop(&mut self) {
+        // SAFETY: base/len describe the mapping this value created and owns; queue
+        // handlers hold the device (and so this disk) alive while they run.
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A disk in a regular file or block device.
+///
+/// With O_DIRECT (`direct_align` is set), the kernel needs request offsets, lengths and
+/// memory aligned to the logical block size. Offsets and lengths are checked by the request
+/// parser (misaligned ones fail with IOERR); requests whose *guest buffers* are not aligned
+/// in address or length go through a per-queue aligned bounce buffer ([`Bounce`]) in 1 MiB
+/// chunks. Only those requests are copied; aligned ones still go straight to guest memory.
+#[derive(Debug)]
+pub(crate) struct FileDisk {
+    file: File,
+    size: u64,
+    direct_align: Option<usize>,
+}
+
+impl FileDisk {
+    /// Opens `path` (read-only if `read_only`, with O_DIRECT if `direct`). The capacity is
+    /// the file's size rounded down to a multiple of `logical_block_size`.
+    pub(crate) fn open(
+        path: &Path,
+        direct: bool,
+        read_only: bool,
+        logical_block_size: u32,
+    ) -> Result<Self, BlkError> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(!read_only);
+        if direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let mut file = opts.open(path).map_err(|source| BlkError::OpenFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let kind = file
+            .metadata()
+            .map_err(|source| BlkError::FileSize {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(BlkError::NotAFileOrBlockDevice {
+                path: path.to_path_buf(),
+            });
+        }
+        // Seeking to the end measures regular files and block devices alike.
+        let len = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlkError::FileSize {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let size = len - len % u64::from(logical_block_size);
+        if size == 0 {
+            return Err(BlkError::FileTooSmall {
+                path: path.to_path_buf(),
+                size: len,
+                logical_block_size,
+            });
+        }
+        if size != len {
+            tracing::warn!(
+                path = %path.display(),
+                file_size = len,
+                capacity = size,
+                "Backing file size is not a multiple of the logical block size; \
+                 the last partial block is not exposed"
+            );
+        }
+        let direct_align = if direct {
+            check_direct_alignment(&file, path, logical_block_size)?;
+            Some(logical_block_size as usize)
+        } else {
+            None
+        };
+        debug_assert!(size % SECTOR_SIZE == 0);
+        Ok(Self {
+            file,
+            size,
+            direct_align,
+        })
+    }
+
+    /// # Safety
+    /// As [`Backend::read`].
+    unsafe fn read(
+        &self,
+        offset: u64,
+        bufs: &mut [Segment],
+        bounce: &mut Bounce,
+    ) -> io::Result<()> {
+        match self.direct_align {
+            Some(align) if !buffers_aligned(bufs, align) => {
+                // SAFETY: forwarded from this function's contract.
+                unsafe { self.read_bounced(offset, bufs, bounce) }
+            }
+            // SAFETY: forwarded from this function's contract.
+            _ => unsafe { self.transfer(offset, bufs, false) },
+        }
+    }
+
+    /// # Safety
+    /// As [`Backend::write`].
+    unsafe fn write(
+        &self,
+        offset: u64,
+        bufs: &mut [Segment],
+        bounce: &mut Bounce,
+    ) -> io::Result<()> {
+        match self.direct_align {
+            Some(align) if !buffers_aligned(bufs, align) => {
+                // SAFETY: forwarded from this function's contract.
+                unsafe { self.write_bounced(offset, bufs, bounce) }
+            }
+            // SAFETY: forwarded from this function's contract.
+            _ => unsafe { self.transfer(offset, bufs, true) },
+        }
+    }
+
+    /// preadv/pwritev of all of `bufs` at `offset`, resuming after short transfers and in
+    /// groups of at most [`IOV_MAX`] segments.
+    ///
+    /// # Safety
+    /// As [`Backend::read`] (reads) or [`Backend::write`] (writes).
+    unsafe fn transfer(
+        &self,
+        mut offset: u64,
+        mut bufs: &mut [Segment],
+        write: bool,
+    ) -> io::Result<()> {
+        advance(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let count = bufs.len().min(IOV_MAX);
+            let iovcnt = libc::c_int::try_from(count).unwrap_or(1);
+            let off = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let iov = bufs.as_ptr().cast::<libc::iovec>();
+            let fd = self.file.as_raw_fd();
+            // SAFETY: `Segment` is layout-identical to `iovec` (asserted at the top of this
+            // module) and `iov` points to at least `iovcnt` of them; each describes guest
+            // memory valid for the transfer's direction (caller's contract). The kernel
+            // only accesses those buffers during the call.
+            let n = unsafe {
+                if write {
+                    libc::pwritev(fd, iov, iovcnt, off)
+                } else {
+                    libc::preadv(fd, iov, iovcnt, off)
+                }
+            };
+            match usize::try_from(n) {
+                Ok(0) if write => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    offset += n as u64;
+                    advance(&mut bufs, n);
+                }
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// As [`Backend::read`].
+    unsafe fn read_bounced(
+        &self,
+        offset: u64,
+        bufs: &[Segment],
+        bounce: &mut Bounce,
+    ) -> io::Result<()> {
+        let total = bufs.iter().map(|s| s.len).sum::<usize>();
+        let buf = bounce.get()?;
+        let mut done = 0usize;
+        while done < total {
+            let n = (total - done).min(buf.len());
+            let chunk = buf.get_mut(..n).unwrap_or_default();
+            let mut at = 0;
+            while at < n {
+                let rest = chunk.get_mut(at..).unwrap_or_default();
+                let pos = offset + (done + at) as u64;
+                match retry_intr(|| rustix::io::pread(&self.file, &mut *rest, pos))? {
+                    0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    k => at += k,
+                }
+            }
+            // SAFETY: forwarded from this function's contract; the bounce buffer is ours.
+            unsafe { scatter(bufs, done, chunk) };
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// As [`Backend::write`].
+    unsafe fn write_bounced(
+        &self,
+        offset: u64,
+        bufs: &[Segment],
+        bounce: &mut Bounce,
+    ) -> io::Result<()> {
+        let total = bufs.iter().map(|s| s.len).sum::<usize>();
+        let buf = bounce.get()?;
+        let mut done = 0usize;
+        while done < total {
+            let n = (total - done).min(buf.len());
+            let chunk = buf.get_mut(..n).unwrap_or_default();
+            // SAFETY: forwarded from this function's contract; the bounce buffer is ours.
+            unsafe { gather(bufs, done, chunk) };
+            self.pwrite_all(chunk, offset + done as u64)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn pwrite_all(&self, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+        while !data.is_empty() {
+            match retry_intr(|| rustix::io::pwrite(&self.file, data, offset))? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                k => {
+                    data = data.get(k..).unwrap_or_default();
+                    offset += k as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: FallocateFlags, offset: u64, len: u64) -> Result<(), Errno> {
+        if len == 0 {
+            return Ok(());
+        }
+        loop {
+            match rustix::fs::fallocate(&self.file, mode, offset, len) {
+                Err(Errno::INTR) => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// ZERO_RANGE (or PUNCH_HOLE first when `unmap` allows deallocation), falling back to
+    /// the other, then to writing zeroes, when the filesystem or device cannot do it.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let modes = if unmap {
+            [punch_hole(), FallocateFlags::ZERO_RANGE]
+        } else {
+            [FallocateFlags::ZERO_RANGE, punch_hole()]
+        };
+        for mode in modes {
+            match self.fallocate(mode, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if unsupported(e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let (mut at, end) = (offset, offset + len);
+        while at < end {
+            let n = (end - at).min(ZEROES.0.len() as u64) as usize;
+            self.pwrite_all(ZEROES.0.get(..n).unwrap_or_default(), at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn punch_hole() -> FallocateFlags {
+    FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
+}
+
+/// fallocate errors meaning "this file or device cannot do that mode".
+fn unsupported(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL | Errno::NODEV
+    )
+}
+
+/// Whether every buffer's address and length are multiples of `align`.
+fn buffers_aligned(bufs: &[Segment], align: usize) -> bool {
+    bufs.iter()
+        .all(|s| (s.base as usize) % align == 0 && s.len % align == 0)
+}
+
+/// Refuses an O_DIRECT file that needs more alignment than the logical block size (the
+/// guest would send requests the file cannot take). Kernels before 6.1 cannot tell; the
+/// file is then trusted.
+fn check_direct_alignment(
+    file: &File,
+    path: &Path,
+    logical_block_size: u32,
+) -> Result<(), BlkError> {
+    use rustix::fs::{statx, AtFlags, StatxFlags};
+    let Ok(stx) = statx(file, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) else {
+        return Ok(());
+    };
+    if stx.stx_mask & StatxFlags::DIOALIGN.bits() == 0 || stx.stx_dio_offset_align == 0 {
+        return Ok(());
+    }
+    let required = stx.stx_dio_offset_align.max(stx.stx_dio_mem_align);
+    if required > logical_block_size {
+        return Err(BlkError::DirectIoAlignment {
+            path: path.to_path_buf(),
+            required,
+            logical_block_size,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(buf: &mut [u8]) -> Segment {
+        Segment {
+            base: buf.as_mut_ptr(),
+            len: buf.len(),
+        }
+    }
+
+    #[test]
+    fn advance_skips_whole_and_partial_segments() {
+        let (mut a, mut b, mut c) = ([0u8; 4], [0u8; 0], [0u8; 8]);
+        let mut segs = [seg(&mut a), seg(&mut b), seg(&mut c)];
+        let c_base = segs[2].base;
+        let mut view: &mut [Segment] = &mut segs;
+        advance(&mut view, 4);
+        // The empty segment after the consumed one is dropped too.
+        assert_eq!(view.len(), 1);
+        advance(&mut view, 3);
+        assert_eq!(view[0].len, 5);
+        assert_eq!(view[0].base, c_base.wrapping_add(3));
+        advance(&mut view, 5);
+        assert!(view.is_empty());
+        advance(&mut view, 1);
+        assert!(view.is_empty());
+    }
+
+    #[test]
+    fn scatter_and_gather_cross_segments_from_an_offset() {
+        let (mut a, mut b) = ([0u8; 3], [0u8; 5]);
+        let segs = [seg(&mut a), seg(&mut b)];
+        // SAFETY: the segments point to the live local arrays above.
+        unsafe { scatter(&segs, 2, &[1, 2, 3, 4]) };
+        let mut out = [0u8; 6];
+        // SAFETY: as above.
+        unsafe { gather(&segs, 1, &mut out) };
+        assert_eq!(out, [0, 1, 2, 3, 4, 0]);
+        assert_eq!((a, b), ([0, 0, 1], [2, 3, 4, 0, 0]));
+    }
+
+    #[test]
+    fn ram_disk_zero_keeps_bytes_outside_the_range() {
+        let page = rustix::param::page_size();
+        let disk = RamDisk::new((4 * page) as u64).unwrap();
+        let mut fill = vec![0xabu8; 4 * page];
+        let mut segs = [seg(&mut fill)];
+        // SAFETY: the segment points to the live vector above.
+        unsafe { disk.write(0, &segs).unwrap() };
+        disk.zero(100, (2 * page) as u64).unwrap();
+        let mut back = vec![0u8; 4 * page];
+        segs[0] = seg(&mut back);
+        // SAFETY: as above.
+        unsafe { disk.read(0, &segs).unwrap() };
+        for (i, b) in back.iter().enumerate() {
+            let zeroed = (100..100 + 2 * page).contains(&i);
+            assert_eq!(*b, if zeroed { 0 } else { 0xab }, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn range_checks_refuse_overflow_and_overrun() {
+        assert!(check_range(0, 4096, 4096).is_ok());
+        assert!(check_range(512, 4096, 4096).is_err());
+        assert!(check_range(u64::MAX, 2, 4096).is_err());
+        let disk = Backend::Null { size: 1024 };
+        assert!(disk.discard(1024, 1).is_err());
+        assert!(disk.write_zeroes(0, 1024, false).is_ok());
+    }
+}

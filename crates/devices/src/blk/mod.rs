@@ -1,0 +1,432 @@
+//! virtio-blk (virtio 1.2 §5.2): a block device over a RAM, file or null backend.
+//!
+//! [`BlkDevice::new`] validates a [`BlkConfig`], opens the backend and fixes the config
+//! space; the device then serves any number of frontends in turn (the backend, and so a RAM
+//! disk's data, lives as long as the device). Each queue gets its own handler
+//! ([`VirtioDevice::queue_handler`]) sharing the device through an `Arc`.
+//!
+//! Requests are parsed first (header, lengths and sector ranges are checked before the
+//! backend is touched), executed second, and every failure maps to one status byte:
+//! `VIRTIO_BLK_S_UNSUPP` for what the device does not implement, `VIRTIO_BLK_S_IOERR` for
+//! everything else. A request without a writable status byte is dropped (used length 0).
+//! Guest-caused errors are logged at debug level, at most [`LOG_PER_SEC`] per second per
+//! device.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bitflags::bitflags;
+use thiserror::Error;
+use uvdpa_virtio::split::MAX_QUEUE_SIZE;
+use uvdpa_virtio::worker::{DeviceFault, QueueHandler};
+use uvdpa_virtio::{VirtioDevice, VirtioFeatures};
+
+use crate::ratelimit::RateLimiter;
+
+mod backend;
+mod config;
+mod queue;
+mod request;
+#[cfg(test)]
+mod tests;
+
+pub use config::{VirtioBlkConfig, VirtioBlkGeometry, VirtioBlkTopology, VIRTIO_BLK_CONFIG_SIZE};
+pub use request::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+};
+
+use backend::{Backend, FileDisk, RamDisk};
+use queue::BlkQueue;
+use request::Limits;
+
+/// virtio-blk device ID (virtio 1.2 §5).
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Bytes per sector: the unit of `capacity` and of request sector numbers.
+pub const SECTOR_SIZE: u64 = 512;
+/// Longest serial (device ID string) GET_ID returns.
+pub const SERIAL_LEN: usize = 20;
+/// Most queues a device may have.
+pub const MAX_NUM_QUEUES: u16 = 64;
+/// Largest segment the driver may use (config `size_max`).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Most sectors in one discard or write-zeroes segment (config `max_discard_sectors`,
+/// `max_write_zeroes_sectors`): 2 GiB - 512, as QEMU.
+pub const MAX_ZERO_SECTORS: u32 = (i32::MAX as u32) >> 9;
+/// Most segments in one discard or write-zeroes request (config `max_discard_seg`,
+/// `max_write_zeroes_seg`).
+pub const MAX_ZERO_SEGMENTS: u32 = 256;
+/// Guest-caused debug messages logged per second per device, at most.
+pub const LOG_PER_SEC: u32 = 10;
+
+bitflags! {
+    /// virtio-blk feature bits (virtio 1.2 §5.2.3), named as in the spec.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct BlkFeatures: u64 {
+        /// VIRTIO_BLK_F_SIZE_MAX (bit 1): `size_max` is valid.
+        const VIRTIO_BLK_F_SIZE_MAX = 1 << 1;
+        /// VIRTIO_BLK_F_SEG_MAX (bit 2): `seg_max` is valid.
+        const VIRTIO_BLK_F_SEG_MAX = 1 << 2;
+        /// VIRTIO_BLK_F_GEOMETRY (bit 4): `geometry` is valid.
+        const VIRTIO_BLK_F_GEOMETRY = 1 << 4;
+        /// VIRTIO_BLK_F_RO (bit 5): the device is read-only.
+        const VIRTIO_BLK_F_RO = 1 << 5;
+        /// VIRTIO_BLK_F_BLK_SIZE (bit 6): `blk_size` is valid.
+        const VIRTIO_BLK_F_BLK_SIZE = 1 << 6;
+        /// VIRTIO_BLK_F_FLUSH (bit 9): the flush command is supported.
+        const VIRTIO_BLK_F_FLUSH = 1 << 9;
+        /// VIRTIO_BLK_F_TOPOLOGY (bit 10): `topology` is valid.
+        const VIRTIO_BLK_F_TOPOLOGY = 1 << 10;
+        /// VIRTIO_BLK_F_CONFIG_WCE (bit 11): `writeback` can be toggled by the driver.
+        const VIRTIO_BLK_F_CONFIG_WCE = 1 << 11;
+        /// VIRTIO_BLK_F_MQ (bit 12): `num_queues` is valid.
+        const VIRTIO_BLK_F_MQ = 1 << 12;
+        /// VIRTIO_BLK_F_DISCARD (bit 13): the discard command is supported.
+        const VIRTIO_BLK_F_DISCARD = 1 << 13;
+        /// VIRTIO_BLK_F_WRITE_ZEROES (bit 14): the write-zeroes command is supported.
+        const VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14;
+    }
+}
+
+/// Where a device's sectors live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendSpec {
+    /// An anonymous memory mapping of `size` bytes, zero-filled, kept as long as the device.
+    Ram {
+        /// Capacity in bytes (a multiple of the logical block size).
+        size: u64,
+    },
+    /// A file or block device; the capacity is its size.
+    File {
+        /// Path to open.
+        path: PathBuf,
+        /// Open with O_DIRECT (bypass the host page cache). Request offsets and lengths
+        /// must then be multiples of the logical block size (others fail with IOERR);
+        /// requests whose guest buffers are not aligned to it are copied through a
+        /// per-queue aligned bounce buffer, the others go straight to guest memory.
+        direct: bool,
+    },
+    /// No storage: reads return zeroes, writes are discarded.
+    Null {
+        /// Capacity in bytes (a multiple of the logical block size).
+        size: u64,
+    },
+}
+
+/// What a virtio-blk device is made of; checked by [`BlkDevice::new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlkConfig {
+    /// Backend.
+    pub backend: BackendSpec,
+    /// Refuse writes (offers VIRTIO_BLK_F_RO; the file is opened read-only).
+    pub read_only: bool,
+    /// Request queues, 1..=[`MAX_NUM_QUEUES`].
+    pub num_queues: u16,
+    /// Largest queue size, a power of two in 1..=32768.
+    pub queue_size: u16,
+    /// Device ID string returned by GET_ID, at most [`SERIAL_LEN`] bytes.
+    pub serial: String,
+    /// Logical block size in bytes, a power of two in 512..=4096.
+    pub logical_block_size: u32,
+}
+
+/// Why a virtio-blk device could not be created.
+#[derive(Debug, Error)]
+pub enum BlkError {
+    /// `logical_block_size` out of range.
+    #[error("Invalid logical_block_size {value}: must be a power of two in 512..=4096")]
+    InvalidLogicalBlockSize {
+        /// The value given.
+        value: u32,
+    },
+    /// `num_queues` out of range.
+    #[error("Invalid num_queues {value}: must be in 1..={MAX_NUM_QUEUES}")]
+    InvalidNumQueues {
+        /// The value given.
+        value: u16,
+    },
+    /// `queue_size` out of range.
+    #[error("Invalid queue_size {value}: must be a power of two in 1..={MAX_QUEUE_SIZE}")]
+    InvalidQueueSize {
+        /// The value given.
+        value: u16,
+    },
+    /// `serial` too long.
+    #[error("Invalid serial: {len} bytes, at most {SERIAL_LEN}")]
+    SerialTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A RAM or null backend size that is zero or not a whole number of blocks.
+    #[error(
+        "Invalid size {size}: must be greater than 0 and a multiple of \
+         logical_block_size {logical_block_size}"
+    )]
+    InvalidSize {
+        /// The size given.
+        size: u64,
+        /// The logical block size it must be a multiple of.
+        logical_block_size: u32,
+    },
+    /// Mapping the memory of a RAM backend failed.
+    #[error("Mapping {size} bytes of memory for a RAM disk failed")]
+    MapMemory {
+        /// Bytes asked for.
+        size: u64,
+        /// The error from mmap.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening a file backend failed.
+    #[error("Opening backing file {} failed", path.display())]
+    OpenFile {
+        /// The file.
+        path: PathBuf,
+        /// The error from open.
+        #[source]
+        source: io::Error,
+    },
+    /// Measuring a file backend failed.
+    #[error("Reading the size of backing file {} failed", path.display())]
+    FileSize {
+        /// The file.
+        path: PathBuf,
+        /// The error from lseek.
+        #[source]
+        source: io::Error,
+    },
+    /// A file backend that is neither a regular file nor a block device.
+    #[error("Backing file {} is neither a regular file nor a block device", path.display())]
+    NotAFileOrBlockDevice {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A file backend smaller than one logical block.
+    #[error(
+        "Backing file {} is {size} bytes: must hold at least one \
+         {logical_block_size}-byte block",
+        path.display()
+    )]
+    FileTooSmall {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+        /// The logical block size.
+        logical_block_size: u32,
+    },
+    /// An O_DIRECT file needs more alignment than the logical block size.
+    #[error(
+        "Backing file {} needs {required}-byte alignment for O_DIRECT, more than \
+         logical_block_size {logical_block_size}",
+        path.display()
+    )]
+    DirectIoAlignment {
+        /// The file.
+        path: PathBuf,
+        /// Alignment the file reports (statx DIOALIGN).
+        required: u32,
+        /// The logical block size.
+        logical_block_size: u32,
+    },
+}
+
+/// State shared by the device and all its queue handlers.
+#[derive(Debug)]
+struct Shared {
+    backend: Backend,
+    read_only: bool,
+    num_queues: u16,
+    queue_size: u16,
+    serial: [u8; SERIAL_LEN],
+    features: VirtioFeatures,
+    config: VirtioBlkConfig,
+    log: RateLimiter,
+}
+
+/// A virtio-blk device. Cheap to share: all queue handlers hold its state in an `Arc`.
+#[derive(Debug)]
+pub struct BlkDevice {
+    shared: Arc<Shared>,
+}
+
+impl BlkConfig {
+    /// Checks every attribute except the backend's size; returns the NUL-padded serial.
+    fn validate(&self) -> Result<[u8; SERIAL_LEN], BlkError> {
+        let lbs = self.logical_block_size;
+        if !lbs.is_power_of_two() || !(512..=4096).contains(&lbs) {
+            return Err(BlkError::InvalidLogicalBlockSize { value: lbs });
+        }
+        if !(1..=MAX_NUM_QUEUES).contains(&self.num_queues) {
+            return Err(BlkError::InvalidNumQueues {
+                value: self.num_queues,
+            });
+        }
+        let qs = self.queue_size;
+        if !qs.is_power_of_two() || qs > MAX_QUEUE_SIZE {
+            return Err(BlkError::InvalidQueueSize { value: qs });
+        }
+        let mut serial = [0u8; SERIAL_LEN];
+        serial
+            .get_mut(..self.serial.len())
+            .ok_or(BlkError::SerialTooLong {
+                len: self.serial.len(),
+            })?
+            .copy_from_slice(self.serial.as_bytes());
+        Ok(serial)
+    }
+}
+
+/// Features offered for a device (virtio 1.2 §5.2.3, plus the ring and transport bits).
+fn offered_features(read_only: bool) -> VirtioFeatures {
+    let mut blk = BlkFeatures::VIRTIO_BLK_F_SIZE_MAX
+        | BlkFeatures::VIRTIO_BLK_F_SEG_MAX
+        | BlkFeatures::VIRTIO_BLK_F_BLK_SIZE
+        | BlkFeatures::VIRTIO_BLK_F_FLUSH
+        | BlkFeatures::VIRTIO_BLK_F_TOPOLOGY
+        | BlkFeatures::VIRTIO_BLK_F_MQ;
+    blk |= if read_only {
+        BlkFeatures::VIRTIO_BLK_F_RO
+    } else {
+        BlkFeatures::VIRTIO_BLK_F_DISCARD | BlkFeatures::VIRTIO_BLK_F_WRITE_ZEROES
+    };
+    VirtioFeatures::VIRTIO_F_VERSION_1
+        | VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC
+        | VirtioFeatures::VIRTIO_RING_F_EVENT_IDX
+        | VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES
+        | VirtioFeatures::from_raw(blk.bits())
+}
+
+/// The config space of a device with `capacity` bytes.
+fn config_space(cfg: &BlkConfig, capacity: u64) -> VirtioBlkConfig {
+    let sectors_per_block = cfg.logical_block_size / SECTOR_SIZE as u32;
+    VirtioBlkConfig {
+        capacity: capacity / SECTOR_SIZE,
+        size_max: SIZE_MAX,
+        // Two descriptors of a request carry the header and the status byte.
+        seg_max: u32::from(cfg.queue_size).saturating_sub(2).max(1),
+        blk_size: cfg.logical_block_size,
+        topology: VirtioBlkTopology {
+            physical_block_exp: 0,
+            alignment_offset: 0,
+            min_io_size: 1,
+            opt_io_size: 0,
+        },
+        // FLUSH is offered, so the driver sees a writeback cache.
+        writeback: 1,
+        num_queues: cfg.num_queues,
+        max_discard_sectors: MAX_ZERO_SECTORS,
+        max_discard_seg: MAX_ZERO_SEGMENTS,
+        discard_sector_alignment: sectors_per_block,
+        max_write_zeroes_sectors: MAX_ZERO_SECTORS,
+        max_write_zeroes_seg: MAX_ZERO_SEGMENTS,
+        write_zeroes_may_unmap: 1,
+        ..VirtioBlkConfig::default()
+    }
+}
+
+impl BlkDevice {
+    /// Validates `cfg` and opens its backend.
+    ///
+    /// # Errors
+    /// A [`BlkError`] naming the invalid attribute and its allowed range, or the backend
+    /// action that failed (mapping memory, opening or measuring the file).
+    pub fn new(cfg: BlkConfig) -> Result<Self, BlkError> {
+        let serial = cfg.validate()?;
+        let lbs = cfg.logical_block_size;
+        let check_size = |size: u64| {
+            if size == 0 || size % u64::from(lbs) != 0 {
+                Err(BlkError::InvalidSize {
+                    size,
+                    logical_block_size: lbs,
+                })
+            } else {
+                Ok(size)
+            }
+        };
+        let backend = match &cfg.backend {
+            BackendSpec::Ram { size } => Backend::Ram(RamDisk::new(check_size(*size)?)?),
+            BackendSpec::Null { size } => Backend::Null {
+                size: check_size(*size)?,
+            },
+            BackendSpec::File { path, direct } => {
+                Backend::File(FileDisk::open(path, *direct, cfg.read_only, lbs)?)
+            }
+        };
+        let config = config_space(&cfg, backend.size());
+        Ok(Self {
+            shared: Arc::new(Shared {
+                backend,
+                read_only: cfg.read_only,
+                num_queues: cfg.num_queues,
+                queue_size: cfg.queue_size,
+                serial,
+                features: offered_features(cfg.read_only),
+                config,
+                log: RateLimiter::new(LOG_PER_SEC),
+            }),
+        })
+    }
+
+    /// Capacity in bytes (a multiple of the logical block size).
+    pub fn capacity_bytes(&self) -> u64 {
+        self.shared.backend.size()
+    }
+
+    /// The config space fields (what [`VirtioDevice::config`] encodes).
+    pub fn config_space(&self) -> VirtioBlkConfig {
+        self.shared.config
+    }
+}
+
+impl VirtioDevice for BlkDevice {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.shared.num_queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.shared.queue_size
+    }
+
+    fn features(&self) -> VirtioFeatures {
+        self.shared.features
+    }
+
+    fn config(&self) -> Vec<u8> {
+        self.shared.config.to_le_bytes().to_vec()
+    }
+
+    fn queue_handler(
+        &self,
+        index: u16,
+        features: VirtioFeatures,
+    ) -> Result<Box<dyn QueueHandler>, DeviceFault> {
+        if index >= self.shared.num_queues {
+            return Err(DeviceFault(format!(
+                "virtio-blk has no queue {index} (it has {})",
+                self.shared.num_queues
+            )));
+        }
+        let offered = BlkFeatures::from_bits_truncate(self.shared.features.bits());
+        let limits = Limits {
+            capacity: self.shared.backend.size(),
+            read_only: self.shared.read_only,
+            features: BlkFeatures::from_bits_truncate(features.bits()) & offered,
+            direct_align: self.shared.backend.direct_align(),
+        };
+        Ok(Box::new(BlkQueue::new(self.shared.clone(), index, limits)))
+    }
+
+    fn flush(&self) -> Result<(), DeviceFault> {
+        self.shared
+            .backend
+            .flush()
+            .map_err(|e| DeviceFault(format!("Flushing the virtio-blk backend failed: {e}")))
+    }
+}
