@@ -282,7 +282,12 @@ impl DescriptorChain {
     }
 
     /// Builds a chain from already-translated segments (for device tests).
-    pub fn from_segments(head: u16, readable: Vec<Segment>, writable: Vec<Segment>) -> Self {
+    ///
+    /// # Safety
+    /// Every segment must describe memory that is valid for reads (readable) or writes
+    /// (writable) of its whole length for as long as the chain is used: `read_at`,
+    /// `write_at` and devices dereference them.
+    pub unsafe fn from_segments(head: u16, readable: Vec<Segment>, writable: Vec<Segment>) -> Self {
         let sum = |v: &[Segment]| v.iter().map(|s| s.len as u32).sum();
         Self {
             head,

@@ -365,11 +365,14 @@ mod tests {
         let mut hdr = header(VIRTIO_BLK_T_IN, 6);
         let mut data = [0u8; 1024];
         let mut status = [0u8; 1];
-        let c = DescriptorChain::from_segments(
-            0,
-            vec![seg(&mut hdr)],
-            vec![seg(&mut data), seg(&mut status)],
-        );
+        // SAFETY: the segments point into buffers that outlive the chain.
+        let c = unsafe {
+            DescriptorChain::from_segments(
+                0,
+                vec![seg(&mut hdr)],
+                vec![seg(&mut data), seg(&mut status)],
+            )
+        };
         assert_eq!(
             parse(&c, &limits()).unwrap(),
             Request::In {
@@ -378,11 +381,14 @@ mod tests {
             }
         );
         let mut hdr = header(VIRTIO_BLK_T_IN, 7);
-        let c = DescriptorChain::from_segments(
-            0,
-            vec![seg(&mut hdr)],
-            vec![seg(&mut data), seg(&mut status)],
-        );
+        // SAFETY: the segments point into buffers that outlive the chain.
+        let c = unsafe {
+            DescriptorChain::from_segments(
+                0,
+                vec![seg(&mut hdr)],
+                vec![seg(&mut data), seg(&mut status)],
+            )
+        };
         assert!(matches!(
             parse(&c, &limits()),
             Err(RequestError::OutOfRange { sector: 7, .. })

@@ -109,7 +109,8 @@ fn build_at(g: &mut Guest, readable: &[&[u8]], writable: &[usize], misalign: u64
         ws.push(g.seg(gpa, len));
     }
     Io {
-        chain: DescriptorChain::from_segments(0, rs, ws),
+        // SAFETY: the segments point into guest memory owned by this fixture.
+        chain: unsafe { DescriptorChain::from_segments(0, rs, ws) },
         readable: r,
         writable: w,
     }
