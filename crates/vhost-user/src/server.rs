@@ -8,16 +8,26 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 use tracing::{info, warn};
+use uvdpa_virtio::stats::StatsTable;
 use uvdpa_virtio::VirtioDevice;
 
 use crate::connection::Connection;
 use crate::error::Error;
-use crate::session::Session;
+use crate::session::{Session, SessionState};
+
+/// What the server shares with its session thread.
+#[derive(Clone)]
+struct Shared {
+    device: Arc<dyn VirtioDevice>,
+    stats: Arc<StatsTable>,
+    state: Arc<Mutex<SessionState>>,
+    shutdown: Arc<OwnedFd>,
+}
 
 /// How long a new connection waits for a previous session that is ending before it is
 /// refused as a second frontend.
@@ -27,7 +37,7 @@ pub const SESSION_END_GRACE: std::time::Duration = std::time::Duration::from_sec
 pub struct VhostUserServer {
     name: String,
     path: PathBuf,
-    shutdown: Arc<OwnedFd>,
+    shared: Shared,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -61,12 +71,26 @@ fn peer_pid(s: &UnixStream) -> Option<u32> {
 
 /// Runs one session to its end: until the frontend disconnects, breaks the protocol, or
 /// the server shuts down.
-fn run_session(name: &str, stream: UnixStream, device: Arc<dyn VirtioDevice>, shutdown: &OwnedFd) {
+fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
     let pid = peer_pid(&stream);
     info!(device = name, frontend_pid = pid, "frontend connected");
-    let mut session = Session::new(name, Connection::new(stream), device);
+    {
+        let mut st = sh.state.lock().unwrap_or_else(|e| e.into_inner());
+        *st = SessionState {
+            connected: true,
+            frontend_pid: pid,
+            ..SessionState::default()
+        };
+    }
+    let mut session = Session::new(
+        name,
+        Connection::new(stream),
+        sh.device.clone(),
+        sh.stats.clone(),
+        sh.state.clone(),
+    );
     loop {
-        if !wait_readable(session.connection().socket(), shutdown) {
+        if !wait_readable(session.connection().socket(), &sh.shutdown) {
             info!(device = name, "closing session for shutdown");
             break;
         }
@@ -95,19 +119,43 @@ impl VhostUserServer {
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
-        let shutdown = Arc::new(eventfd(0, EventfdFlags::CLOEXEC)?);
-        let sd = shutdown.clone();
+        let shared = Shared {
+            stats: StatsTable::new(name, usize::from(device.num_queues()))?,
+            device,
+            state: Arc::new(Mutex::new(SessionState::default())),
+            shutdown: Arc::new(eventfd(0, EventfdFlags::CLOEXEC)?),
+        };
+        let sh = shared.clone();
         let n = name.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("{name}-listen"))
-            .spawn(move || accept_loop(&n, listener, device, sd))?;
+            .spawn(move || accept_loop(&n, listener, sh))?;
         info!(device = name, socket = %path.display(), "serving vhost-user");
         Ok(Self {
             name: name.to_string(),
             path: path.to_path_buf(),
-            shutdown,
+            shared,
             thread: Some(thread),
         })
+    }
+
+    /// The current session's state (default when no frontend is connected).
+    pub fn session_state(&self) -> SessionState {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The device's per-queue counters (kept across sessions).
+    pub fn stats(&self) -> &Arc<StatsTable> {
+        &self.shared.stats
+    }
+
+    /// The device served.
+    pub fn device(&self) -> &Arc<dyn VirtioDevice> {
+        &self.shared.device
     }
 
     /// The socket path.
@@ -122,7 +170,7 @@ impl VhostUserServer {
     }
 
     fn stop(&mut self) {
-        let _ = rustix::io::write(&*self.shutdown, &1u64.to_ne_bytes());
+        let _ = rustix::io::write(&*self.shared.shutdown, &1u64.to_ne_bytes());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -139,15 +187,10 @@ impl Drop for VhostUserServer {
     }
 }
 
-fn accept_loop(
-    name: &str,
-    listener: UnixListener,
-    device: Arc<dyn VirtioDevice>,
-    shutdown: Arc<OwnedFd>,
-) {
+fn accept_loop(name: &str, listener: UnixListener, sh: Shared) {
     let busy = Arc::new(AtomicBool::new(false));
     let mut session_thread: Option<JoinHandle<()>> = None;
-    while wait_readable(&listener, &shutdown) {
+    while wait_readable(&listener, &sh.shutdown) {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) => {
@@ -174,16 +217,11 @@ fn accept_loop(
             let _ = t.join();
         }
         busy.store(true, Ordering::Release);
-        let (b, d, sd, n) = (
-            busy.clone(),
-            device.clone(),
-            shutdown.clone(),
-            name.to_string(),
-        );
+        let (b, sh2, n) = (busy.clone(), sh.clone(), name.to_string());
         let spawned = std::thread::Builder::new()
             .name(format!("{name}-session"))
             .spawn(move || {
-                run_session(&n, stream, d, &sd);
+                run_session(&n, stream, &sh2);
                 b.store(false, Ordering::Release);
             });
         match spawned {

@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 use uvdpa_virtio::memory::MAX_REGIONS;
-use uvdpa_virtio::worker::{QueueHandler, QueueStats, QueueWorker, WorkerParams};
+use uvdpa_virtio::stats::{QueueStatsRef, StatsTable};
+use uvdpa_virtio::worker::{QueueHandler, QueueWorker, WorkerParams};
 use uvdpa_virtio::{
     DeviceStatus, GuestMemory, MemoryRegion, SplitQueue, StatusMachine, VirtioDevice,
     VirtioFeatures, VringConfig,
@@ -55,7 +56,23 @@ struct Vring {
     enabled: bool,
     worker: Option<QueueWorker>,
     handler: Option<Box<dyn QueueHandler>>,
-    stats: Arc<QueueStats>,
+}
+
+/// What a session exposes to the daemon for `dev show` (updated after every request).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionState {
+    /// A frontend is connected.
+    pub connected: bool,
+    /// The frontend's pid (SO_PEERCRED), if known.
+    pub frontend_pid: Option<u32>,
+    /// Virtio features the frontend acked (SET_FEATURES).
+    pub features: u64,
+    /// vhost-user protocol features negotiated.
+    pub protocol_features: u64,
+    /// Device status byte (virtio 1.2 §2.1).
+    pub status: u8,
+    /// Vrings owned by a running worker.
+    pub running_vrings: u16,
 }
 
 /// A vhost-user session between one frontend and one device.
@@ -69,6 +86,8 @@ pub struct Session {
     needs_reset: Arc<AtomicBool>,
     mem: Option<Arc<GuestMemory>>,
     vrings: Vec<Vring>,
+    stats: Arc<StatsTable>,
+    state: Arc<std::sync::Mutex<SessionState>>,
 }
 
 fn decode<T: ByteValued + Default + VhostUserMsgValidator>(
@@ -110,8 +129,15 @@ fn u64_reply(v: u64) -> Vec<u8> {
 
 impl Session {
     /// A fresh session on an accepted connection. `name` names the device in logs and
-    /// worker threads.
-    pub fn new(name: &str, conn: Connection, device: Arc<dyn VirtioDevice>) -> Self {
+    /// worker threads; `stats` holds one entry per device queue (kept across sessions);
+    /// `state` is refreshed after every request.
+    pub fn new(
+        name: &str,
+        conn: Connection,
+        device: Arc<dyn VirtioDevice>,
+        stats: Arc<StatsTable>,
+        state: Arc<std::sync::Mutex<SessionState>>,
+    ) -> Self {
         // Offer and mandate as the device says; vhost-user frontends proxy the status of
         // their own driver and may write FEATURES_OK/DRIVER_OK alone (QEMU 7.2 does).
         let status = StatusMachine::new(
@@ -130,17 +156,23 @@ impl Session {
             needs_reset: Arc::new(AtomicBool::new(false)),
             mem: None,
             vrings,
+            stats,
+            state,
         }
+    }
+
+    fn publish_state(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.connected = true;
+        st.features = self.acked.bits();
+        st.protocol_features = self.protocol.bits();
+        st.status = self.device_status().bits();
+        st.running_vrings = self.vrings.iter().filter(|v| v.worker.is_some()).count() as u16;
     }
 
     /// The connection (to poll it).
     pub fn connection(&self) -> &Connection {
         &self.conn
-    }
-
-    /// Per-vring counters.
-    pub fn vring_stats(&self, index: usize) -> Option<Arc<QueueStats>> {
-        self.vrings.get(index).map(|v| v.stats.clone())
     }
 
     /// The device status as GET_STATUS reports it.
@@ -164,6 +196,7 @@ impl Session {
             .code()
             .ok_or(Error::UnknownRequest(req.hdr.request))?;
         let result = self.dispatch(code, &req);
+        self.publish_state();
         // Evaluated after the request, so SET_PROTOCOL_FEATURES enabling REPLY_ACK with
         // NEED_REPLY is acked, as the rust-vmm backend does.
         let wants_ack =
@@ -537,10 +570,7 @@ impl Session {
             self.stop_vring(i);
         }
         for v in &mut self.vrings {
-            *v = Vring {
-                stats: v.stats.clone(),
-                ..Vring::default()
-            };
+            *v = Vring::default();
         }
         self.status.reset();
         self.needs_reset.store(false, Ordering::Release);
@@ -800,7 +830,10 @@ impl Session {
             call: v.call.clone(),
             err: v.err.clone(),
             handler,
-            stats: v.stats.clone(),
+            stats: QueueStatsRef::new(self.stats.clone(), i).ok_or(Error::Worker {
+                index,
+                reason: "no stats entry for this queue".into(),
+            })?,
             on_error: Arc::new(move |e| {
                 warn!(device = %name, vring = index, "Virtqueue failed, device needs reset: {e}");
                 needs_reset.store(true, Ordering::Release);
@@ -824,6 +857,8 @@ impl Session {
         if let Err(e) = self.device.flush() {
             warn!(device = %self.name, "Flush at disconnect failed: {}", e.0);
         }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *st = SessionState::default();
     }
 }
 

@@ -12,6 +12,7 @@ pub mod device;
 pub mod features;
 pub mod memory;
 pub mod split;
+pub mod stats;
 pub mod status;
 pub mod worker;
 

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -19,6 +19,7 @@ use thiserror::Error;
 
 use crate::chain::DescriptorChain;
 use crate::split::{QueueError, SplitQueue};
+use crate::stats::QueueStatsRef;
 
 /// A device's request processor for one queue.
 pub trait QueueHandler: Send {
@@ -60,25 +61,6 @@ pub enum WorkerError {
     Wait(rustix::io::Errno),
 }
 
-/// Per-queue counters, updated by the worker with relaxed atomics and read by tools.
-#[derive(Debug, Default)]
-pub struct QueueStats {
-    /// Chains completed.
-    pub requests: AtomicU64,
-    /// Kick eventfd wake-ups.
-    pub kicks: AtomicU64,
-    /// Call eventfd signals sent.
-    pub calls: AtomicU64,
-    /// Signals suppressed by EVENT_IDX or NO_INTERRUPT.
-    pub calls_suppressed: AtomicU64,
-    /// Bytes written into device-writable buffers (used lengths).
-    pub bytes_written: AtomicU64,
-    /// Bytes offered by the driver in device-readable buffers.
-    pub bytes_read: AtomicU64,
-    /// Queue or device errors that stopped the queue.
-    pub errors: AtomicU64,
-}
-
 /// Everything a worker needs to run one queue.
 pub struct WorkerParams {
     /// Thread name (shown by `ps`/`top`), e.g. `blk0-q0`.
@@ -94,7 +76,7 @@ pub struct WorkerParams {
     /// The device's request processor for this queue.
     pub handler: Box<dyn QueueHandler>,
     /// Counters.
-    pub stats: Arc<QueueStats>,
+    pub stats: QueueStatsRef,
     /// Called once, from the worker thread, when the queue fails.
     pub on_error: Arc<dyn Fn(&WorkerError) + Send + Sync>,
 }
