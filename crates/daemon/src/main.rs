@@ -3,20 +3,19 @@
 //! `uvdpa daemon` with no arguments serves the embedded default device (`blk0`, a 256 MiB
 //! RAM disk) at `<run-dir>/blk0.sock` and prints the QEMU command line that attaches it.
 
+mod cli;
 mod config;
+mod registry;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
-use tracing::{error, info};
-use uvdpa_devices::blk::BlkDevice;
-use uvdpa_vhost_user::VhostUserServer;
-use uvdpa_virtio::VirtioDevice;
+use tracing::info;
 
-use crate::config::{default_devices, load_config, DeviceSpec};
+use crate::config::{default_devices, load_config};
+use crate::registry::{Prepared, Registry};
 
 /// uvdpa: vDPA devices in userspace.
 #[derive(Debug, Parser)]
@@ -49,33 +48,16 @@ fn default_run_dir() -> PathBuf {
     }
 }
 
-/// The QEMU options that attach a vhost-user-blk device served at `sock`.
-fn qemu_command_line(spec: &DeviceSpec, sock: &Path) -> String {
-    format!(
-        "qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on \
-         -numa node,memdev=mem -chardev socket,id={name},path={sock} \
-         -device vhost-user-blk-pci,chardev={name},num-queues={q} ...",
-        name = spec.name,
-        sock = sock.display(),
-        q = spec.blk.num_queues
-    )
-}
-
 fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), String> {
     let specs = match &config {
         Some(path) => load_config(path).map_err(|e| e.to_string())?,
         None => default_devices(),
     };
-    if specs.is_empty() {
-        return Err("The configuration declares no devices".into());
-    }
-    // Create every device before serving any, so a bad backend fails the start cleanly.
-    let mut devices: Vec<(DeviceSpec, Arc<dyn VirtioDevice>)> = Vec::new();
-    for spec in specs {
-        let dev =
-            BlkDevice::new(spec.blk.clone()).map_err(|e| format!("device {}: {e}", spec.name))?;
-        devices.push((spec, Arc::new(dev)));
-    }
+    // Set up every backend before serving any device, so a bad one fails the start cleanly.
+    let prepared = specs
+        .into_iter()
+        .map(|s| Prepared::new(s).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
     let run_dir = run_dir.unwrap_or_else(default_run_dir);
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| format!("Cannot create run directory {}: {e}", run_dir.display()))?;
@@ -84,32 +66,25 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("Cannot install signal handlers: {e}"))?;
 
-    let mut servers = Vec::new();
-    for (spec, dev) in &devices {
-        let sock = run_dir.join(format!("{}.sock", spec.name));
-        let server = VhostUserServer::start(&spec.name, &sock, dev.clone()).map_err(|e| {
-            format!(
-                "device {}: cannot serve on {}: {e}",
-                spec.name,
-                sock.display()
-            )
-        })?;
-        println!("{}: vhost-user-blk at {}", spec.name, sock.display());
-        println!("  attach with: {}", qemu_command_line(spec, &sock));
-        servers.push(server);
+    let registry = Registry::new(&run_dir);
+    for p in prepared {
+        let name = p.name().to_string();
+        match registry.install(p) {
+            Ok(v) => {
+                println!("{}: vhost-user-blk at {}", v.name, v.socket);
+                println!("  attach with: {}", v.qemu);
+            }
+            Err(e) => {
+                registry.del_all();
+                return Err(format!("device {name}: {e}"));
+            }
+        }
     }
-    info!(devices = servers.len(), run_dir = %run_dir.display(), "uvdpa daemon ready");
+    info!(run_dir = %run_dir.display(), "uvdpa daemon ready");
 
     let sig = signals.forever().next();
     info!(signal = ?sig, "shutting down");
-    for s in servers {
-        s.shutdown();
-    }
-    for (spec, dev) in &devices {
-        if let Err(e) = dev.flush() {
-            error!(device = %spec.name, "Final flush failed: {}", e.0);
-        }
-    }
+    registry.del_all();
     Ok(())
 }
 
