@@ -174,15 +174,23 @@ mod tests {
         assert_eq!(p("dev", "show"), Ok(Cmd::DevShow(None)));
         assert_eq!(p("dev", "show blk0"), Ok(Cmd::DevShow(Some("blk0".into()))));
         assert_eq!(p("dev", "del blk0"), Ok(Cmd::DevDel("blk0".into())));
-        assert_eq!(p("dev", "config show blk0"), Ok(Cmd::DevConfigShow("blk0".into())));
+        assert_eq!(
+            p("dev", "config show blk0"),
+            Ok(Cmd::DevConfigShow("blk0".into()))
+        );
         assert_eq!(
             p("dev", "vstats show blk0 qidx 1 -w"),
-            Ok(Cmd::DevVstatsShow { name: "blk0".into(), qidx: 1, watch: true })
+            Ok(Cmd::DevVstatsShow {
+                name: "blk0".into(),
+                qidx: 1,
+                watch: true
+            })
         );
         assert_eq!(p("res", "show vq"), Ok(Cmd::ResShow(Some("vq".into()))));
-        let Ok(Cmd::DevAdd(a)) =
-            p("dev", "add name d1 mgmtdev blk backend ram size 64M ro queues 2 queue_size 128 serial S")
-        else {
+        let Ok(Cmd::DevAdd(a)) = p(
+            "dev",
+            "add name d1 mgmtdev blk backend ram size 64M ro queues 2 queue_size 128 serial S",
+        ) else {
             panic!("dev add did not parse")
         };
         assert_eq!(a.name.as_deref(), Some("d1"));

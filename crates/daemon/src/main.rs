@@ -66,7 +66,7 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("Cannot install signal handlers: {e}"))?;
 
-    let registry = Registry::new(&run_dir);
+    let registry = Registry::new(&run_dir, uvdpa_restrack::Tracker::new());
     for p in prepared {
         let name = p.name().to_string();
         match registry.install(p) {

@@ -6,12 +6,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
 use uvdpa_devices::blk::{BackendSpec, BlkDevice, BlkFeatures};
-use uvdpa_vhost_user::VhostUserServer;
+use uvdpa_restrack::{Owner, ResHandle, ResType, Tracker};
+use uvdpa_vhost_user::{ResCtx, VhostUserServer};
 use uvdpa_virtio::{DeviceStatus, VirtioDevice, VirtioFeatures};
 
 use crate::config::DeviceSpec;
@@ -33,6 +35,14 @@ pub enum RegistryError {
         /// Why.
         reason: String,
     },
+    /// The device was removed, but something still held it when the wait ran out.
+    #[error("Device {name} removed, but {reason}")]
+    StillHeld {
+        /// Device name.
+        name: String,
+        /// Who holds it (from the resource tracker).
+        reason: String,
+    },
     /// A queue index out of range.
     #[error("Device {name} has no queue {qidx} (it has {queues})")]
     NoQueue {
@@ -49,9 +59,12 @@ impl RegistryError {
     /// The errno-like code for an IPC error reply.
     pub fn code(&self) -> i32 {
         match self {
-            RegistryError::NotFound(_) | RegistryError::NoQueue { .. } => -(rustix::io::Errno::NODEV.raw_os_error()),
+            RegistryError::NotFound(_) | RegistryError::NoQueue { .. } => {
+                -(rustix::io::Errno::NODEV.raw_os_error())
+            }
             RegistryError::Exists(_) => -(rustix::io::Errno::EXIST.raw_os_error()),
             RegistryError::Create { .. } => -(rustix::io::Errno::INVAL.raw_os_error()),
+            RegistryError::StillHeld { .. } => -(rustix::io::Errno::BUSY.raw_os_error()),
         }
     }
 }
@@ -93,7 +106,11 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
         transports: vec!["vhost-user".into()],
         attributes: vec![
             a("backend", "ram|file|null", "ram"),
-            a("size", "512..=2^47 bytes, multiple of 512; K/M/G/T suffixes (ram, null)", "-"),
+            a(
+                "size",
+                "512..=2^47 bytes, multiple of 512; K/M/G/T suffixes (ram, null)",
+                "-",
+            ),
             a("path", "file path (file)", "-"),
             a("direct", "flag: O_DIRECT (file)", "off"),
             a("ro", "flag: read-only", "off"),
@@ -221,12 +238,17 @@ struct Managed {
     spec: DeviceSpec,
     blk: Arc<BlkDevice>,
     server: VhostUserServer,
+    entry: ResHandle,
 }
+
+/// How long `dev del` waits for the last reference to a device (restrack, seed 003).
+pub const DEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The daemon's devices.
 pub struct Registry {
     run_dir: PathBuf,
     devices: Mutex<BTreeMap<String, Managed>>,
+    tracker: Tracker,
 }
 
 fn feature_names(bits: u64) -> Vec<String> {
@@ -238,7 +260,10 @@ fn feature_names(bits: u64) -> Vec<String> {
         }
         let name = VirtioFeatures::from_bits(bit)
             .and_then(|f| f.iter_names().next().map(|(n, _)| n.to_string()))
-            .or_else(|| BlkFeatures::from_bits(bit).and_then(|f| f.iter_names().next().map(|(n, _)| n.to_string())))
+            .or_else(|| {
+                BlkFeatures::from_bits(bit)
+                    .and_then(|f| f.iter_names().next().map(|(n, _)| n.to_string()))
+            })
             .unwrap_or_else(|| format!("bit{i}"));
         names.push(name);
     }
@@ -257,11 +282,17 @@ pub fn qemu_command_line(name: &str, queues: u16, sock: &Path) -> String {
 
 impl Registry {
     /// An empty registry whose sockets go in `run_dir`.
-    pub fn new(run_dir: &Path) -> Self {
+    pub fn new(run_dir: &Path, tracker: Tracker) -> Self {
         Self {
             run_dir: run_dir.to_path_buf(),
             devices: Mutex::new(BTreeMap::new()),
+            tracker,
         }
+    }
+
+    /// The resource tracker devices and their sessions are recorded in.
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Managed>> {
@@ -289,14 +320,26 @@ impl Registry {
             return Err(RegistryError::Exists(spec.name));
         }
         let sock = self.run_dir.join(format!("{}.sock", spec.name));
-        let server = VhostUserServer::start(&spec.name, &sock, blk.clone()).map_err(|e| {
-            RegistryError::Create {
+        let entry = self
+            .tracker
+            .create(ResType::Device, spec.name.clone(), None, Owner::current());
+        entry.add();
+        let res = ResCtx {
+            tracker: self.tracker.clone(),
+            device: entry.id(),
+        };
+        let server = VhostUserServer::start_tracked(&spec.name, &sock, blk.clone(), Some(res))
+            .map_err(|e| RegistryError::Create {
                 name: spec.name.clone(),
                 reason: format!("cannot serve on {}: {e}", sock.display()),
-            }
-        })?;
+            })?;
         info!(device = %spec.name, socket = %sock.display(), "device added");
-        let m = Managed { spec, blk, server };
+        let m = Managed {
+            spec,
+            blk,
+            server,
+            entry,
+        };
         let view = Self::view(&m);
         devs.insert(m.spec.name.clone(), m);
         Ok(view)
@@ -312,12 +355,21 @@ impl Registry {
             .lock()
             .remove(name)
             .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        // Disconnect the frontend: its workers finish their in-flight requests, hand their
+        // rings back and drop their references to the device.
         m.server.shutdown();
         if let Err(e) = m.blk.flush() {
             warn!(device = name, "Flush on delete failed: {}", e.0);
         }
+        let res = m.entry.del(DEL_TIMEOUT);
         info!(device = name, "device deleted");
-        Ok(())
+        res.map_err(|e| {
+            warn!(device = name, "{e}");
+            RegistryError::StillHeld {
+                name: name.into(),
+                reason: e.to_string(),
+            }
+        })
     }
 
     /// Removes every device (daemon shutdown).
@@ -383,7 +435,9 @@ impl Registry {
     /// [`RegistryError::NotFound`].
     pub fn config(&self, name: &str) -> Result<BlkConfigView, RegistryError> {
         let devs = self.lock();
-        let m = devs.get(name).ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        let m = devs
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(name.into()))?;
         let c = m.blk.config_space();
         Ok(BlkConfigView {
             name: name.into(),
@@ -412,7 +466,9 @@ impl Registry {
         qidx: u32,
     ) -> Result<(VstatsView, Option<std::os::fd::OwnedFd>, usize), RegistryError> {
         let devs = self.lock();
-        let m = devs.get(name).ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        let m = devs
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(name.into()))?;
         let table = m.server.stats();
         let q = table.queue(qidx as usize).ok_or(RegistryError::NoQueue {
             name: name.into(),

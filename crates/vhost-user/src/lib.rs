@@ -15,4 +15,4 @@ pub mod session;
 
 pub use error::Error;
 pub use server::VhostUserServer;
-pub use session::Session;
+pub use session::{ResCtx, Session, SessionState};

@@ -18,7 +18,7 @@ use uvdpa_virtio::VirtioDevice;
 
 use crate::connection::Connection;
 use crate::error::Error;
-use crate::session::{Session, SessionState};
+use crate::session::{ResCtx, Session, SessionState};
 
 /// What the server shares with its session thread.
 #[derive(Clone)]
@@ -27,6 +27,7 @@ struct Shared {
     stats: Arc<StatsTable>,
     state: Arc<Mutex<SessionState>>,
     shutdown: Arc<OwnedFd>,
+    res: Option<ResCtx>,
 }
 
 /// How long a new connection waits for a previous session that is ending before it is
@@ -88,6 +89,8 @@ fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
         sh.device.clone(),
         sh.stats.clone(),
         sh.state.clone(),
+        sh.res.clone(),
+        pid,
     );
     loop {
         if !wait_readable(session.connection().socket(), &sh.shutdown) {
@@ -115,6 +118,21 @@ impl VhostUserServer {
     /// # Errors
     /// Binding the socket or starting the thread failed.
     pub fn start(name: &str, path: &Path, device: Arc<dyn VirtioDevice>) -> io::Result<Self> {
+        Self::start_tracked(name, path, device, None)
+    }
+
+    /// As [`VhostUserServer::start`], recording sessions, memory regions, virtqueues,
+    /// workers and call vectors in `res` under the device's entry; running workers hold a
+    /// reference to the device entry.
+    ///
+    /// # Errors
+    /// Binding the socket or starting the thread failed.
+    pub fn start_tracked(
+        name: &str,
+        path: &Path,
+        device: Arc<dyn VirtioDevice>,
+        res: Option<ResCtx>,
+    ) -> io::Result<Self> {
         if path.exists() {
             std::fs::remove_file(path)?;
         }
@@ -124,6 +142,7 @@ impl VhostUserServer {
             device,
             state: Arc::new(Mutex::new(SessionState::default())),
             shutdown: Arc::new(eventfd(0, EventfdFlags::CLOEXEC)?),
+            res,
         };
         let sh = shared.clone();
         let n = name.to_string();

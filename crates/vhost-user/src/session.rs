@@ -30,6 +30,8 @@ use vhost::vhost_user::message::{
 };
 use vm_memory::ByteValued;
 
+use uvdpa_restrack::{Owner, ResHandle, ResId, ResRef, ResType, Tracker};
+
 use crate::connection::{Connection, Request};
 use crate::error::Error;
 
@@ -56,6 +58,20 @@ struct Vring {
     enabled: bool,
     worker: Option<QueueWorker>,
     handler: Option<Box<dyn QueueHandler>>,
+    /// Resource entries of the running vring (virtqueue, worker, call vector) and the
+    /// device reference its worker holds; released when the worker hands the ring back.
+    tracked: Vec<ResHandle>,
+    device_ref: Option<ResRef>,
+}
+
+/// Where a session records its resources (restrack, seed 003): the tracker and the
+/// device entry its entries hang under.
+#[derive(Clone)]
+pub struct ResCtx {
+    /// The daemon's tracker.
+    pub tracker: Tracker,
+    /// The device's entry.
+    pub device: ResId,
 }
 
 /// What a session exposes to the daemon for `dev show` (updated after every request).
@@ -88,6 +104,10 @@ pub struct Session {
     vrings: Vec<Vring>,
     stats: Arc<StatsTable>,
     state: Arc<std::sync::Mutex<SessionState>>,
+    res: Option<ResCtx>,
+    frontend: Owner,
+    session_entry: Option<ResHandle>,
+    mem_entries: Vec<ResHandle>,
 }
 
 fn decode<T: ByteValued + Default + VhostUserMsgValidator>(
@@ -137,6 +157,8 @@ impl Session {
         device: Arc<dyn VirtioDevice>,
         stats: Arc<StatsTable>,
         state: Arc<std::sync::Mutex<SessionState>>,
+        res: Option<ResCtx>,
+        frontend_pid: Option<u32>,
     ) -> Self {
         // Offer and mandate as the device says; vhost-user frontends proxy the status of
         // their own driver and may write FEATURES_OK/DRIVER_OK alone (QEMU 7.2 does).
@@ -158,6 +180,52 @@ impl Session {
             vrings,
             stats,
             state,
+            frontend: frontend_pid.map_or_else(Owner::current, Owner::of_pid),
+            session_entry: None,
+            mem_entries: Vec::new(),
+            res,
+        }
+        .with_session_entry()
+    }
+
+    fn with_session_entry(mut self) -> Self {
+        let name = match self.frontend.pid {
+            0 => format!("{}-frontend", self.name),
+            pid => format!("{}-frontend-{pid}", self.name),
+        };
+        self.session_entry = self.track(ResType::Session, name, None, self.frontend.clone());
+        self
+    }
+
+    /// Records an entry under `parent` (default: the device) if tracking is on.
+    fn track(
+        &self,
+        ty: ResType,
+        name: String,
+        parent: Option<ResId>,
+        owner: Owner,
+    ) -> Option<ResHandle> {
+        let ctx = self.res.as_ref()?;
+        let h = ctx
+            .tracker
+            .create(ty, name, parent.or(Some(ctx.device)), owner);
+        h.add();
+        Some(h)
+    }
+
+    fn session_id(&self) -> Option<ResId> {
+        self.session_entry.as_ref().map(ResHandle::id)
+    }
+
+    fn track_memory(&mut self) {
+        self.mem_entries.clear();
+        let Some(mem) = self.mem.clone() else { return };
+        let parent = self.session_id();
+        for r in mem.regions() {
+            let name = format!("{}-gpa-{:#x}+{:#x}", self.name, r.gpa(), r.size());
+            if let Some(h) = self.track(ResType::MemRegion, name, parent, self.frontend.clone()) {
+                self.mem_entries.push(h);
+            }
         }
     }
 
@@ -685,6 +753,7 @@ impl Session {
         let result = build(old).map(|m| {
             self.mem = Some(Arc::new(m));
         });
+        self.track_memory();
         for i in 0..self.vrings.len() {
             self.update_vring(i)?;
         }
@@ -770,7 +839,10 @@ impl Session {
         let Some(worker) = v.worker.take() else {
             return;
         };
-        match worker.stop() {
+        let stopped = worker.stop();
+        v.tracked.clear();
+        v.device_ref = None;
+        match stopped {
             Ok(exit) => {
                 v.base = exit.queue.next_avail();
                 v.handler = Some(exit.handler);
@@ -845,6 +917,38 @@ impl Session {
         })?;
         v.worker = Some(worker);
         debug!(device = %self.name, vring = i, size = v.size, base = v.base, "vring started");
+        let qname = format!("{}-q{}", self.name, i);
+        let parent = self.session_id();
+        let me = Owner::current();
+        let has_call = self.vrings.get(i).is_some_and(|v| v.call.is_some());
+        let mut tracked: Vec<ResHandle> = Vec::new();
+        if let Some(vq) = self.track(
+            ResType::Virtqueue,
+            qname.clone(),
+            parent,
+            self.frontend.clone(),
+        ) {
+            let vq_id = vq.id();
+            tracked.extend(self.track(ResType::Worker, qname.clone(), Some(vq_id), me.clone()));
+            if has_call {
+                tracked.extend(self.track(
+                    ResType::Vector,
+                    format!("{qname}-call"),
+                    Some(vq_id),
+                    me,
+                ));
+            }
+            tracked.insert(0, vq);
+        }
+        let device_ref = self
+            .res
+            .as_ref()
+            .and_then(|c| c.tracker.lookup(c.device.ty, c.device.id))
+            .map(|r| r.get(&format!("worker {qname}")));
+        if let Some(v) = self.vrings.get_mut(i) {
+            v.tracked = tracked;
+            v.device_ref = device_ref;
+        }
         Ok(())
     }
 
@@ -857,6 +961,9 @@ impl Session {
         if let Err(e) = self.device.flush() {
             warn!(device = %self.name, "Flush at disconnect failed: {}", e.0);
         }
+        self.mem = None;
+        self.mem_entries.clear();
+        self.session_entry = None;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         *st = SessionState::default();
     }
