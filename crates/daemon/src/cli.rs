@@ -22,8 +22,9 @@ pub enum Cmd {
         name: String,
         /// Queue index.
         qidx: u32,
-        /// Print live rates every second.
-        watch: bool,
+        /// Print live rates every second (`-w`), for `count` samples (`count N`) or until
+        /// interrupted.
+        watch: Option<Option<u64>>,
     },
     /// `res show [TYPE]`
     ResShow(Option<String>),
@@ -137,8 +138,9 @@ pub fn parse(object: &str, args: &[String]) -> Result<Cmd, String> {
         ("dev", ["config", ..]) => Err("usage: dev config show NAME".into()),
         ("dev", ["vstats", "show", name, "qidx", q, rest @ ..]) => {
             let watch = match rest {
-                [] => false,
-                ["-w"] => true,
+                [] => None,
+                ["-w"] => Some(None),
+                ["-w", "count", n] => Some(Some(number("count", n)?)),
                 _ => return Err(format!("Unexpected arguments after qidx: {rest:?}")),
             };
             Ok(Cmd::DevVstatsShow {
@@ -147,7 +149,7 @@ pub fn parse(object: &str, args: &[String]) -> Result<Cmd, String> {
                 watch,
             })
         }
-        ("dev", ["vstats", ..]) => Err("usage: dev vstats show NAME qidx N [-w]".into()),
+        ("dev", ["vstats", ..]) => Err("usage: dev vstats show NAME qidx N [-w [count N]]".into()),
         ("res", ["show"] | []) => Ok(Cmd::ResShow(None)),
         ("res", ["show", ty]) => Ok(Cmd::ResShow(Some(ty.to_string()))),
         ("mgmtdev" | "dev" | "res", [cmd, ..]) => {
@@ -184,6 +186,14 @@ mod tests {
                 name: "blk0".into(),
                 qidx: 1,
                 watch: true
+            })
+        );
+        assert_eq!(
+            p("dev", "vstats show blk0 qidx 0 -w count 3"),
+            Ok(Cmd::DevVstatsShow {
+                name: "blk0".into(),
+                qidx: 0,
+                watch: Some(Some(3))
             })
         );
         assert_eq!(p("res", "show vq"), Ok(Cmd::ResShow(Some("vq".into()))));

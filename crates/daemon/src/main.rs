@@ -1,14 +1,20 @@
-//! `uvdpa`: the daemon that serves software virtio devices over vhost-user.
+//! `uvdpa`: the daemon that serves software virtio devices over vhost-user, and the CLI
+//! that manages it (iproute2 `vdpa` grammar, plus `res` from `rdma`).
 //!
 //! `uvdpa daemon` with no arguments serves the embedded default device (`blk0`, a 256 MiB
 //! RAM disk) at `<run-dir>/blk0.sock` and prints the QEMU command line that attaches it.
+//! `uvdpa [-j] [-p] [--ctl PATH] OBJECT COMMAND ...` talks to a running daemon over its
+//! control socket `<run-dir>/uvdpa.ctl`.
 
 mod cli;
+mod client;
 mod config;
+mod ctl;
 mod registry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -21,6 +27,15 @@ use crate::registry::{Prepared, Registry};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Print JSON.
+    #[arg(short = 'j', long = "json", global = true)]
+    json: bool,
+    /// Pretty-print JSON.
+    #[arg(short = 'p', long = "pretty", global = true)]
+    pretty: bool,
+    /// The daemon's control socket [default: <run-dir>/uvdpa.ctl].
+    #[arg(long, global = true)]
+    ctl: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +50,24 @@ enum Command {
         /// TOML file listing the devices; without it the embedded default is served.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Device types: `mgmtdev show`.
+    Mgmtdev {
+        /// Command and arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Devices: `dev add|del|show|config show|vstats show ...`.
+    Dev {
+        /// Command and arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Tracked resources: `res show [TYPE]`.
+    Res {
+        /// Command and arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -66,7 +99,13 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("Cannot install signal handlers: {e}"))?;
 
-    let registry = Registry::new(&run_dir, uvdpa_restrack::Tracker::new());
+    let registry = Arc::new(Registry::new(&run_dir, uvdpa_restrack::Tracker::new()));
+    let primary = ctl::serve(&run_dir, registry.clone()).map_err(|e| {
+        format!(
+            "Cannot open the control socket in {}: {e}",
+            run_dir.display()
+        )
+    })?;
     for p in prepared {
         let name = p.name().to_string();
         match registry.install(p) {
@@ -75,30 +114,38 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
                 println!("  attach with: {}", v.qemu);
             }
             Err(e) => {
+                primary.shutdown();
                 registry.del_all();
                 return Err(format!("device {name}: {e}"));
             }
         }
     }
+    println!("control socket: {}", primary.path().display());
     info!(run_dir = %run_dir.display(), "uvdpa daemon ready");
 
     let sig = signals.forever().next();
     info!(signal = ?sig, "shutting down");
+    primary.shutdown();
     registry.del_all();
     Ok(())
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("UVDPA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Daemon { run_dir, config } => run_daemon(run_dir, config),
+        Command::Daemon { run_dir, config } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("UVDPA_LOG")
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            run_daemon(run_dir, config)
+        }
+        Command::Mgmtdev { args } => manage(&cli.ctl, "mgmtdev", &args, cli.json, cli.pretty),
+        Command::Dev { args } => manage(&cli.ctl, "dev", &args, cli.json, cli.pretty),
+        Command::Res { args } => manage(&cli.ctl, "res", &args, cli.json, cli.pretty),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -107,4 +154,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn manage(
+    ctl: &Option<PathBuf>,
+    object: &str,
+    args: &[String],
+    json: bool,
+    pretty: bool,
+) -> Result<(), String> {
+    let cmd = cli::parse(object, args)?;
+    let ctl = ctl
+        .clone()
+        .unwrap_or_else(|| default_run_dir().join(ctl::CTL_NAME));
+    client::run(
+        &ctl,
+        &cmd,
+        client::Output {
+            json: json || pretty,
+            pretty,
+        },
+    )
 }

@@ -1,0 +1,167 @@
+//! The daemon's control socket (the primary, seed 000): named actions over `uvdpa-ipc`,
+//! each validating its payload and answering every request, errors included.
+//!
+//! | action | request payload | reply payload (fds) |
+//! |---|---|---|
+//! | `mgmtdev.show` | — | `{"mgmtdev": [MgmtdevView]}` |
+//! | `dev.add` | `DeviceEntryArgs` | `{"dev": DeviceView}` |
+//! | `dev.del` | `{"name"}` | `{}` |
+//! | `dev.show` | `{"name": null or NAME}` | `{"dev": [DeviceView]}` |
+//! | `dev.config.show` | `{"name"}` | `{"config": BlkConfigView}` |
+//! | `dev.vstats.show` | `{"name", "qidx"}` | `{"vstats": VstatsView, "queues": N}` (+ the stats memfd) |
+//! | `res.show` | `{"type": null or TYPE}` | `{"counts": {TYPE: N}, "entries": [EntryInfo]}` |
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uvdpa_ipc::{code, IpcError, Primary, Reply, Request};
+use uvdpa_restrack::{Owner, ResHandle, ResType};
+
+use crate::cli::DeviceEntryArgs;
+use crate::registry::{mgmtdevs, Registry, RegistryError};
+
+/// The control socket's file name inside the run directory.
+pub const CTL_NAME: &str = "uvdpa.ctl";
+
+fn bad_payload(e: serde_json::Error) -> IpcError {
+    IpcError::rejected(code::EINVAL, format!("Invalid payload: {e}"))
+}
+
+fn from_registry(e: RegistryError) -> IpcError {
+    IpcError::rejected(e.code(), e.to_string())
+}
+
+fn payload<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, IpcError> {
+    serde_json::from_value(req.payload.clone()).map_err(bad_payload)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, IpcError> {
+    serde_json::to_value(v).map_err(|e| IpcError::rejected(code::EIO, e.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameArg {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptNameArg {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VstatsArg {
+    name: String,
+    qidx: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResArg {
+    #[serde(default, rename = "type")]
+    ty: Option<String>,
+}
+
+/// Binds the control socket and registers every action.
+///
+/// # Errors
+/// Binding failed (another daemon owns the run directory, permissions).
+pub fn serve(run_dir: &Path, registry: Arc<Registry>) -> Result<Primary, IpcError> {
+    let primary = Primary::bind(run_dir.join(CTL_NAME))?;
+
+    // Every IPC client is a tracked resource while it is connected.
+    let clients: Arc<Mutex<HashMap<u64, ResHandle>>> = Arc::default();
+    let (tracker, c) = (registry.tracker().clone(), clients.clone());
+    primary.on_connect(move |peer| {
+        let owner = Owner::of_pid(u32::try_from(peer.pid).unwrap_or(0));
+        let h = tracker.create(
+            ResType::IpcClient,
+            format!("client-{}", peer.client_id),
+            None,
+            owner,
+        );
+        h.add();
+        c.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer.client_id, h);
+    });
+    primary.on_disconnect(move |peer| {
+        clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer.client_id);
+    });
+
+    primary.register("mgmtdev.show", |_, _| {
+        Ok(Reply::new(json!({ "mgmtdev": mgmtdevs() })))
+    })?;
+
+    let r = registry.clone();
+    primary.register("dev.add", move |req, _| {
+        let args: DeviceEntryArgs = payload(req)?;
+        let spec = args
+            .to_entry()
+            .validate(0)
+            .map_err(|e| IpcError::rejected(code::EINVAL, e.to_string()))?;
+        let view = r.add(spec).map_err(from_registry)?;
+        Ok(Reply::new(json!({ "dev": to_json(&view)? })))
+    })?;
+
+    let r = registry.clone();
+    primary.register("dev.del", move |req, _| {
+        let a: NameArg = payload(req)?;
+        r.del(&a.name).map_err(from_registry)?;
+        Ok(Reply::new(json!({})))
+    })?;
+
+    let r = registry.clone();
+    primary.register("dev.show", move |req, _| {
+        let a: OptNameArg = payload(req)?;
+        let views = r.show(a.name.as_deref()).map_err(from_registry)?;
+        Ok(Reply::new(json!({ "dev": to_json(&views)? })))
+    })?;
+
+    let r = registry.clone();
+    primary.register("dev.config.show", move |req, _| {
+        let a: NameArg = payload(req)?;
+        let c = r.config(&a.name).map_err(from_registry)?;
+        Ok(Reply::new(json!({ "config": to_json(&c)? })))
+    })?;
+
+    let r = registry.clone();
+    primary.register("dev.vstats.show", move |req, _| {
+        let a: VstatsArg = payload(req)?;
+        let (view, fd, queues) = r.vstats(&a.name, a.qidx).map_err(from_registry)?;
+        let body = json!({ "vstats": to_json(&view)?, "queues": queues });
+        Ok(Reply::with_fds(body, fd.into_iter().collect()))
+    })?;
+
+    let tracker = registry.tracker().clone();
+    primary.register("res.show", move |req, _| {
+        let a: ResArg = payload(req)?;
+        let filter = match a.ty.as_deref() {
+            None => None,
+            Some(t) => Some(
+                t.parse::<ResType>()
+                    .map_err(|e| IpcError::rejected(code::EINVAL, e.to_string()))?,
+            ),
+        };
+        let counts: serde_json::Map<String, Value> = tracker
+            .counts()
+            .into_iter()
+            .map(|(t, n)| (t.to_string(), json!(n)))
+            .collect();
+        Ok(Reply::new(json!({
+            "counts": counts,
+            "entries": to_json(&tracker.snapshot(filter))?,
+        })))
+    })?;
+    Ok(primary)
+}
