@@ -55,6 +55,8 @@ pub struct DeviceEntryArgs {
     pub serial: Option<String>,
     /// Logical block size.
     pub logical_block_size: Option<u32>,
+    /// Busy-poll window in µs.
+    pub poll_us: Option<u32>,
 }
 
 impl DeviceEntryArgs {
@@ -72,6 +74,7 @@ impl DeviceEntryArgs {
             read_only: Some(self.ro),
             serial: self.serial.clone(),
             logical_block_size: self.logical_block_size,
+            poll_us: self.poll_us,
         }
     }
 }
@@ -103,6 +106,7 @@ fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
                 a.logical_block_size =
                     Some(number("logical_block_size", &value("logical_block_size")?)?)
             }
+            "poll_us" => a.poll_us = Some(number("poll_us", &value("poll_us")?)?),
             "ro" => a.ro = true,
             "direct" => a.direct = true,
             other => {
@@ -185,7 +189,7 @@ mod tests {
             Ok(Cmd::DevVstatsShow {
                 name: "blk0".into(),
                 qidx: 1,
-                watch: true
+                watch: Some(None)
             })
         );
         assert_eq!(

@@ -14,6 +14,7 @@
 //! read_only = false
 //! serial = "uvdpa-blk0"    # at most 20 bytes
 //! logical_block_size = 512 # 512, 1024, 2048 or 4096
+//! poll_us = 0              # busy-poll window after the ring empties, µs (0 = off)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -89,6 +90,8 @@ pub struct DeviceEntry {
     pub serial: Option<String>,
     /// Logical block size in bytes.
     pub logical_block_size: Option<u32>,
+    /// Busy-poll window of each queue worker after its ring runs empty, in µs (0 = off).
+    pub poll_us: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,6 +108,8 @@ pub struct DeviceSpec {
     pub name: String,
     /// virtio-blk configuration.
     pub blk: BlkConfig,
+    /// Busy-poll window per queue worker, in µs (0 = off).
+    pub poll_us: u32,
 }
 
 /// Parses "256M"-style sizes: digits with an optional K, M, G or T (powers of 1024).
@@ -210,6 +215,13 @@ impl DeviceEntry {
                 format!("{lbs}: 512, 1024, 2048 or 4096"),
             ));
         }
+        let poll_us = self.poll_us.unwrap_or(0);
+        if poll_us > 1_000_000 {
+            return Err(err(
+                "poll_us",
+                format!("{poll_us}: 0..=1000000 microseconds"),
+            ));
+        }
         let serial = self
             .serial
             .clone()
@@ -218,6 +230,7 @@ impl DeviceEntry {
             return Err(err("serial", format!("{serial:?}: at most 20 bytes")));
         }
         Ok(DeviceSpec {
+            poll_us,
             name: name.clone(),
             blk: BlkConfig {
                 backend,

@@ -118,6 +118,11 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
             a("queue_size", "power of two 1..=32768", "256"),
             a("serial", "at most 20 bytes", "uvdpa-NAME"),
             a("logical_block_size", "512|1024|2048|4096", "512"),
+            a(
+                "poll_us",
+                "0..=1000000 (busy-poll window after the ring empties, µs)",
+                "0",
+            ),
         ],
     }]
 }
@@ -328,11 +333,17 @@ impl Registry {
             tracker: self.tracker.clone(),
             device: entry.id(),
         };
-        let server = VhostUserServer::start_tracked(&spec.name, &sock, blk.clone(), Some(res))
-            .map_err(|e| RegistryError::Create {
-                name: spec.name.clone(),
-                reason: format!("cannot serve on {}: {e}", sock.display()),
-            })?;
+        let server = VhostUserServer::start_tracked(
+            &spec.name,
+            &sock,
+            blk.clone(),
+            Some(res),
+            Duration::from_micros(u64::from(spec.poll_us)),
+        )
+        .map_err(|e| RegistryError::Create {
+            name: spec.name.clone(),
+            reason: format!("cannot serve on {}: {e}", sock.display()),
+        })?;
         info!(device = %spec.name, socket = %sock.display(), "device added");
         let m = Managed {
             spec,

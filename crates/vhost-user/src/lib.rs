@@ -15,4 +15,4 @@ pub mod session;
 
 pub use error::Error;
 pub use server::VhostUserServer;
-pub use session::{ResCtx, Session, SessionState};
+pub use session::{ResCtx, Session, SessionParams, SessionState};

@@ -18,7 +18,7 @@ use uvdpa_virtio::VirtioDevice;
 
 use crate::connection::Connection;
 use crate::error::Error;
-use crate::session::{ResCtx, Session, SessionState};
+use crate::session::{ResCtx, Session, SessionParams, SessionState};
 
 /// What the server shares with its session thread.
 #[derive(Clone)]
@@ -28,6 +28,7 @@ struct Shared {
     state: Arc<Mutex<SessionState>>,
     shutdown: Arc<OwnedFd>,
     res: Option<ResCtx>,
+    poll: std::time::Duration,
 }
 
 /// How long a new connection waits for a previous session that is ending before it is
@@ -86,11 +87,14 @@ fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
     let mut session = Session::new(
         name,
         Connection::new(stream),
-        sh.device.clone(),
-        sh.stats.clone(),
-        sh.state.clone(),
-        sh.res.clone(),
-        pid,
+        SessionParams {
+            device: sh.device.clone(),
+            stats: sh.stats.clone(),
+            state: sh.state.clone(),
+            res: sh.res.clone(),
+            frontend_pid: pid,
+            poll: sh.poll,
+        },
     );
     loop {
         if !wait_readable(session.connection().socket(), &sh.shutdown) {
@@ -118,12 +122,13 @@ impl VhostUserServer {
     /// # Errors
     /// Binding the socket or starting the thread failed.
     pub fn start(name: &str, path: &Path, device: Arc<dyn VirtioDevice>) -> io::Result<Self> {
-        Self::start_tracked(name, path, device, None)
+        Self::start_tracked(name, path, device, None, std::time::Duration::ZERO)
     }
 
     /// As [`VhostUserServer::start`], recording sessions, memory regions, virtqueues,
     /// workers and call vectors in `res` under the device's entry; running workers hold a
-    /// reference to the device entry.
+    /// reference to the device entry. `poll` is each worker's busy-poll window after the
+    /// ring runs empty (zero: sleep at once).
     ///
     /// # Errors
     /// Binding the socket or starting the thread failed.
@@ -132,6 +137,7 @@ impl VhostUserServer {
         path: &Path,
         device: Arc<dyn VirtioDevice>,
         res: Option<ResCtx>,
+        poll: std::time::Duration,
     ) -> io::Result<Self> {
         if path.exists() {
             std::fs::remove_file(path)?;
@@ -143,6 +149,7 @@ impl VhostUserServer {
             state: Arc::new(Mutex::new(SessionState::default())),
             shutdown: Arc::new(eventfd(0, EventfdFlags::CLOEXEC)?),
             res,
+            poll,
         };
         let sh = shared.clone();
         let n = name.to_string();

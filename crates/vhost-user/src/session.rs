@@ -105,6 +105,7 @@ pub struct Session {
     stats: Arc<StatsTable>,
     state: Arc<std::sync::Mutex<SessionState>>,
     res: Option<ResCtx>,
+    poll: std::time::Duration,
     frontend: Owner,
     session_entry: Option<ResHandle>,
     mem_entries: Vec<ResHandle>,
@@ -147,19 +148,34 @@ fn u64_reply(v: u64) -> Vec<u8> {
     VhostUserU64::new(v).as_slice().to_vec()
 }
 
+/// What a session is given besides its connection.
+pub struct SessionParams {
+    /// The device served.
+    pub device: Arc<dyn VirtioDevice>,
+    /// One counters entry per device queue (kept across sessions).
+    pub stats: Arc<StatsTable>,
+    /// Refreshed after every request, for `dev show`.
+    pub state: Arc<std::sync::Mutex<SessionState>>,
+    /// Where to record resources, if anywhere.
+    pub res: Option<ResCtx>,
+    /// The frontend's pid (SO_PEERCRED), the owner of its resources.
+    pub frontend_pid: Option<u32>,
+    /// Busy-poll window of each queue worker (zero: off).
+    pub poll: std::time::Duration,
+}
+
 impl Session {
     /// A fresh session on an accepted connection. `name` names the device in logs and
-    /// worker threads; `stats` holds one entry per device queue (kept across sessions);
-    /// `state` is refreshed after every request.
-    pub fn new(
-        name: &str,
-        conn: Connection,
-        device: Arc<dyn VirtioDevice>,
-        stats: Arc<StatsTable>,
-        state: Arc<std::sync::Mutex<SessionState>>,
-        res: Option<ResCtx>,
-        frontend_pid: Option<u32>,
-    ) -> Self {
+    /// worker threads.
+    pub fn new(name: &str, conn: Connection, p: SessionParams) -> Self {
+        let SessionParams {
+            device,
+            stats,
+            state,
+            res,
+            frontend_pid,
+            poll,
+        } = p;
         // Offer and mandate as the device says; vhost-user frontends proxy the status of
         // their own driver and may write FEATURES_OK/DRIVER_OK alone (QEMU 7.2 does).
         let status = StatusMachine::new(
@@ -184,6 +200,7 @@ impl Session {
             session_entry: None,
             mem_entries: Vec::new(),
             res,
+            poll,
         }
         .with_session_entry()
     }
@@ -833,13 +850,22 @@ impl Session {
     }
 
     fn stop_vring(&mut self, i: usize) {
+        self.stop_vring_with(i, false);
+    }
+
+    /// Stops vring `i`; with `drain`, chains already in its avail ring are completed first.
+    fn stop_vring_with(&mut self, i: usize, drain: bool) {
         let Some(v) = self.vrings.get_mut(i) else {
             return;
         };
         let Some(worker) = v.worker.take() else {
             return;
         };
-        let stopped = worker.stop();
+        let stopped = if drain {
+            worker.stop_drained()
+        } else {
+            worker.stop()
+        };
         v.tracked.clear();
         v.device_ref = None;
         match stopped {
@@ -906,6 +932,7 @@ impl Session {
                 index,
                 reason: "no stats entry for this queue".into(),
             })?,
+            poll: self.poll,
             on_error: Arc::new(move |e| {
                 warn!(device = %name, vring = index, "Virtqueue failed, device needs reset: {e}");
                 needs_reset.store(true, Ordering::Release);
@@ -952,11 +979,11 @@ impl Session {
         Ok(())
     }
 
-    /// Ends the session: stops every vring (waiting for in-flight requests) and makes
-    /// completed writes durable.
+    /// Ends the session: every vring completes the chains already in its avail ring and
+    /// stops, then completed writes are made durable.
     pub fn close(&mut self) {
         for i in 0..self.vrings.len() {
-            self.stop_vring(i);
+            self.stop_vring_with(i, true);
         }
         if let Err(e) = self.device.flush() {
             warn!(device = %self.name, "Flush at disconnect failed: {}", e.0);

@@ -9,9 +9,10 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
 use rustix::event::{eventfd, EventfdFlags};
@@ -79,6 +80,9 @@ pub struct WorkerParams {
     pub stats: QueueStatsRef,
     /// Called once, from the worker thread, when the queue fails.
     pub on_error: Arc<dyn Fn(&WorkerError) + Send + Sync>,
+    /// Adaptive busy-polling: after the ring runs empty, keep looking at it for this long
+    /// (with kicks suppressed) before sleeping in epoll. Zero turns polling off.
+    pub poll: Duration,
 }
 
 /// What a stopped worker hands back.
@@ -95,6 +99,14 @@ pub struct WorkerExit {
 pub struct QueueWorker {
     thread: JoinHandle<WorkerExit>,
     stop: OwnedFd,
+    flags: Arc<StopFlags>,
+}
+
+/// How the owner asks the worker to stop.
+#[derive(Debug, Default)]
+struct StopFlags {
+    stop: AtomicBool,
+    drain: AtomicBool,
 }
 
 const KICK: u64 = 0;
@@ -121,17 +133,39 @@ impl QueueWorker {
             epoll::EventFlags::IN,
         )?;
         let name = params.name.clone();
+        let flags = Arc::new(StopFlags::default());
+        let f = flags.clone();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(params, ep))?;
-        Ok(Self { thread, stop })
+            .spawn(move || run(params, ep, &f))?;
+        Ok(Self {
+            thread,
+            stop,
+            flags,
+        })
     }
 
-    /// Asks the worker to stop after the batch in progress and returns the queue.
+    /// Asks the worker to stop after the batch in progress and returns the queue. Chains
+    /// still in the avail ring stay there (the vring base says where to resume).
     ///
     /// # Errors
     /// The worker thread panicked (a bug; the queue is lost).
     pub fn stop(self) -> Result<WorkerExit, String> {
+        self.flags.stop.store(true, Ordering::Release);
+        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        self.thread
+            .join()
+            .map_err(|_| "queue worker panicked".to_string())
+    }
+
+    /// As [`QueueWorker::stop`], but first completes every chain already in the avail ring
+    /// (at most one ring's worth), so a device going away answers the requests it was given.
+    ///
+    /// # Errors
+    /// The worker thread panicked (a bug; the queue is lost).
+    pub fn stop_drained(self) -> Result<WorkerExit, String> {
+        self.flags.drain.store(true, Ordering::Release);
+        self.flags.stop.store(true, Ordering::Release);
         let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
         self.thread
             .join()
@@ -191,7 +225,33 @@ fn process(p: &mut WorkerParams, chain: &mut DescriptorChain) -> Result<(), Work
     }
 }
 
-fn run(mut p: WorkerParams, ep: OwnedFd) -> WorkerExit {
+/// Spins on the avail ring for up to `p.poll` with kicks suppressed; returns whether work
+/// arrived (kicks stay suppressed then, as `process` wants them).
+fn poll_for_work(p: &mut WorkerParams, flags: &StopFlags) -> Result<bool, WorkerError> {
+    p.queue.set_notification(false)?;
+    let deadline = Instant::now() + p.poll;
+    loop {
+        if p.queue.available()? > 0 {
+            return Ok(true);
+        }
+        if flags.stop.load(Ordering::Acquire) || Instant::now() >= deadline {
+            break;
+        }
+        std::hint::spin_loop();
+    }
+    Ok(p.queue.set_notification(true)?)
+}
+
+fn fail(p: &mut WorkerParams, error: &mut Option<WorkerError>, e: WorkerError) {
+    p.stats.errors.fetch_add(1, Ordering::Relaxed);
+    if let Some(err) = &p.err {
+        signal(err);
+    }
+    (p.on_error)(&e);
+    *error = Some(e);
+}
+
+fn run(mut p: WorkerParams, ep: OwnedFd, flags: &StopFlags) -> WorkerExit {
     let mut chain = DescriptorChain::default();
     let mut error: Option<WorkerError> = None;
     let mut events = [epoll::Event {
@@ -200,18 +260,23 @@ fn run(mut p: WorkerParams, ep: OwnedFd) -> WorkerExit {
     }; 2];
     // Chains may already be waiting when the queue is (re)started: look before sleeping.
     let mut work = true;
-    loop {
+    while !flags.stop.load(Ordering::Acquire) {
         if work && error.is_none() {
             if let Err(e) = process(&mut p, &mut chain) {
-                p.stats.errors.fetch_add(1, Ordering::Relaxed);
-                if let Some(err) = &p.err {
-                    signal(err);
-                }
-                (p.on_error)(&e);
-                error = Some(e);
+                fail(&mut p, &mut error, e);
             }
         }
         work = false;
+        if !p.poll.is_zero() && error.is_none() {
+            match poll_for_work(&mut p, flags) {
+                Ok(true) => {
+                    work = true;
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => fail(&mut p, &mut error, e),
+            }
+        }
         let n = match epoll::wait(&ep, &mut events[..], None) {
             Ok(n) => n,
             Err(rustix::io::Errno::INTR) => continue,
@@ -220,26 +285,133 @@ fn run(mut p: WorkerParams, ep: OwnedFd) -> WorkerExit {
                 break;
             }
         };
-        let mut stop = false;
         for ev in events.iter().take(n) {
-            match ev.data.u64() {
-                STOP => stop = true,
-                _ => {
-                    p.stats.kicks.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = drain(&p.kick) {
-                        error.get_or_insert(WorkerError::Wait(e));
-                    }
-                    work = true;
+            if ev.data.u64() == KICK {
+                p.stats.kicks.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = drain(&p.kick) {
+                    error.get_or_insert(WorkerError::Wait(e));
                 }
+                work = true;
             }
         }
-        if stop {
-            break;
+    }
+    if flags.drain.load(Ordering::Acquire) && error.is_none() {
+        if let Err(e) = process(&mut p, &mut chain) {
+            fail(&mut p, &mut error, e);
         }
     }
     WorkerExit {
         queue: p.queue,
         handler: p.handler,
         error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{GuestMemory, MemoryRegion};
+    use crate::split::testing::DriverQueue;
+    use crate::stats::StatsTable;
+
+    struct Echo;
+    impl QueueHandler for Echo {
+        fn handle(&mut self, chain: &DescriptorChain) -> Result<u32, DeviceFault> {
+            Ok(chain.writable_len())
+        }
+    }
+
+    fn setup(poll: Duration) -> (DriverQueue, QueueWorker, Arc<OwnedFd>, Arc<StatsTable>) {
+        let mem =
+            Arc::new(GuestMemory::new(vec![MemoryRegion::anonymous(0, 1 << 20).unwrap()]).unwrap());
+        let dq = DriverQueue::new(mem.clone(), 0x1000, 16);
+        let queue = SplitQueue::new(&dq.config(false, false), mem).unwrap();
+        let kick = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap());
+        let table = StatsTable::new("t", 1).unwrap();
+        let w = QueueWorker::spawn(WorkerParams {
+            name: "test-q0".into(),
+            queue,
+            kick: kick.clone(),
+            call: None,
+            err: None,
+            handler: Box::new(Echo),
+            stats: crate::stats::QueueStatsRef::new(table.clone(), 0).unwrap(),
+            on_error: Arc::new(|_| {}),
+            poll,
+        })
+        .unwrap();
+        (dq, w, kick, table)
+    }
+
+    #[test]
+    fn kicked_chains_complete_and_stop_returns_the_ring_state() {
+        let (mut dq, w, kick, table) = setup(Duration::ZERO);
+        for _ in 0..3 {
+            dq.add_chain(&[(0x8_0000, 64, true)]);
+        }
+        dq.publish();
+        rustix::io::write(&*kick, &1u64.to_ne_bytes()).unwrap();
+        let mut seen = 0;
+        for _ in 0..5000 {
+            while dq.pop_used().is_some() {
+                seen += 1;
+            }
+            if seen == 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(seen, 3);
+        let exit = w.stop().unwrap();
+        assert_eq!(exit.queue.next_avail(), 3);
+        assert!(exit.error.is_none());
+        assert_eq!(table.queue(0).unwrap().requests.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn stop_drained_completes_chains_that_were_never_kicked() {
+        let (mut dq, w, _kick, _t) = setup(Duration::ZERO);
+        for _ in 0..5 {
+            dq.add_chain(&[(0x8_0000, 16, true)]);
+        }
+        dq.publish();
+        let exit = w.stop_drained().unwrap();
+        assert_eq!(exit.queue.next_avail(), 5);
+        let mut seen = 0;
+        while dq.pop_used().is_some() {
+            seen += 1;
+        }
+        assert_eq!(seen, 5);
+    }
+
+    #[test]
+    fn busy_polling_finds_work_without_a_kick_and_suppresses_kicks() {
+        // A long window, so the chain added below lands inside it however the threads run.
+        let (mut dq, w, _kick, table) = setup(Duration::from_secs(20));
+        dq.add_chain(&[(0x8_0000, 16, true)]);
+        dq.publish();
+        let mut done = false;
+        for _ in 0..5000 {
+            if dq.pop_used().is_some() {
+                done = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(done, "a polling worker did not pick up an unkicked chain");
+        assert_eq!(table.queue(0).unwrap().kicks.load(Ordering::Relaxed), 0);
+        // While it polls, the driver is told not to kick.
+        let mut suppressed = false;
+        for _ in 0..5000 {
+            if dq.used_flags() == crate::split::VRING_USED_F_NO_NOTIFY {
+                suppressed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(suppressed);
+        // stop() interrupts the polling window.
+        let exit = w.stop().unwrap();
+        assert_eq!(exit.queue.next_avail(), 1);
     }
 }
