@@ -41,6 +41,9 @@ WARMUP=${WARMUP:-10}
 NOISE_PCT=${NOISE_PCT:-5}
 NOISE_RETRIES=${NOISE_RETRIES:-2}
 SKIP_BUILD=${SKIP_BUILD:-0}
+# uvdpa's busy-poll window (µs) after a ring empties; qsd polls by default (poll-max-ns
+# 32768, adaptive), so the comparison gives uvdpa the same 32 µs. 0 turns it off.
+UVDPA_POLL_US=${UVDPA_POLL_US:-32}
 RESULTS_DIR=${RESULTS_DIR:-$ROOT/benches/results}
 
 QSD=${QSD:-qemu-storage-daemon}
@@ -55,7 +58,7 @@ STOP_TIMEOUT=5    # seconds to wait for a server to exit after SIGTERM
 BENCH="$ROOT/target/release/uvdpa-blkbench"
 UVDPA_DEFAULT="$ROOT/target/release/uvdpa"
 UVDPA=${UVDPA:-$UVDPA_DEFAULT}
-CMDLINE="RUNTIME=$RUNTIME REPS=$REPS RAMP=$RAMP WARMUP=$WARMUP NOISE_PCT=$NOISE_PCT NOISE_RETRIES=$NOISE_RETRIES QDS=\"$QDS\" TARGETS=\"$TARGETS\" QSD_AIO=$QSD_AIO benches/blk.sh${*:+ $*}"
+CMDLINE="RUNTIME=$RUNTIME REPS=$REPS RAMP=$RAMP WARMUP=$WARMUP NOISE_PCT=$NOISE_PCT NOISE_RETRIES=$NOISE_RETRIES QDS=\"$QDS\" TARGETS=\"$TARGETS\" QSD_AIO=$QSD_AIO UVDPA_POLL_US=$UVDPA_POLL_US benches/blk.sh${*:+ $*}"
 
 log() { printf '[blk.sh] %s\n' "$*" >&2; }
 die() {
@@ -225,6 +228,7 @@ backend = "$1"
 size = "1G"
 queues = 1
 queue_size = 256
+poll_us = $UVDPA_POLL_US
 EOF
 }
 
@@ -558,7 +562,7 @@ OUT="$RESULTS_DIR/blk-$STAMP.md"
         [[ -n ${SERVER_CMD[$t]:-} ]] && echo "- $t: \`${SERVER_CMD[$t]}\`"
     done
     if want uvdpa-null || want uvdpa-ram; then
-        echo "- uvdpa config (backend null or ram): \`[[device]] name=\"bench0\" mgmtdev=\"blk\" size=\"1G\" queues=1 queue_size=256\`"
+        echo "- uvdpa config (backend null or ram): \`[[device]] name=\"bench0\" mgmtdev=\"blk\" size=\"1G\" queues=1 queue_size=256 poll_us=$UVDPA_POLL_US\`"
     fi
     echo
     echo "Raw runs:"
