@@ -86,6 +86,9 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
         Some(path) => load_config(path).map_err(|e| e.to_string())?,
         None => default_devices(),
     };
+    if specs.is_empty() {
+        info!("no devices configured: add them with `uvdpa dev add`");
+    }
     // Set up every backend before serving any device, so a bad one fails the start cleanly.
     let prepared = specs
         .into_iter()

@@ -147,3 +147,36 @@ fn guest_writes_land_in_the_backing_file() {
         "backing file does not hold the guest's data ({line})"
     );
 }
+
+#[test]
+fn guest_verifies_a_device_created_at_run_time_with_dev_add() {
+    let d = Daemon::start("gadd", "", &[]);
+    // The control socket comes up with the daemon; wait for it.
+    for _ in 0..500 {
+        if d.dir.join("uvdpa.ctl").exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (ok, _, err) = d.cli(&[
+        "dev", "add", "name", "qa", "mgmtdev", "blk", "backend", "ram", "size", "128M",
+    ]);
+    assert!(ok, "dev add: {err}");
+    let (code, console) = run_guest(
+        &d.sock_str("qa"),
+        1,
+        1,
+        &["--mode", "verify", "--count", "16"],
+    );
+    let line = result_line(&console);
+    assert_eq!(
+        code,
+        0,
+        "guest failed: {line}\n{console}\ndaemon log:\n{}",
+        d.log_text()
+    );
+    assert!(line.contains("PASS"), "{line}");
+    let (ok, _, err) = d.cli(&["dev", "del", "qa"]);
+    assert!(ok, "dev del: {err}");
+    assert!(d.stop().success());
+}

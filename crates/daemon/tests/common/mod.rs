@@ -71,6 +71,42 @@ impl Daemon {
         d
     }
 
+    /// Runs the CLI against this daemon's control socket: (exit ok, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        Self::cli_at(&self.dir.join("uvdpa.ctl"), args)
+    }
+
+    /// Runs the CLI against the control socket `ctl`.
+    pub fn cli_at(ctl: &Path, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(uvdpa_bin())
+            .arg("--ctl")
+            .arg(ctl)
+            .args(args)
+            .output()
+            .expect("run uvdpa CLI");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs the CLI with `-j` and parses its JSON; panics with stderr on failure.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["-j"];
+        a.extend_from_slice(args);
+        let (ok, out, err) = self.cli(&a);
+        assert!(ok, "uvdpa {args:?} failed: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}: {out}"))
+    }
+
+    /// Open fds and threads of the daemon process.
+    pub fn fds_and_threads(&self) -> (usize, usize) {
+        let pid = self.pid();
+        let n = |d: String| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+        (n(format!("/proc/{pid}/fd")), n(format!("/proc/{pid}/task")))
+    }
+
     pub fn sock(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.sock"))
     }
@@ -217,6 +253,18 @@ impl BlkClient {
     /// Submits every op on queue `q` at once (queue depth = ops.len()) and waits for all;
     /// returns each op's result in order.
     pub fn run(&mut self, q: usize, ops: &[Op]) -> Vec<Ret> {
+        self.try_run(q, ops, Duration::from_secs(30))
+            .expect("do_io (a timeout means the device hung)")
+    }
+
+    /// As [`BlkClient::run`], with a bound on the wait: `Err` with libblkio's error when no
+    /// completion arrives within `timeout` (libblkio does not notice a closed socket).
+    pub fn try_run(
+        &mut self,
+        q: usize,
+        ops: &[Op],
+        timeout: Duration,
+    ) -> Result<Vec<Ret>, blkio::Error> {
         let base = self.buf;
         let queue = &mut self.queues[q];
         for (i, op) in ops.iter().enumerate() {
@@ -257,10 +305,8 @@ impl BlkClient {
         let mut completions: Vec<MaybeUninit<Completion>> =
             (0..ops.len()).map(|_| MaybeUninit::uninit()).collect();
         while done < ops.len() {
-            let mut timeout = Duration::from_secs(30);
-            let n = queue
-                .do_io(&mut completions, 1, Some(&mut timeout), None)
-                .expect("do_io (a timeout means the device hung)");
+            let mut t = timeout;
+            let n = queue.do_io(&mut completions, 1, Some(&mut t), None)?;
             for c in &completions[..n] {
                 // SAFETY: do_io initialised the first n completions.
                 let c = unsafe { c.assume_init_ref() };
@@ -268,7 +314,7 @@ impl BlkClient {
                 done += 1;
             }
         }
-        results
+        Ok(results)
     }
 }
 
