@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tracing::{debug, info, warn};
+use uvdpa_virtio::inflight::InflightMap;
 use uvdpa_virtio::memory::MAX_REGIONS;
 use uvdpa_virtio::stats::{QueueStatsRef, StatsTable};
 use uvdpa_virtio::worker::{QueueHandler, QueueWorker, WorkerParams};
@@ -24,9 +25,9 @@ use uvdpa_virtio::{
     VirtioFeatures, VringConfig,
 };
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion, VhostUserMsgValidator,
-    VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr,
-    VhostUserVringAddrFlags, VhostUserVringState, VHOST_USER_CONFIG_SIZE,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
+    VhostUserMsgValidator, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64,
+    VhostUserVringAddr, VhostUserVringAddrFlags, VhostUserVringState, VHOST_USER_CONFIG_SIZE,
 };
 use vm_memory::ByteValued;
 
@@ -43,6 +44,7 @@ pub fn supported_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::STATUS
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// Ring state of one vring as the frontend configured it.
@@ -109,6 +111,7 @@ pub struct Session {
     frontend: Owner,
     session_entry: Option<ResHandle>,
     mem_entries: Vec<ResHandle>,
+    inflight: Option<Arc<InflightMap>>,
 }
 
 fn decode<T: ByteValued + Default + VhostUserMsgValidator>(
@@ -201,6 +204,7 @@ impl Session {
             mem_entries: Vec::new(),
             res,
             poll,
+            inflight: None,
         }
         .with_session_entry()
     }
@@ -280,6 +284,22 @@ impl Session {
             .hdr
             .code()
             .ok_or(Error::UnknownRequest(req.hdr.request))?;
+        if code == FrontendReq::GET_INFLIGHT_FD {
+            // The one reply that carries an fd.
+            return match self.get_inflight_fd(&req) {
+                Ok(map) => {
+                    let body = VhostUserInflight::new(
+                        map.len() as u64,
+                        0,
+                        map.num_queues(),
+                        map.queue_size(),
+                    );
+                    self.conn
+                        .send_reply_with_fds(&req.hdr, body.as_slice(), &[map.fd()])
+                }
+                Err(e) => Err(e),
+            };
+        }
         let result = self.dispatch(code, &req);
         self.publish_state();
         // Evaluated after the request, so SET_PROTOCOL_FEATURES enabling REPLY_ACK with
@@ -532,6 +552,31 @@ impl Session {
                     .map_err(|e| Error::Device(e.0))?;
                 Ok(None)
             }
+            R::SET_INFLIGHT_FD => {
+                self.need(
+                    "SET_INFLIGHT_FD",
+                    VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+                    "INFLIGHT_SHMFD",
+                )?;
+                expect_fds("SET_INFLIGHT_FD", req, 1)?;
+                let m: VhostUserInflight = decode("SET_INFLIGHT_FD", &req.body)?;
+                self.check_inflight_geometry("SET_INFLIGHT_FD", &m)?;
+                let fd = req.fds.first().and_then(|f| f.try_clone().ok()).ok_or(
+                    Error::WrongFdCount {
+                        request: "SET_INFLIGHT_FD",
+                        got: 0,
+                        expected: 1,
+                    },
+                )?;
+                let map =
+                    InflightMap::open(fd, m.mmap_offset, m.mmap_size, m.num_queues, m.queue_size)
+                        .map_err(|e| Error::InvalidParam {
+                        request: "SET_INFLIGHT_FD",
+                        reason: e.to_string(),
+                    })?;
+                self.set_inflight(Some(map))?;
+                Ok(None)
+            }
             R::SET_STATUS => {
                 self.need("SET_STATUS", VhostUserProtocolFeatures::STATUS, "STATUS")?;
                 expect_fds("SET_STATUS", req, 0)?;
@@ -563,6 +608,58 @@ impl Session {
                 Err(Error::UnknownRequest(other as u32))
             }
         }
+    }
+
+    fn check_inflight_geometry(
+        &self,
+        request: &'static str,
+        m: &VhostUserInflight,
+    ) -> Result<(), Error> {
+        let (nq, qs) = (m.num_queues, m.queue_size);
+        if nq > self.device.num_queues()
+            || !qs.is_power_of_two()
+            || qs > self.device.max_queue_size()
+        {
+            return Err(Error::InvalidParam {
+                request,
+                reason: format!(
+                    "{nq} queues of {qs} (device: at most {} queues of at most {}, a power of two)",
+                    self.device.num_queues(),
+                    self.device.max_queue_size()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn get_inflight_fd(&mut self, req: &Request) -> Result<Arc<InflightMap>, Error> {
+        self.need(
+            "GET_INFLIGHT_FD",
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            "INFLIGHT_SHMFD",
+        )?;
+        expect_fds("GET_INFLIGHT_FD", req, 0)?;
+        let m: VhostUserInflight = decode("GET_INFLIGHT_FD", &req.body)?;
+        self.check_inflight_geometry("GET_INFLIGHT_FD", &m)?;
+        let map = InflightMap::create(m.num_queues, m.queue_size)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        self.set_inflight(Some(map.clone()))?;
+        Ok(map)
+    }
+
+    /// Installs (or drops) the inflight buffer; running vrings restart to pick it up.
+    fn set_inflight(&mut self, map: Option<Arc<InflightMap>>) -> Result<(), Error> {
+        let running: Vec<usize> = (0..self.vrings.len())
+            .filter(|&i| self.vrings[i].worker.is_some())
+            .collect();
+        for &i in &running {
+            self.stop_vring(i);
+        }
+        self.inflight = map;
+        for i in running {
+            self.update_vring(i)?;
+        }
+        Ok(())
     }
 
     /// Features offered over vhost-user: the device's, with VHOST_USER_F_PROTOCOL_FEATURES.
@@ -660,6 +757,7 @@ impl Session {
         self.status.reset();
         self.needs_reset.store(false, Ordering::Release);
         self.acked = VirtioFeatures::empty();
+        self.inflight = None;
         info!(device = %self.name, "device reset");
     }
 
@@ -911,7 +1009,15 @@ impl Session {
             indirect: features.contains(VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC),
             addrs_are_uaddr: true,
         };
-        let queue = SplitQueue::new(&cfg, mem).map_err(|source| Error::Vring { index, source })?;
+        let mut queue =
+            SplitQueue::new(&cfg, mem).map_err(|source| Error::Vring { index, source })?;
+        if let Some(t) = self
+            .inflight
+            .as_ref()
+            .and_then(|m| m.queue(index, cfg.size))
+        {
+            queue.set_inflight(t);
+        }
         let handler = match v.handler.take() {
             Some(h) => h,
             None => self

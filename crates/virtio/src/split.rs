@@ -12,6 +12,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::chain::{ChainError, DescriptorChain, DESC_SIZE};
+use crate::inflight::InflightQueue;
 use crate::memory::{GuestMemory, MemoryError};
 
 /// Largest split-ring queue size (virtio 1.2 §2.7).
@@ -105,6 +106,10 @@ pub struct SplitQueue {
     pending_signal: bool,
     event_idx: bool,
     indirect: bool,
+    /// Inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), when the frontend set it up.
+    inflight: Option<InflightQueue>,
+    /// Heads found in flight at start, processed before new avail entries.
+    resubmit: std::collections::VecDeque<u16>,
 }
 
 // SAFETY: the raw pointers point into `mem`, which the queue keeps alive through its Arc;
@@ -154,10 +159,30 @@ impl SplitQueue {
             pending_signal: false,
             event_idx: cfg.event_idx,
             indirect: cfg.indirect,
+            inflight: None,
+            resubmit: std::collections::VecDeque::new(),
         };
         q.next_used = q.used_idx().load(Ordering::Acquire);
         q.signalled_used = q.next_used;
         Ok(q)
+    }
+
+    /// Attaches inflight tracking. Heads the previous backend left in flight are taken
+    /// back (oldest first) and will be popped before anything new; the next avail index
+    /// then becomes `used_idx + resubmitted`, since every entry the old backend took was
+    /// either completed (moving the used index) or is among them.
+    pub fn set_inflight(&mut self, mut t: InflightQueue) {
+        let heads = t.recover(self.next_used);
+        if !heads.is_empty() {
+            self.next_avail = self.next_used.wrapping_add(heads.len() as u16);
+            tracing::info!(
+                resubmitted = heads.len(),
+                next_avail = self.next_avail,
+                "resubmitting inflight requests"
+            );
+        }
+        self.resubmit = heads.into_iter().collect();
+        self.inflight = Some(t);
     }
 
     /// Queue size in descriptors.
@@ -219,6 +244,12 @@ impl SplitQueue {
     /// [`QueueError::AvailIndexJump`], or [`QueueError::Chain`] for a malformed chain (the
     /// entry is consumed; the caller fails the queue).
     pub fn pop(&mut self, chain: &mut DescriptorChain) -> Result<bool, QueueError> {
+        if let Some(head) = self.resubmit.pop_front() {
+            // SAFETY: as below.
+            unsafe { chain.parse_split(&self.mem, self.desc, self.size, head, self.indirect) }
+                .map_err(|error| QueueError::Chain { head, error })?;
+            return Ok(true);
+        }
         if self.available()? == 0 {
             return Ok(false);
         }
@@ -226,6 +257,9 @@ impl SplitQueue {
         let slot = 4 + 2 * usize::from(self.next_avail % self.size);
         let head = u16::from_le(self.u16_at(self.avail, slot).load(Ordering::Relaxed));
         self.next_avail = self.next_avail.wrapping_add(1);
+        if let Some(t) = &mut self.inflight {
+            t.begin(head);
+        }
         // SAFETY: `desc` points to `size` descriptors checked in `new`, kept alive by
         // `self.mem`.
         unsafe { chain.parse_split(&self.mem, self.desc, self.size, head, self.indirect) }
@@ -236,6 +270,9 @@ impl SplitQueue {
     /// Puts `(head, len)` in the used ring without publishing it; call
     /// [`SplitQueue::publish_used`] after a batch.
     pub fn add_used(&mut self, head: u16, len: u32) {
+        if let Some(t) = &mut self.inflight {
+            t.pre_put(head);
+        }
         let slot = 4 + 8 * usize::from(self.next_used % self.size);
         // SAFETY: the entry lies within the used ring (6 + 8·size bytes, checked in `new`)
         // and is 4-byte aligned; the driver does not read it until used->idx moves.
@@ -246,6 +283,15 @@ impl SplitQueue {
         }
         self.next_used = self.next_used.wrapping_add(1);
         self.pending_signal = true;
+        if self.inflight.is_some() {
+            // With inflight tracking each entry is published on its own, so a crash leaves
+            // at most one head (last_batch_head) published but still marked.
+            self.publish_used();
+            let used = self.next_used;
+            if let Some(t) = &mut self.inflight {
+                t.post_put(head, used);
+            }
+        }
     }
 
     /// Publishes the used entries added so far by moving used->idx (release ordering, so the

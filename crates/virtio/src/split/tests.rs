@@ -330,3 +330,33 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn inflight_heads_are_resubmitted_before_new_entries() {
+    use crate::inflight::InflightMap;
+    let map = InflightMap::create(1, 8).unwrap();
+    let (mut dq, mut q) = setup(8);
+    q.set_inflight(map.queue(0, 8).unwrap());
+    let a = dq.add_chain(&[(BUF, 16, true)]);
+    let b = dq.add_chain(&[(BUF + 64, 16, true)]);
+    dq.publish();
+    let mut c = DescriptorChain::default();
+    assert!(q.pop(&mut c).unwrap());
+    assert!(q.pop(&mut c).unwrap());
+    // Only `a` completes; then the backend "dies".
+    q.add_used(a, 0);
+    drop(q);
+    let d2 = dq.add_chain(&[(BUF + 128, 16, true)]);
+    dq.publish();
+    // A new backend starts on the same rings (vring base as the frontend restores it: the
+    // used index) and the same inflight buffer.
+    let mut cfg = dq.config(true, true);
+    cfg.next_avail = 1;
+    let mut q2 = SplitQueue::new(&cfg, dq.mem.clone()).unwrap();
+    q2.set_inflight(map.queue(0, 8).unwrap());
+    assert!(q2.pop(&mut c).unwrap());
+    assert_eq!(c.head(), b, "the in-flight head comes first");
+    assert!(q2.pop(&mut c).unwrap());
+    assert_eq!(c.head(), d2, "then the new entry, not `b` again");
+    assert!(!q2.pop(&mut c).unwrap());
+}
