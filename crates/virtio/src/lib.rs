@@ -10,6 +10,7 @@
 pub mod chain;
 pub mod device;
 pub mod features;
+pub mod inflight;
 pub mod memory;
 pub mod split;
 pub mod stats;

@@ -342,3 +342,228 @@ pub fn blk_config(name: &str, extra: &str) -> String {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// rust-vmm's vhost-user frontend (`vhost` crate) with the test acting as the virtio driver
+/// on a memfd it shares with the device: guest physical addresses start at 0 and the
+/// frontend's "virtual" addresses at [`vu::UADDR`] (only the device translates those).
+pub mod vu {
+    use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use uvdpa_virtio::split::testing::DriverQueue;
+    use uvdpa_virtio::{GuestMemory, MemoryRegion};
+    use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures as P};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// Frontend virtual address of guest physical address 0.
+    pub const UADDR: u64 = 0x7f00_0000_0000;
+    /// VIRTIO_F_VERSION_1.
+    pub const F_VERSION_1: u64 = 1 << 32;
+    /// VHOST_USER_F_PROTOCOL_FEATURES.
+    pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+    /// VIRTIO_RING_F_INDIRECT_DESC.
+    pub const F_INDIRECT_DESC: u64 = 1 << 28;
+    /// virtio-blk request types.
+    pub const T_IN: u32 = 0;
+    /// virtio-blk OUT (write).
+    pub const T_OUT: u32 = 1;
+
+    /// A connected frontend with its memory table set.
+    pub struct VuGuest {
+        pub fe: Frontend,
+        pub mem: Arc<GuestMemory>,
+        pub mem_size: u64,
+        _fd: OwnedFd,
+    }
+
+    /// One started vring and the driver's view of it.
+    pub struct VuRing {
+        pub index: usize,
+        pub dq: DriverQueue,
+        pub call: EventFd,
+        pub kick: EventFd,
+        pub err: EventFd,
+    }
+
+    impl VuGuest {
+        /// Connects, negotiates VERSION_1 | PROTOCOL_FEATURES | `extra_features` and the
+        /// MQ, REPLY_ACK and CONFIG protocol features, asks an ack for every request from
+        /// then on, and sets a one-region memory table of `mem_size` bytes (a sparse memfd).
+        pub fn connect(
+            sock: &Path,
+            queues: u64,
+            mem_size: u64,
+            extra_features: u64,
+        ) -> Result<Self, vhost::Error> {
+            let mut fe = Frontend::connect(sock, queues)?;
+            fe.set_owner()?;
+            let offered = fe.get_features()?;
+            let want = F_VERSION_1 | F_PROTOCOL_FEATURES | extra_features;
+            assert_eq!(offered & want, want, "features {want:#x} not all offered");
+            fe.set_features(want)?;
+            let pf = fe.get_protocol_features()?;
+            let proto = P::MQ | P::REPLY_ACK | P::CONFIG;
+            assert!(pf.contains(proto), "protocol features {proto:?} not offered");
+            fe.set_protocol_features(proto)?;
+            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC)
+                .expect("memfd_create");
+            rustix::fs::ftruncate(&fd, mem_size).expect("ftruncate guest memfd");
+            let mem = Arc::new(
+                GuestMemory::new(vec![MemoryRegion::map(&fd, 0, mem_size, UADDR, 0)
+                    .expect("map guest memory in the test")])
+                .expect("guest memory"),
+            );
+            fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+                guest_phys_addr: 0,
+                memory_size: mem_size,
+                userspace_addr: UADDR,
+                mmap_offset: 0,
+                mmap_handle: fd.as_raw_fd(),
+            }])?;
+            Ok(Self {
+                fe,
+                mem,
+                mem_size,
+                _fd: fd,
+            })
+        }
+
+        /// Lays out a ring of `size` at guest address `base` and starts vring `index` on
+        /// it (num, addr, base 0, call, err, kick, enable), with an error eventfd.
+        pub fn ring(&self, index: usize, base: u64, size: u16) -> Result<VuRing, vhost::Error> {
+            let dq = DriverQueue::new(self.mem.clone(), base, size);
+            let new_fd = |flags| EventFd::new(flags).expect("eventfd");
+            let (call, kick, err) = (new_fd(EFD_NONBLOCK), new_fd(0), new_fd(EFD_NONBLOCK));
+            self.fe.set_vring_num(index, size)?;
+            self.fe.set_vring_addr(
+                index,
+                &VringConfigData {
+                    queue_max_size: size,
+                    queue_size: size,
+                    flags: 0,
+                    desc_table_addr: UADDR + dq.desc,
+                    used_ring_addr: UADDR + dq.used,
+                    avail_ring_addr: UADDR + dq.avail,
+                    log_addr: None,
+                },
+            )?;
+            self.fe.set_vring_base(index, 0)?;
+            self.fe.set_vring_call(index, &call)?;
+            self.fe.set_vring_err(index, &err)?;
+            self.fe.set_vring_kick(index, &kick)?;
+            self.fe.set_vring_enable(index, true)?;
+            Ok(VuRing {
+                index,
+                dq,
+                call,
+                kick,
+                err,
+            })
+        }
+    }
+
+    /// Waits up to `timeout` for `fd` to become readable; reads (resets) it if so.
+    pub fn wait_event(fd: &EventFd, timeout: Duration) -> bool {
+        // SAFETY: the EventFd outlives this borrow of its fd.
+        let b = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+        let mut fds = [PollFd::new(&b, PollFlags::IN)];
+        let t = Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        loop {
+            match poll(&mut fds, Some(&t)) {
+                Ok(0) => return false,
+                Ok(_) => {
+                    let _ = fd.read();
+                    return true;
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => panic!("poll on an eventfd: {e}"),
+            }
+        }
+    }
+
+    impl VuRing {
+        /// Notifies the device.
+        pub fn kick(&self) {
+            self.kick.write(1).expect("kick");
+        }
+
+        /// Puts a virtio-blk request on the ring (header at `hdr`, status byte at
+        /// `hdr + 0x80` preset to 0xff, optional data buffer) without publishing it;
+        /// returns (head, status address).
+        pub fn blk_request(
+            &mut self,
+            t: u32,
+            sector: u64,
+            data: Option<(u64, u32, bool)>,
+            hdr: u64,
+        ) -> (u16, u64) {
+            let status = hdr + 0x80;
+            let mut h = t.to_le_bytes().to_vec();
+            h.extend_from_slice(&0u32.to_le_bytes());
+            h.extend_from_slice(&sector.to_le_bytes());
+            self.dq.mem.write(hdr, &h).unwrap();
+            self.dq.mem.write(status, &[0xff]).unwrap();
+            let mut bufs = vec![(hdr, 16, false)];
+            bufs.extend(data);
+            bufs.push((status, 1, true));
+            (self.dq.add_chain(&bufs), status)
+        }
+
+        /// The byte at guest address `at`.
+        pub fn byte(&self, at: u64) -> u8 {
+            let mut b = [0u8];
+            self.dq.mem.read(at, &mut b).unwrap();
+            b[0]
+        }
+
+        /// Waits (bounded) for the next used entry.
+        pub fn wait_used(&mut self, timeout: Duration) -> Option<(u32, u32)> {
+            let t0 = Instant::now();
+            loop {
+                if let Some(u) = self.dq.pop_used() {
+                    return Some(u);
+                }
+                let left = timeout.saturating_sub(t0.elapsed());
+                if left.is_zero() {
+                    return None;
+                }
+                wait_event(&self.call, left.min(Duration::from_millis(100)));
+            }
+        }
+
+        /// Writes `data` at `sector` and reads it back through this ring (buffers at guest
+        /// addresses `buf` and `buf + data.len()`, headers at `hdr`); panics naming `what`
+        /// unless both complete with VIRTIO_BLK_S_OK and the data matches.
+        pub fn write_read_verify(&mut self, what: &str, sector: u64, data: &[u8], buf: u64, hdr: u64) {
+            let len = data.len() as u32;
+            self.dq.mem.write(buf, data).unwrap();
+            let (h, st) = self.blk_request(T_OUT, sector, Some((buf, len, false)), hdr);
+            self.dq.publish();
+            self.kick();
+            let used = self.wait_used(Duration::from_secs(10));
+            assert_eq!(used, Some((u32::from(h), 1)), "{what}: write not completed");
+            assert_eq!(self.byte(st), 0, "{what}: write status");
+            let back_at = buf + u64::from(len);
+            self.dq.mem.write(back_at, &vec![0u8; data.len()]).unwrap();
+            let (h, st) =
+                self.blk_request(T_IN, sector, Some((back_at, len, true)), hdr + 0x100);
+            self.dq.publish();
+            self.kick();
+            let used = self.wait_used(Duration::from_secs(10));
+            assert_eq!(used, Some((u32::from(h), len + 1)), "{what}: read not completed");
+            assert_eq!(self.byte(st), 0, "{what}: read status");
+            let mut back = vec![0u8; data.len()];
+            self.dq.mem.read(back_at, &mut back).unwrap();
+            assert!(back == data, "{what}: data read back differs from data written");
+        }
+    }
+}
