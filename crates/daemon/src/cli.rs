@@ -57,6 +57,8 @@ pub struct DeviceEntryArgs {
     pub logical_block_size: Option<u32>,
     /// Busy-poll window in µs.
     pub poll_us: Option<u32>,
+    /// Mandated features by name.
+    pub mandate: Option<Vec<String>>,
 }
 
 impl DeviceEntryArgs {
@@ -75,6 +77,7 @@ impl DeviceEntryArgs {
             serial: self.serial.clone(),
             logical_block_size: self.logical_block_size,
             poll_us: self.poll_us,
+            mandate: self.mandate.clone(),
         }
     }
 }
@@ -107,6 +110,7 @@ fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
                     Some(number("logical_block_size", &value("logical_block_size")?)?)
             }
             "poll_us" => a.poll_us = Some(number("poll_us", &value("poll_us")?)?),
+            "mandate" => a.mandate = Some(value("mandate")?.split(',').map(String::from).collect()),
             "ro" => a.ro = true,
             "direct" => a.direct = true,
             other => {

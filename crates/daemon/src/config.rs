@@ -15,6 +15,7 @@
 //! serial = "uvdpa-blk0"    # at most 20 bytes
 //! logical_block_size = 512 # 512, 1024, 2048 or 4096
 //! poll_us = 0              # busy-poll window after the ring empties, µs (0 = off)
+//! mandate = ["VIRTIO_BLK_F_FLUSH"]  # features the driver must accept (FEATURES_OK)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -92,6 +93,8 @@ pub struct DeviceEntry {
     pub logical_block_size: Option<u32>,
     /// Busy-poll window of each queue worker after its ring runs empty, in µs (0 = off).
     pub poll_us: Option<u32>,
+    /// Features the driver must accept, by spec name (seed 004: mandated at creation).
+    pub mandate: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +113,15 @@ pub struct DeviceSpec {
     pub blk: BlkConfig,
     /// Busy-poll window per queue worker, in µs (0 = off).
     pub poll_us: u32,
+    /// Mandated feature bits (beyond VIRTIO_F_VERSION_1).
+    pub mandate: u64,
+}
+
+/// The bit of a feature given by its spec name (`VIRTIO_F_VERSION_1`, `VIRTIO_BLK_F_FLUSH`).
+pub fn feature_bit(name: &str) -> Option<u64> {
+    uvdpa_virtio::VirtioFeatures::from_name(name)
+        .map(|f| f.bits())
+        .or_else(|| uvdpa_devices::blk::BlkFeatures::from_name(name).map(|f| f.bits()))
 }
 
 /// Parses "256M"-style sizes: digits with an optional K, M, G or T (powers of 1024).
@@ -222,6 +234,16 @@ impl DeviceEntry {
                 format!("{poll_us}: 0..=1000000 microseconds"),
             ));
         }
+        let mut mandate = 0u64;
+        for f in self.mandate.iter().flatten() {
+            let bit = feature_bit(f).ok_or_else(|| {
+                err(
+                    "mandate",
+                    format!("{f:?}: not a feature name (e.g. VIRTIO_BLK_F_FLUSH)"),
+                )
+            })?;
+            mandate |= bit;
+        }
         let serial = self
             .serial
             .clone()
@@ -230,6 +252,7 @@ impl DeviceEntry {
             return Err(err("serial", format!("{serial:?}: at most 20 bytes")));
         }
         Ok(DeviceSpec {
+            mandate,
             poll_us,
             name: name.clone(),
             blk: BlkConfig {
@@ -329,6 +352,7 @@ mod tests {
             read_only = true
             serial = "S1"
             logical_block_size = 4096
+            mandate = ["VIRTIO_BLK_F_FLUSH", "VIRTIO_RING_F_EVENT_IDX"]
             [[device]]
             name = "b"
             mgmtdev = "blk"
@@ -342,6 +366,7 @@ mod tests {
         assert!(matches!(d[0].blk.backend, BackendSpec::Null { size } if size == 1 << 30));
         assert_eq!((d[0].blk.num_queues, d[0].blk.queue_size), (4, 128));
         assert!(d[0].blk.read_only);
+        assert_eq!(d[0].mandate, (1 << 9) | (1 << 29));
         assert!(matches!(
             &d[1].blk.backend,
             BackendSpec::File { direct: true, .. }
@@ -359,6 +384,8 @@ mod tests {
             ("serial = \"012345678901234567890\"", "serial"),
             ("backend = \"tape\"", "backend"),
             ("path = \"/x\"", "path"),
+            ("mandate = [\"VIRTIO_F_TELEPATHY\"]", "mandate"),
+            ("poll_us = 2000000", "poll_us"),
         ] {
             assert_eq!(field_of(&format!("{base}{extra}\n")).0, field, "{extra}");
         }

@@ -13,7 +13,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 use uvdpa_devices::blk::{BackendSpec, BlkDevice, BlkFeatures};
 use uvdpa_restrack::{Owner, ResHandle, ResType, Tracker};
-use uvdpa_vhost_user::{ResCtx, VhostUserServer};
+use uvdpa_vhost_user::{ResCtx, ServerOptions, VhostUserServer};
 use uvdpa_virtio::{DeviceStatus, VirtioDevice, VirtioFeatures};
 
 use crate::config::DeviceSpec;
@@ -227,6 +227,16 @@ impl Prepared {
             name: spec.name.clone(),
             reason: e.to_string(),
         })?;
+        let unoffered = spec.mandate & !blk.features().bits();
+        if unoffered != 0 {
+            return Err(RegistryError::Create {
+                name: spec.name.clone(),
+                reason: format!(
+                    "mandate: {} not offered by this device",
+                    feature_names(unoffered).join(",")
+                ),
+            });
+        }
         Ok(Self {
             spec,
             blk: Arc::new(blk),
@@ -333,17 +343,18 @@ impl Registry {
             tracker: self.tracker.clone(),
             device: entry.id(),
         };
-        let server = VhostUserServer::start_tracked(
-            &spec.name,
-            &sock,
-            blk.clone(),
-            Some(res),
-            Duration::from_micros(u64::from(spec.poll_us)),
-        )
-        .map_err(|e| RegistryError::Create {
-            name: spec.name.clone(),
-            reason: format!("cannot serve on {}: {e}", sock.display()),
-        })?;
+        let opts = ServerOptions {
+            res: Some(res),
+            poll: Duration::from_micros(u64::from(spec.poll_us)),
+            mandated: VirtioFeatures::from_raw(spec.mandate),
+        };
+        let server =
+            VhostUserServer::start_with(&spec.name, &sock, blk.clone(), opts).map_err(|e| {
+                RegistryError::Create {
+                    name: spec.name.clone(),
+                    reason: format!("cannot serve on {}: {e}", sock.display()),
+                }
+            })?;
         info!(device = %spec.name, socket = %sock.display(), "device added");
         let m = Managed {
             spec,

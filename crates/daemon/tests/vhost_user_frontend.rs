@@ -335,3 +335,69 @@ fn status_protocol_refuses_features_ok_and_resets() {
     drop(r);
     assert!(d.stop().success());
 }
+
+#[test]
+fn mandated_features_gate_features_ok() {
+    const SET_FEATURES: u32 = 2;
+    const SET_PROTOCOL_FEATURES: u32 = 16;
+    const SET_STATUS: u32 = 39;
+    const GET_STATUS: u32 = 40;
+    const FLUSH: u64 = 1 << 9;
+    let cfg = blk_config(
+        "m",
+        "backend = \"null\"\nsize = \"1M\"\nmandate = [\"VIRTIO_BLK_F_FLUSH\"]",
+    );
+    let d = Daemon::start("mand", &cfg, &["m"]);
+    // With STATUS: FEATURES_OK is left clear until the driver accepts the mandated feature.
+    let s = UnixStream::connect(d.sock("m")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = Raw(s);
+    let base = (1u64 << 30) | (1 << 32);
+    r.req(
+        SET_PROTOCOL_FEATURES,
+        false,
+        &(P::REPLY_ACK | P::STATUS).bits().to_le_bytes(),
+    );
+    assert_eq!(r.req(SET_FEATURES, true, &base.to_le_bytes()), Some(0));
+    assert_eq!(r.req(SET_STATUS, true, &3u64.to_le_bytes()), Some(0));
+    assert_ne!(
+        r.req(SET_STATUS, true, &11u64.to_le_bytes()),
+        Some(0),
+        "FEATURES_OK without a mandated feature"
+    );
+    assert_eq!(r.req(GET_STATUS, false, &[]), Some(3));
+    assert_eq!(
+        r.req(SET_FEATURES, true, &(base | FLUSH).to_le_bytes()),
+        Some(0)
+    );
+    assert_eq!(r.req(SET_STATUS, true, &11u64.to_le_bytes()), Some(0));
+    assert_eq!(r.req(GET_STATUS, false, &[]), Some(11));
+    drop(r);
+    // Without STATUS (rust-vmm's frontend), SET_FEATURES itself is refused.
+    std::thread::sleep(Duration::from_millis(50));
+    let mut fe = Frontend::connect(d.sock("m"), 1).unwrap();
+    fe.set_protocol_features(P::REPLY_ACK).unwrap();
+    fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    assert!(
+        fe.set_features(base).is_err(),
+        "features without the mandated one were accepted"
+    );
+    fe.set_features(base | FLUSH).unwrap();
+    drop(fe);
+    // A mandate the device cannot offer is refused at creation, naming the feature.
+    let (ok, _, err) = d.cli(&[
+        "dev",
+        "add",
+        "name",
+        "m2",
+        "mgmtdev",
+        "blk",
+        "size",
+        "1M",
+        "ro",
+        "mandate",
+        "VIRTIO_BLK_F_DISCARD",
+    ]);
+    assert!(!ok && err.contains("VIRTIO_BLK_F_DISCARD"), "{err}");
+    assert!(d.stop().success());
+}

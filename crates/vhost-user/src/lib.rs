@@ -14,5 +14,5 @@ pub mod server;
 pub mod session;
 
 pub use error::Error;
-pub use server::VhostUserServer;
+pub use server::{ServerOptions, VhostUserServer};
 pub use session::{ResCtx, Session, SessionParams, SessionState};

@@ -27,8 +27,21 @@ struct Shared {
     stats: Arc<StatsTable>,
     state: Arc<Mutex<SessionState>>,
     shutdown: Arc<OwnedFd>,
-    res: Option<ResCtx>,
-    poll: std::time::Duration,
+    opts: ServerOptions,
+}
+
+/// Per-device options of a vhost-user server.
+#[derive(Clone, Default)]
+pub struct ServerOptions {
+    /// Where sessions record their resources (sessions, memory regions, virtqueues,
+    /// workers, call vectors, under the device's entry); running workers hold a reference
+    /// to the device entry.
+    pub res: Option<ResCtx>,
+    /// Each worker's busy-poll window after its ring runs empty (zero: sleep at once).
+    pub poll: std::time::Duration,
+    /// Features the driver must accept for FEATURES_OK, beyond the device's own mandate
+    /// (set at device creation, VDUSE-style; seed 004).
+    pub mandated: uvdpa_virtio::VirtioFeatures,
 }
 
 /// How long a new connection waits for a previous session that is ending before it is
@@ -91,9 +104,10 @@ fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
             device: sh.device.clone(),
             stats: sh.stats.clone(),
             state: sh.state.clone(),
-            res: sh.res.clone(),
+            res: sh.opts.res.clone(),
             frontend_pid: pid,
-            poll: sh.poll,
+            poll: sh.opts.poll,
+            mandated: sh.opts.mandated,
         },
     );
     loop {
@@ -122,22 +136,18 @@ impl VhostUserServer {
     /// # Errors
     /// Binding the socket or starting the thread failed.
     pub fn start(name: &str, path: &Path, device: Arc<dyn VirtioDevice>) -> io::Result<Self> {
-        Self::start_tracked(name, path, device, None, std::time::Duration::ZERO)
+        Self::start_with(name, path, device, ServerOptions::default())
     }
 
-    /// As [`VhostUserServer::start`], recording sessions, memory regions, virtqueues,
-    /// workers and call vectors in `res` under the device's entry; running workers hold a
-    /// reference to the device entry. `poll` is each worker's busy-poll window after the
-    /// ring runs empty (zero: sleep at once).
+    /// As [`VhostUserServer::start`], with options.
     ///
     /// # Errors
     /// Binding the socket or starting the thread failed.
-    pub fn start_tracked(
+    pub fn start_with(
         name: &str,
         path: &Path,
         device: Arc<dyn VirtioDevice>,
-        res: Option<ResCtx>,
-        poll: std::time::Duration,
+        opts: ServerOptions,
     ) -> io::Result<Self> {
         if path.exists() {
             std::fs::remove_file(path)?;
@@ -148,8 +158,7 @@ impl VhostUserServer {
             device,
             state: Arc::new(Mutex::new(SessionState::default())),
             shutdown: Arc::new(eventfd(0, EventfdFlags::CLOEXEC)?),
-            res,
-            poll,
+            opts,
         };
         let sh = shared.clone();
         let n = name.to_string();

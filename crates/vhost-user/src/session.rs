@@ -165,6 +165,8 @@ pub struct SessionParams {
     pub frontend_pid: Option<u32>,
     /// Busy-poll window of each queue worker (zero: off).
     pub poll: std::time::Duration,
+    /// Features mandated at device creation beyond the device's own.
+    pub mandated: VirtioFeatures,
 }
 
 impl Session {
@@ -178,12 +180,13 @@ impl Session {
             res,
             frontend_pid,
             poll,
+            mandated,
         } = p;
         // Offer and mandate as the device says; vhost-user frontends proxy the status of
         // their own driver and may write FEATURES_OK/DRIVER_OK alone (QEMU 7.2 does).
         let status = StatusMachine::new(
             device.features() | VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES,
-            device.mandated_features(),
+            device.mandated_features() | mandated,
         )
         .with_strict_order(false);
         let vrings = (0..device.num_queues()).map(|_| Vring::default()).collect();
