@@ -28,6 +28,26 @@ pub enum Cmd {
     },
     /// `res show [TYPE]`
     ResShow(Option<String>),
+    /// `dev irq show NAME`
+    DevIrqShow(String),
+    /// `dev irq trigger NAME vec N`
+    DevIrqTrigger {
+        /// Device.
+        name: String,
+        /// Vector.
+        vec: u32,
+    },
+    /// `dev set NAME qidx N coalesce usecs U frames F`
+    DevSetCoalesce {
+        /// Device.
+        name: String,
+        /// Queue (= vector).
+        qidx: u32,
+        /// At most one signal per this many µs (0 = off).
+        usecs: u32,
+        /// At most one signal per this many completion batches (0 = off).
+        frames: u32,
+    },
 }
 
 /// The attributes of `dev add`, as they will be validated by the daemon.
@@ -158,6 +178,21 @@ pub fn parse(object: &str, args: &[String]) -> Result<Cmd, String> {
             })
         }
         ("dev", ["vstats", ..]) => Err("usage: dev vstats show NAME qidx N [-w [count N]]".into()),
+        ("dev", ["irq", "show", name]) => Ok(Cmd::DevIrqShow(name.to_string())),
+        ("dev", ["irq", "trigger", name, "vec", v]) => Ok(Cmd::DevIrqTrigger {
+            name: name.to_string(),
+            vec: number("vec", v)?,
+        }),
+        ("dev", ["irq", ..]) => Err("usage: dev irq show NAME | dev irq trigger NAME vec N".into()),
+        ("dev", ["set", name, "qidx", q, "coalesce", "usecs", u, "frames", f]) => {
+            Ok(Cmd::DevSetCoalesce {
+                name: name.to_string(),
+                qidx: number("qidx", q)?,
+                usecs: number("usecs", u)?,
+                frames: number("frames", f)?,
+            })
+        }
+        ("dev", ["set", ..]) => Err("usage: dev set NAME qidx N coalesce usecs U frames F".into()),
         ("res", ["show"] | []) => Ok(Cmd::ResShow(None)),
         ("res", ["show", ty]) => Ok(Cmd::ResShow(Some(ty.to_string()))),
         ("mgmtdev" | "dev" | "res", [cmd, ..]) => {
@@ -205,6 +240,23 @@ mod tests {
             })
         );
         assert_eq!(p("res", "show vq"), Ok(Cmd::ResShow(Some("vq".into()))));
+        assert_eq!(p("dev", "irq show d"), Ok(Cmd::DevIrqShow("d".into())));
+        assert_eq!(
+            p("dev", "irq trigger d vec 1"),
+            Ok(Cmd::DevIrqTrigger {
+                name: "d".into(),
+                vec: 1
+            })
+        );
+        assert_eq!(
+            p("dev", "set d qidx 0 coalesce usecs 50 frames 8"),
+            Ok(Cmd::DevSetCoalesce {
+                name: "d".into(),
+                qidx: 0,
+                usecs: 50,
+                frames: 8
+            })
+        );
         let Ok(Cmd::DevAdd(a)) = p(
             "dev",
             "add name d1 mgmtdev blk backend ram size 64M ro queues 2 queue_size 128 serial S",
@@ -232,5 +284,7 @@ mod tests {
         assert!(e("dev", "frobnicate").contains("frobnicate"));
         assert!(e("vm", "show").contains("vm"));
         assert!(e("dev", "del").contains("name"));
+        assert!(e("dev", "irq trigger d1 vec x").contains("vec"));
+        assert!(e("dev", "set d1 qidx 0 coalesce usecs 5").contains("usage"));
     }
 }

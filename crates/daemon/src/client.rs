@@ -118,7 +118,39 @@ pub fn render_text(out: &mut impl Write, cmd: &Cmd, v: &Value) -> std::io::Resul
                 render_dev(out, d)?;
             }
         }
-        Cmd::DevDel(_) => {}
+        Cmd::DevDel(_) | Cmd::DevSetCoalesce { .. } => {}
+        Cmd::DevIrqTrigger { .. } => {
+            writeln!(
+                out,
+                "{} vec {}: {}",
+                s(v, "name"),
+                s(v, "vec"),
+                if v["sent"] == json!(true) {
+                    "signalled"
+                } else {
+                    "not signalled (no trigger or masked)"
+                }
+            )?;
+        }
+        Cmd::DevIrqShow(_) => {
+            let cols = [
+                "vec",
+                "trigger",
+                "masked",
+                "pending",
+                "coalesce_usecs",
+                "coalesce_frames",
+                "signals",
+                "suppressed_event_idx",
+                "suppressed_coalesced",
+                "suppressed_masked",
+            ];
+            let mut rows = vec![cols.iter().map(|c| c.to_string()).collect::<Vec<_>>()];
+            for x in v["vectors"].as_array().into_iter().flatten() {
+                rows.push(cols.iter().map(|k| s(x, k)).collect());
+            }
+            table(out, &rows)?;
+        }
         Cmd::DevConfigShow(_) => {
             let c = &v["config"];
             writeln!(out, "{}:", s(c, "name"))?;
@@ -233,6 +265,19 @@ pub fn run(ctl: &Path, cmd: &Cmd, o: Output) -> Result<(), String> {
             ("dev.vstats.show", json!({ "name": name, "qidx": qidx }))
         }
         Cmd::ResShow(t) => ("res.show", json!({ "type": t })),
+        Cmd::DevIrqShow(n) => ("dev.irq.show", json!({ "name": n })),
+        Cmd::DevIrqTrigger { name, vec } => {
+            ("dev.irq.trigger", json!({ "name": name, "vec": vec }))
+        }
+        Cmd::DevSetCoalesce {
+            name,
+            qidx,
+            usecs,
+            frames,
+        } => (
+            "dev.set",
+            json!({ "name": name, "qidx": qidx, "usecs": usecs, "frames": frames }),
+        ),
     };
     let (reply, fds) = request(ctl, action, payload)?;
     let mut out = std::io::stdout().lock();

@@ -9,6 +9,9 @@
 //! | `dev.show` | `{"name": null or NAME}` | `{"dev": [DeviceView]}` |
 //! | `dev.config.show` | `{"name"}` | `{"config": BlkConfigView}` |
 //! | `dev.vstats.show` | `{"name", "qidx"}` | `{"vstats": VstatsView, "queues": N}` (+ the stats memfd) |
+//! | `dev.irq.show` | `{"name"}` | `{"name", "vectors": [VectorView]}` |
+//! | `dev.irq.trigger` | `{"name", "vec"}` | `{"name", "vec", "sent"}` |
+//! | `dev.set` | `{"name", "qidx", "usecs", "frames"}` | `{}` |
 //! | `res.show` | `{"type": null or TYPE}` | `{"counts": {TYPE: N}, "entries": [EntryInfo]}` |
 
 use std::collections::HashMap;
@@ -60,6 +63,22 @@ struct OptNameArg {
 struct VstatsArg {
     name: String,
     qidx: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VecArg {
+    name: String,
+    vec: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoalesceArg {
+    name: String,
+    qidx: u32,
+    usecs: u32,
+    frames: u32,
 }
 
 #[derive(Deserialize)]
@@ -141,6 +160,32 @@ pub fn serve(run_dir: &Path, registry: Arc<Registry>) -> Result<Primary, IpcErro
         let (view, fd, queues) = r.vstats(&a.name, a.qidx).map_err(from_registry)?;
         let body = json!({ "vstats": to_json(&view)?, "queues": queues });
         Ok(Reply::with_fds(body, fd.into_iter().collect()))
+    })?;
+
+    let r = registry.clone();
+    primary.register("dev.irq.show", move |req, _| {
+        let a: NameArg = payload(req)?;
+        let v = r.irq_show(&a.name).map_err(from_registry)?;
+        Ok(Reply::new(
+            json!({ "name": a.name, "vectors": to_json(&v)? }),
+        ))
+    })?;
+
+    let r = registry.clone();
+    primary.register("dev.irq.trigger", move |req, _| {
+        let a: VecArg = payload(req)?;
+        let sent = r.irq_trigger(&a.name, a.vec).map_err(from_registry)?;
+        Ok(Reply::new(
+            json!({ "name": a.name, "vec": a.vec, "sent": sent }),
+        ))
+    })?;
+
+    let r = registry.clone();
+    primary.register("dev.set", move |req, _| {
+        let a: CoalesceArg = payload(req)?;
+        r.set_coalesce(&a.name, a.qidx, a.usecs, a.frames)
+            .map_err(from_registry)?;
+        Ok(Reply::new(json!({})))
     })?;
 
     let tracker = registry.tracker().clone();

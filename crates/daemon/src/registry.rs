@@ -477,6 +477,87 @@ impl Registry {
         })
     }
 
+    fn with_server<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Managed) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let devs = self.lock();
+        let m = devs
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        f(m)
+    }
+
+    /// The interrupt vector table of a device.
+    ///
+    /// # Errors
+    /// [`RegistryError::NotFound`].
+    pub fn irq_show(&self, name: &str) -> Result<Vec<VectorView>, RegistryError> {
+        self.with_server(name, |m| {
+            Ok(m.server
+                .vectors()
+                .snapshot()
+                .into_iter()
+                .map(|v| VectorView {
+                    vec: v.index,
+                    trigger: v.has_trigger,
+                    masked: v.masked,
+                    pending: v.pending,
+                    coalesce_usecs: v.max_delay_us,
+                    coalesce_frames: v.max_batch,
+                    signals: v.counters.signals(),
+                    suppressed_event_idx: v.counters.suppressed_event_idx,
+                    suppressed_coalesced: v.counters.suppressed_coalesced,
+                    suppressed_masked: v.counters.suppressed_masked,
+                })
+                .collect())
+        })
+    }
+
+    /// Fires vector `vec` by hand (DATA_NONE for one vector); returns whether a signal
+    /// was sent (false without a trigger, or masked).
+    ///
+    /// # Errors
+    /// [`RegistryError::NotFound`], [`RegistryError::NoQueue`] for a vector out of range.
+    pub fn irq_trigger(&self, name: &str, vec: u32) -> Result<bool, RegistryError> {
+        self.with_server(name, |m| {
+            let v = u16::try_from(vec).unwrap_or(u16::MAX);
+            m.server
+                .vectors()
+                .trigger(v)
+                .map_err(|_| RegistryError::NoQueue {
+                    name: name.into(),
+                    qidx: vec,
+                    queues: m.spec.blk.num_queues,
+                })
+        })
+    }
+
+    /// Sets a queue vector's coalescing (µs, completion batches; 0/0 = off).
+    ///
+    /// # Errors
+    /// [`RegistryError::NotFound`], [`RegistryError::NoQueue`].
+    pub fn set_coalesce(
+        &self,
+        name: &str,
+        qidx: u32,
+        usecs: u32,
+        frames: u32,
+    ) -> Result<(), RegistryError> {
+        self.with_server(name, |m| {
+            let v = u16::try_from(qidx).unwrap_or(u16::MAX);
+            m.server
+                .vectors()
+                .set_coalesce(v, usecs, frames)
+                .map_err(|_| RegistryError::NoQueue {
+                    name: name.into(),
+                    qidx,
+                    queues: m.spec.blk.num_queues,
+                })
+        })
+    }
+
     /// Counters of queue `qidx`, and a duplicate of the stats table's memfd with its
     /// number of entries (for live watching by the CLI).
     ///
@@ -500,6 +581,31 @@ impl Registry {
         let view = vstats_view(name, qidx, q);
         Ok((view, table.fd().try_clone_to_owned().ok(), table.queues()))
     }
+}
+
+/// One interrupt vector (`uvdpa dev irq show`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VectorView {
+    /// Vector index (= vring index).
+    pub vec: u16,
+    /// A call eventfd is installed.
+    pub trigger: bool,
+    /// Masked.
+    pub masked: bool,
+    /// A signal is pending (masked while fired).
+    pub pending: bool,
+    /// Coalescing: at most one signal per this many µs (0 = off).
+    pub coalesce_usecs: u32,
+    /// Coalescing: at most one signal per this many completions batches (0 = off).
+    pub coalesce_frames: u32,
+    /// Signals sent (including deferred and injected ones).
+    pub signals: u64,
+    /// Signals suppressed by EVENT_IDX / NO_INTERRUPT.
+    pub suppressed_event_idx: u64,
+    /// Signals suppressed by coalescing.
+    pub suppressed_coalesced: u64,
+    /// Signals suppressed by masking.
+    pub suppressed_masked: u64,
 }
 
 /// Reads one queue's counters into a view.

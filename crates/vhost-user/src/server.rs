@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 use tracing::{info, warn};
+use uvdpa_virtio::interrupts::VectorTable;
 use uvdpa_virtio::stats::StatsTable;
 use uvdpa_virtio::VirtioDevice;
 
@@ -28,6 +29,7 @@ struct Shared {
     state: Arc<Mutex<SessionState>>,
     shutdown: Arc<OwnedFd>,
     opts: ServerOptions,
+    vectors: Arc<VectorTable>,
 }
 
 /// Per-device options of a vhost-user server.
@@ -108,6 +110,7 @@ fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
             frontend_pid: pid,
             poll: sh.opts.poll,
             mandated: sh.opts.mandated,
+            vectors: sh.vectors.clone(),
         },
     );
     loop {
@@ -155,6 +158,7 @@ impl VhostUserServer {
         let listener = UnixListener::bind(path)?;
         let shared = Shared {
             stats: StatsTable::new(name, usize::from(device.num_queues()))?,
+            vectors: Arc::new(VectorTable::new(device.num_queues())),
             device,
             state: Arc::new(Mutex::new(SessionState::default())),
             shutdown: Arc::new(eventfd(0, EventfdFlags::CLOEXEC)?),
@@ -186,6 +190,11 @@ impl VhostUserServer {
     /// The device's per-queue counters (kept across sessions).
     pub fn stats(&self) -> &Arc<StatsTable> {
         &self.shared.stats
+    }
+
+    /// The device's interrupt vector table (vector `i` = vring `i`'s call eventfd).
+    pub fn vectors(&self) -> &Arc<VectorTable> {
+        &self.shared.vectors
     }
 
     /// The device served.

@@ -17,9 +17,10 @@ use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 use uvdpa_virtio::inflight::InflightMap;
+use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
 use uvdpa_virtio::memory::MAX_REGIONS;
 use uvdpa_virtio::stats::{QueueStatsRef, StatsTable};
-use uvdpa_virtio::worker::{QueueHandler, QueueWorker, WorkerParams};
+use uvdpa_virtio::worker::{QueueHandler, QueueWorker, StopError, WorkerParams};
 use uvdpa_virtio::{
     DeviceStatus, GuestMemory, MemoryRegion, SplitQueue, StatusMachine, VirtioDevice,
     VirtioFeatures, VringConfig,
@@ -35,6 +36,10 @@ use uvdpa_restrack::{Owner, ResHandle, ResId, ResRef, ResType, Tracker};
 
 use crate::connection::{Connection, Request};
 use crate::error::Error;
+
+/// How long stopping a vring waits for the request in progress before the ring is
+/// abandoned and the device marked DEVICE_NEEDS_RESET.
+pub const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Protocol features this backend implements (REPLY_ACK is always offered).
 pub fn supported_protocol_features() -> VhostUserProtocolFeatures {
@@ -54,7 +59,6 @@ struct Vring {
     addr: Option<(u64, u64, u64)>,
     base: u16,
     kick: Option<Arc<OwnedFd>>,
-    call: Option<Arc<OwnedFd>>,
     err: Option<Arc<OwnedFd>>,
     started: bool,
     enabled: bool,
@@ -112,6 +116,7 @@ pub struct Session {
     session_entry: Option<ResHandle>,
     mem_entries: Vec<ResHandle>,
     inflight: Option<Arc<InflightMap>>,
+    vectors: Arc<VectorTable>,
 }
 
 fn decode<T: ByteValued + Default + VhostUserMsgValidator>(
@@ -167,6 +172,8 @@ pub struct SessionParams {
     pub poll: std::time::Duration,
     /// Features mandated at device creation beyond the device's own.
     pub mandated: VirtioFeatures,
+    /// The device's interrupt vectors: vector `i` is vring `i`'s call (seed 001).
+    pub vectors: Arc<VectorTable>,
 }
 
 impl Session {
@@ -181,6 +188,7 @@ impl Session {
             frontend_pid,
             poll,
             mandated,
+            vectors,
         } = p;
         // Offer and mandate as the device says; vhost-user frontends proxy the status of
         // their own driver and may write FEATURES_OK/DRIVER_OK alone (QEMU 7.2 does).
@@ -208,6 +216,7 @@ impl Session {
             res,
             poll,
             inflight: None,
+            vectors,
         }
         .with_session_entry()
     }
@@ -914,7 +923,16 @@ impl Session {
                 v.started = fd.is_some();
                 v.kick = fd;
             }),
-            FrontendReq::SET_VRING_CALL => self.reconfigure(i, |v| v.call = fd),
+            FrontendReq::SET_VRING_CALL => {
+                // The call fd is the trigger of the vring's vector: swapped in place, the
+                // worker keeps running (QEMU re-sends it when the guest masks a vector).
+                self.vectors
+                    .set_irqs(i as u16, 1, IrqAction::Eventfd(vec![fd]))
+                    .map_err(|e| Error::InvalidParam {
+                        request: "SET_VRING_CALL",
+                        reason: e.to_string(),
+                    })
+            }
             _ => self.reconfigure(i, |v| v.err = fd),
         }
     }
@@ -962,11 +980,7 @@ impl Session {
         let Some(worker) = v.worker.take() else {
             return;
         };
-        let stopped = if drain {
-            worker.stop_drained()
-        } else {
-            worker.stop()
-        };
+        let stopped = worker.stop_timeout(drain, STOP_TIMEOUT);
         v.tracked.clear();
         v.device_ref = None;
         match stopped {
@@ -977,7 +991,21 @@ impl Session {
                     debug!(device = %self.name, vring = i, "stopped after error: {e}");
                 }
             }
-            Err(e) => warn!(device = %self.name, vring = i, "{e}"),
+            Err(StopError::Stuck(_)) => {
+                // An unresponsive backend must not hang the frontend (seed 004): the ring
+                // is abandoned (its worker will not touch it again) and the device needs a
+                // reset. The handler went with the stuck worker; a new one is made later.
+                warn!(
+                    device = %self.name,
+                    vring = i,
+                    "Virtqueue worker did not stop within {STOP_TIMEOUT:?} (backend request stuck): device needs reset"
+                );
+                self.needs_reset.store(true, Ordering::Release);
+            }
+            Err(StopError::Panicked) => {
+                warn!(device = %self.name, vring = i, "Virtqueue worker panicked: device needs reset");
+                self.needs_reset.store(true, Ordering::Release);
+            }
         }
     }
 
@@ -1029,12 +1057,13 @@ impl Session {
                 .map_err(|e| Error::Device(e.0))?,
         };
         let needs_reset = self.needs_reset.clone();
+        let state = self.state.clone();
         let name = self.name.clone();
         let params = WorkerParams {
             name: format!("{}-q{}", self.name, i),
             queue,
             kick,
-            call: v.call.clone(),
+            call: self.vectors.handle(index).ok(),
             err: v.err.clone(),
             handler,
             stats: QueueStatsRef::new(self.stats.clone(), i).ok_or(Error::Worker {
@@ -1045,6 +1074,9 @@ impl Session {
             on_error: Arc::new(move |e| {
                 warn!(device = %name, vring = index, "Virtqueue failed, device needs reset: {e}");
                 needs_reset.store(true, Ordering::Release);
+                // Visible to `dev show` at once, not only after the next request.
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                st.status |= DeviceStatus::DEVICE_NEEDS_RESET.bits();
             }),
         };
         let worker = QueueWorker::spawn(params).map_err(|e| Error::Worker {
@@ -1056,7 +1088,7 @@ impl Session {
         let qname = format!("{}-q{}", self.name, i);
         let parent = self.session_id();
         let me = Owner::current();
-        let has_call = self.vrings.get(i).is_some_and(|v| v.call.is_some());
+        let has_call = self.vectors.trigger_fd(index).ok().flatten().is_some();
         let mut tracked: Vec<ResHandle> = Vec::new();
         if let Some(vq) = self.track(
             ResType::Virtqueue,
@@ -1097,6 +1129,8 @@ impl Session {
         if let Err(e) = self.device.flush() {
             warn!(device = %self.name, "Flush at disconnect failed: {}", e.0);
         }
+        // Release the frontend's call eventfds.
+        let _ = self.vectors.set_irqs(0, 0, IrqAction::Eventfd(Vec::new()));
         self.mem = None;
         self.mem_entries.clear();
         self.session_entry = None;

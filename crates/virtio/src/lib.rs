@@ -11,6 +11,7 @@ pub mod chain;
 pub mod device;
 pub mod features;
 pub mod inflight;
+pub mod interrupts;
 pub mod memory;
 pub mod split;
 pub mod stats;

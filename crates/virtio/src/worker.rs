@@ -19,6 +19,7 @@ use rustix::event::{eventfd, EventfdFlags};
 use thiserror::Error;
 
 use crate::chain::DescriptorChain;
+use crate::interrupts::{Fired, VectorHandle};
 use crate::split::{QueueError, SplitQueue};
 use crate::stats::QueueStatsRef;
 
@@ -57,6 +58,9 @@ pub enum WorkerError {
     /// The device failed.
     #[error(transparent)]
     Device(#[from] DeviceFault),
+    /// The owner stopped waiting for this worker (see [`StopError::Stuck`]).
+    #[error("Worker abandoned after a stuck request")]
+    Abandoned,
     /// Waiting on or reading an eventfd failed.
     #[error("Waiting for kicks failed: {0}")]
     Wait(rustix::io::Errno),
@@ -71,7 +75,7 @@ pub struct WorkerParams {
     /// Kick eventfd (driver → device).
     pub kick: Arc<OwnedFd>,
     /// Call eventfd (device → driver); `None` means the driver polls.
-    pub call: Option<Arc<OwnedFd>>,
+    pub call: Option<VectorHandle>,
     /// Error eventfd signalled when the queue fails (vhost-user SET_VRING_ERR).
     pub err: Option<Arc<OwnedFd>>,
     /// The device's request processor for this queue.
@@ -98,7 +102,7 @@ pub struct WorkerExit {
 /// A running queue worker.
 pub struct QueueWorker {
     thread: JoinHandle<WorkerExit>,
-    stop: OwnedFd,
+    stop: Arc<OwnedFd>,
     flags: Arc<StopFlags>,
 }
 
@@ -107,6 +111,19 @@ pub struct QueueWorker {
 struct StopFlags {
     stop: AtomicBool,
     drain: AtomicBool,
+    /// The owner gave up waiting: the worker must not touch the ring again.
+    abandoned: AtomicBool,
+}
+
+/// Why a bounded stop did not hand the queue back.
+#[derive(Debug)]
+pub enum StopError {
+    /// The worker thread panicked (a bug); the queue is lost.
+    Panicked,
+    /// The worker did not stop within the timeout (a backend request is stuck). It has
+    /// been told to abandon the ring: when its request returns it exits without writing
+    /// a used entry. The handle lets a caller wait for that (tests do).
+    Stuck(JoinHandle<WorkerExit>),
 }
 
 const KICK: u64 = 0;
@@ -118,7 +135,7 @@ impl QueueWorker {
     /// # Errors
     /// Creating the stop eventfd, the epoll instance or the thread failed.
     pub fn spawn(params: WorkerParams) -> io::Result<Self> {
-        let stop = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        let stop = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
         let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         epoll::add(
             &ep,
@@ -137,7 +154,12 @@ impl QueueWorker {
         let f = flags.clone();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(params, ep, &f))?;
+            // The thread keeps the stop eventfd open (and so registered in its epoll set)
+            // even if the owner gives up on it (`stop_timeout`).
+            .spawn({
+                let stop = stop.clone();
+                move || run(params, ep, &f, &stop)
+            })?;
         Ok(Self {
             thread,
             stop,
@@ -152,7 +174,7 @@ impl QueueWorker {
     /// The worker thread panicked (a bug; the queue is lost).
     pub fn stop(self) -> Result<WorkerExit, String> {
         self.flags.stop.store(true, Ordering::Release);
-        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        let _ = rustix::io::write(&*self.stop, &1u64.to_ne_bytes());
         self.thread
             .join()
             .map_err(|_| "queue worker panicked".to_string())
@@ -166,10 +188,37 @@ impl QueueWorker {
     pub fn stop_drained(self) -> Result<WorkerExit, String> {
         self.flags.drain.store(true, Ordering::Release);
         self.flags.stop.store(true, Ordering::Release);
-        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        let _ = rustix::io::write(&*self.stop, &1u64.to_ne_bytes());
         self.thread
             .join()
             .map_err(|_| "queue worker panicked".to_string())
+    }
+
+    /// As [`QueueWorker::stop`] (or [`QueueWorker::stop_drained`] with `drain`), waiting at
+    /// most `timeout` for the request in progress: an unresponsive backend must not hang
+    /// the frontend (seed 004).
+    ///
+    /// # Errors
+    /// [`StopError::Stuck`] when the worker did not stop in time (the ring is abandoned;
+    /// the caller marks the device DEVICE_NEEDS_RESET), [`StopError::Panicked`].
+    pub fn stop_timeout(self, drain: bool, timeout: Duration) -> Result<WorkerExit, StopError> {
+        if drain {
+            self.flags.drain.store(true, Ordering::Release);
+        }
+        self.flags.stop.store(true, Ordering::Release);
+        let _ = rustix::io::write(&*self.stop, &1u64.to_ne_bytes());
+        let deadline = Instant::now() + timeout;
+        while !self.thread.is_finished() {
+            if Instant::now() >= deadline {
+                self.flags.abandoned.store(true, Ordering::Release);
+                if self.thread.is_finished() {
+                    break;
+                }
+                return Err(StopError::Stuck(self.thread));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        self.thread.join().map_err(|_| StopError::Panicked)
     }
 }
 
@@ -188,35 +237,25 @@ fn drain(fd: &OwnedFd) -> Result<(), rustix::io::Errno> {
 }
 
 /// Drains the ring until it is empty with notifications enabled.
-fn process(p: &mut WorkerParams, chain: &mut DescriptorChain) -> Result<(), WorkerError> {
+fn process(
+    p: &mut WorkerParams,
+    chain: &mut DescriptorChain,
+    flags: &StopFlags,
+) -> Result<(), WorkerError> {
     let budget = usize::from(p.queue.size());
     loop {
         p.queue.set_notification(false)?;
-        let mut done = 0usize;
-        let (mut read, mut written) = (0u64, 0u64);
-        while done < budget && p.queue.pop(chain)? {
-            let len = p.handler.handle(chain)?;
-            p.queue.add_used(chain.head(), len);
-            read += u64::from(chain.readable_len());
-            written += u64::from(len);
-            done += 1;
+        let mut batch = Batch::default();
+        // A failure part-way still publishes what the batch completed before it, so
+        // well-formed requests ahead of a hostile chain are answered.
+        let outcome = run_batch(p, chain, flags, budget, &mut batch);
+        if batch.done > 0 {
+            let ended = p.handler.end_batch();
+            finish_batch(p, &batch);
+            ended?;
         }
-        if done > 0 {
-            p.handler.end_batch()?;
-            p.queue.publish_used();
-            p.stats.requests.fetch_add(done as u64, Ordering::Relaxed);
-            p.stats.bytes_read.fetch_add(read, Ordering::Relaxed);
-            p.stats.bytes_written.fetch_add(written, Ordering::Relaxed);
-            if p.queue.needs_notification() {
-                if let Some(call) = &p.call {
-                    signal(call);
-                    p.stats.calls.fetch_add(1, Ordering::Relaxed);
-                }
-            } else {
-                p.stats.calls_suppressed.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        if done == budget {
+        outcome?;
+        if batch.done == budget {
             continue;
         }
         if !p.queue.set_notification(true)? {
@@ -225,9 +264,64 @@ fn process(p: &mut WorkerParams, chain: &mut DescriptorChain) -> Result<(), Work
     }
 }
 
+/// What one batch completed.
+#[derive(Default)]
+struct Batch {
+    done: usize,
+    read: u64,
+    written: u64,
+}
+
+fn run_batch(
+    p: &mut WorkerParams,
+    chain: &mut DescriptorChain,
+    flags: &StopFlags,
+    budget: usize,
+    b: &mut Batch,
+) -> Result<(), WorkerError> {
+    while b.done < budget && p.queue.pop(chain)? {
+        let len = p.handler.handle(chain)?;
+        if flags.abandoned.load(Ordering::Acquire) {
+            // The owner gave up on us while the request ran: leave the ring alone.
+            return Err(WorkerError::Abandoned);
+        }
+        p.queue.add_used(chain.head(), len);
+        b.read += u64::from(chain.readable_len());
+        b.written += u64::from(len);
+        b.done += 1;
+    }
+    Ok(())
+}
+
+/// Publishes a batch's used entries and signals the driver if it wants it.
+fn finish_batch(p: &mut WorkerParams, b: &Batch) {
+    p.queue.publish_used();
+    p.stats.requests.fetch_add(b.done as u64, Ordering::Relaxed);
+    p.stats.bytes_read.fetch_add(b.read, Ordering::Relaxed);
+    p.stats
+        .bytes_written
+        .fetch_add(b.written, Ordering::Relaxed);
+    if p.queue.needs_notification() {
+        // The vector applies masking and coalescing (seed 001).
+        if let Some(v) = &p.call {
+            if v.fire() == Fired::Sent {
+                p.stats.calls.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    } else {
+        p.stats.calls_suppressed.fetch_add(1, Ordering::Relaxed);
+        if let Some(v) = &p.call {
+            v.note_event_idx_suppressed();
+        }
+    }
+}
+
 /// Spins on the avail ring for up to `p.poll` with kicks suppressed; returns whether work
 /// arrived (kicks stay suppressed then, as `process` wants them).
 fn poll_for_work(p: &mut WorkerParams, flags: &StopFlags) -> Result<bool, WorkerError> {
+    if flags.abandoned.load(Ordering::Acquire) {
+        return Ok(false);
+    }
     p.queue.set_notification(false)?;
     let deadline = Instant::now() + p.poll;
     loop {
@@ -251,7 +345,7 @@ fn fail(p: &mut WorkerParams, error: &mut Option<WorkerError>, e: WorkerError) {
     *error = Some(e);
 }
 
-fn run(mut p: WorkerParams, ep: OwnedFd, flags: &StopFlags) -> WorkerExit {
+fn run(mut p: WorkerParams, ep: OwnedFd, flags: &StopFlags, _stop: &OwnedFd) -> WorkerExit {
     let mut chain = DescriptorChain::default();
     let mut error: Option<WorkerError> = None;
     let mut events = [epoll::Event {
@@ -262,7 +356,7 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &StopFlags) -> WorkerExit {
     let mut work = true;
     while !flags.stop.load(Ordering::Acquire) {
         if work && error.is_none() {
-            if let Err(e) = process(&mut p, &mut chain) {
+            if let Err(e) = process(&mut p, &mut chain, flags) {
                 fail(&mut p, &mut error, e);
             }
         }
@@ -275,6 +369,15 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &StopFlags) -> WorkerExit {
                 }
                 Ok(false) => {}
                 Err(e) => fail(&mut p, &mut error, e),
+            }
+        }
+        if flags.stop.load(Ordering::Acquire) {
+            break;
+        }
+        // Going idle: deliver a signal that coalescing held back.
+        if let Some(v) = &p.call {
+            if v.flush() {
+                p.stats.calls.fetch_add(1, Ordering::Relaxed);
             }
         }
         let n = match epoll::wait(&ep, &mut events[..], None) {
@@ -296,7 +399,7 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &StopFlags) -> WorkerExit {
         }
     }
     if flags.drain.load(Ordering::Acquire) && error.is_none() {
-        if let Err(e) = process(&mut p, &mut chain) {
+        if let Err(e) = process(&mut p, &mut chain, flags) {
             fail(&mut p, &mut error, e);
         }
     }
@@ -366,6 +469,53 @@ mod tests {
         assert_eq!(exit.queue.next_avail(), 3);
         assert!(exit.error.is_none());
         assert_eq!(table.queue(0).unwrap().requests.load(Ordering::Relaxed), 3);
+    }
+
+    /// A handler that says when it is entered and blocks until released.
+    struct Stuck(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
+    impl QueueHandler for Stuck {
+        fn handle(&mut self, _: &DescriptorChain) -> Result<u32, DeviceFault> {
+            let _ = self.0.send(());
+            let _ = self.1.recv();
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn a_stuck_request_does_not_hang_stop_and_the_ring_is_left_alone() {
+        let mem =
+            Arc::new(GuestMemory::new(vec![MemoryRegion::anonymous(0, 1 << 20).unwrap()]).unwrap());
+        let mut dq = DriverQueue::new(mem.clone(), 0x1000, 16);
+        let queue = SplitQueue::new(&dq.config(false, false), mem).unwrap();
+        let (release, rx) = std::sync::mpsc::channel();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let table = StatsTable::new("t", 1).unwrap();
+        dq.add_chain(&[(0x8_0000, 16, true)]);
+        dq.publish();
+        let w = QueueWorker::spawn(WorkerParams {
+            name: "stuck-q0".into(),
+            queue,
+            kick: Arc::new(eventfd(0, EventfdFlags::CLOEXEC).unwrap()),
+            call: None,
+            err: None,
+            handler: Box::new(Stuck(entered_tx, rx)),
+            stats: crate::stats::QueueStatsRef::new(table, 0).unwrap(),
+            on_error: Arc::new(|_| {}),
+            poll: Duration::ZERO,
+        })
+        .unwrap();
+        entered.recv().unwrap();
+        let handle = match w.stop_timeout(false, Duration::from_millis(50)) {
+            Err(StopError::Stuck(h)) => h,
+            other => panic!("expected Stuck, got {:?}", other.map(|e| e.error)),
+        };
+        release.send(()).unwrap();
+        let exit = handle.join().unwrap();
+        assert_eq!(exit.error, Some(WorkerError::Abandoned));
+        assert!(
+            dq.pop_used().is_none(),
+            "an abandoned worker wrote a used entry"
+        );
     }
 
     #[test]
