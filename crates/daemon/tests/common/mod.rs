@@ -142,6 +142,14 @@ impl Daemon {
         matches!(self.child.as_mut().unwrap().try_wait(), Ok(None))
     }
 
+    /// Kills the daemon with SIGKILL (a crash) and reaps it.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
@@ -408,7 +416,10 @@ pub mod vu {
             fe.set_features(want)?;
             let pf = fe.get_protocol_features()?;
             let proto = P::MQ | P::REPLY_ACK | P::CONFIG;
-            assert!(pf.contains(proto), "protocol features {proto:?} not offered");
+            assert!(
+                pf.contains(proto),
+                "protocol features {proto:?} not offered"
+            );
             fe.set_protocol_features(proto)?;
             fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC)
@@ -436,7 +447,7 @@ pub mod vu {
 
         /// Lays out a ring of `size` at guest address `base` and starts vring `index` on
         /// it (num, addr, base 0, call, err, kick, enable), with an error eventfd.
-        pub fn ring(&self, index: usize, base: u64, size: u16) -> Result<VuRing, vhost::Error> {
+        pub fn ring(&mut self, index: usize, base: u64, size: u16) -> Result<VuRing, vhost::Error> {
             let dq = DriverQueue::new(self.mem.clone(), base, size);
             let new_fd = |flags| EventFd::new(flags).expect("eventfd");
             let (call, kick, err) = (new_fd(EFD_NONBLOCK), new_fd(0), new_fd(EFD_NONBLOCK));
@@ -543,7 +554,14 @@ pub mod vu {
         /// Writes `data` at `sector` and reads it back through this ring (buffers at guest
         /// addresses `buf` and `buf + data.len()`, headers at `hdr`); panics naming `what`
         /// unless both complete with VIRTIO_BLK_S_OK and the data matches.
-        pub fn write_read_verify(&mut self, what: &str, sector: u64, data: &[u8], buf: u64, hdr: u64) {
+        pub fn write_read_verify(
+            &mut self,
+            what: &str,
+            sector: u64,
+            data: &[u8],
+            buf: u64,
+            hdr: u64,
+        ) {
             let len = data.len() as u32;
             self.dq.mem.write(buf, data).unwrap();
             let (h, st) = self.blk_request(T_OUT, sector, Some((buf, len, false)), hdr);
@@ -554,16 +572,22 @@ pub mod vu {
             assert_eq!(self.byte(st), 0, "{what}: write status");
             let back_at = buf + u64::from(len);
             self.dq.mem.write(back_at, &vec![0u8; data.len()]).unwrap();
-            let (h, st) =
-                self.blk_request(T_IN, sector, Some((back_at, len, true)), hdr + 0x100);
+            let (h, st) = self.blk_request(T_IN, sector, Some((back_at, len, true)), hdr + 0x100);
             self.dq.publish();
             self.kick();
             let used = self.wait_used(Duration::from_secs(10));
-            assert_eq!(used, Some((u32::from(h), len + 1)), "{what}: read not completed");
+            assert_eq!(
+                used,
+                Some((u32::from(h), len + 1)),
+                "{what}: read not completed"
+            );
             assert_eq!(self.byte(st), 0, "{what}: read status");
             let mut back = vec![0u8; data.len()];
             self.dq.mem.read(back_at, &mut back).unwrap();
-            assert!(back == data, "{what}: data read back differs from data written");
+            assert!(
+                back == data,
+                "{what}: data read back differs from data written"
+            );
         }
     }
 }
