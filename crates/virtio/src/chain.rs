@@ -207,6 +207,7 @@ impl DescriptorChain {
 
         let (mut tbl, mut tbl_len) = (table, u32::from(table_len));
         let mut in_indirect = false;
+        let mut seen_writable = false;
         let mut index = head;
         let mut visited = 0u32;
         loop {
@@ -247,12 +248,14 @@ impl DescriptorChain {
             }
             let writable = desc.flags & VIRTQ_DESC_F_WRITE != 0;
             if writable {
+                seen_writable = true;
                 self.writable_len = self
                     .writable_len
                     .checked_add(desc.len)
                     .ok_or(ChainError::LengthOverflow)?;
             } else {
-                if !self.writable.is_empty() || self.writable_len > 0 {
+                // §2.7.4.2 orders descriptors whatever their length.
+                if seen_writable {
                     return Err(ChainError::ReadableAfterWritable);
                 }
                 self.readable_len = self

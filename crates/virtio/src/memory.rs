@@ -58,6 +58,14 @@ pub enum MemoryError {
         /// The error from mmap.
         errno: rustix::io::Errno,
     },
+    /// The region extends past the end of its fd (touching it would raise SIGBUS).
+    #[error("Memory region needs {need} bytes of its fd, which has {size}")]
+    PastEndOfFile {
+        /// mmap_offset + size.
+        need: u64,
+        /// The file's size.
+        size: u64,
+    },
     /// A guest range is not entirely inside mapped memory, or its end overflows.
     #[error("Guest address range {addr:#x}+{len:#x} is outside guest memory")]
     OutOfBounds {
@@ -92,7 +100,8 @@ impl MemoryRegion {
     ///
     /// # Errors
     /// [`MemoryError::InvalidRegion`] for a zero size or overflowing range,
-    /// [`MemoryError::Map`] if mmap fails (for example an fd smaller than the range).
+    /// [`MemoryError::PastEndOfFile`] when a regular file (memfd) is smaller than
+    /// `mmap_offset + size`, [`MemoryError::Map`] if mmap fails.
     pub fn map(
         fd: impl AsFd,
         gpa: u64,
@@ -107,6 +116,18 @@ impl MemoryRegion {
             offset: mmap_offset,
         };
         let total = validate_region(gpa, size, uaddr, mmap_offset).ok_or(invalid)?;
+        // mmap succeeds past the end of a file and the first access there raises SIGBUS:
+        // a frontend must not be able to plant that. Regular files (memfd, tmpfs,
+        // hugetlbfs) have a size to check.
+        let st = rustix::fs::fstat(&fd).map_err(|errno| MemoryError::Map { len: total, errno })?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+            && (st.st_size as u64) < total
+        {
+            return Err(MemoryError::PastEndOfFile {
+                need: total,
+                size: st.st_size as u64,
+            });
+        }
         let map_len = usize::try_from(total).map_err(|_| MemoryError::InvalidRegion {
             gpa,
             size,
@@ -408,5 +429,19 @@ mod tests {
             MemoryRegion::map(&fd, 0, 1 << 50, 0, 0),
             Err(MemoryError::InvalidRegion { .. })
         ));
+        // A memfd smaller than the region it is said to back (found by fuzzing: SIGBUS).
+        rustix::fs::ftruncate(&fd, 4096).unwrap();
+        assert_eq!(
+            MemoryRegion::map(&fd, 0, 1 << 20, 0, 0).unwrap_err(),
+            MemoryError::PastEndOfFile {
+                need: 1 << 20,
+                size: 4096
+            }
+        );
+        assert!(matches!(
+            MemoryRegion::map(&fd, 0, 4096, 0, 1),
+            Err(MemoryError::PastEndOfFile { .. })
+        ));
+        assert!(MemoryRegion::map(&fd, 0, 4096, 0, 0).is_ok());
     }
 }

@@ -146,6 +146,11 @@ impl SplitQueue {
                 mem.translate(addr, len)
             };
             *slot = t.map_err(|source| QueueError::RingOutOfBounds { ring, source })?;
+            // The frontend's address is aligned, but an odd mmap_offset or region start
+            // can still misalign the host pointer (found by fuzzing).
+            if (*slot as usize) % (align as usize) != 0 {
+                return Err(QueueError::Misaligned { ring, addr, align });
+            }
         }
         let mut q = Self {
             mem,

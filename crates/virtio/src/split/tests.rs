@@ -360,3 +360,25 @@ fn inflight_heads_are_resubmitted_before_new_entries() {
     assert_eq!(c.head(), d2, "then the new entry, not `b` again");
     assert!(!q2.pop(&mut c).unwrap());
 }
+
+#[test]
+fn zero_length_writable_then_readable_is_refused() {
+    let (mut dq, mut q) = setup(8);
+    dq.add_chain(&[(BUF, 0, true), (BUF + 64, 16, false)]);
+    dq.publish();
+    assert_eq!(pop_err(&mut q), ChainError::ReadableAfterWritable);
+}
+
+#[test]
+fn misaligned_host_ring_is_refused() {
+    // An odd mmap_offset makes an aligned frontend address land on an odd host address.
+    let fd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, MEM + 1).unwrap();
+    let mem =
+        Arc::new(GuestMemory::new(vec![MemoryRegion::map(&fd, 0, MEM, 0, 1).unwrap()]).unwrap());
+    let dq = DriverQueue::new(mem.clone(), 0x1000, 8);
+    assert!(matches!(
+        SplitQueue::new(&dq.config(false, false), mem).unwrap_err(),
+        QueueError::Misaligned { .. }
+    ));
+}
