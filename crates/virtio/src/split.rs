@@ -148,7 +148,7 @@ impl SplitQueue {
             *slot = t.map_err(|source| QueueError::RingOutOfBounds { ring, source })?;
             // The frontend's address is aligned, but an odd mmap_offset or region start
             // can still misalign the host pointer (found by fuzzing).
-            if (*slot as usize) % (align as usize) != 0 {
+            if (*slot as usize) & (align as usize - 1) != 0 {
                 return Err(QueueError::Misaligned { ring, addr, align });
             }
         }
