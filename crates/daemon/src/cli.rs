@@ -79,6 +79,10 @@ pub struct DeviceEntryArgs {
     pub poll_us: Option<u32>,
     /// Mandated features by name.
     pub mandate: Option<Vec<String>>,
+    /// Initial coalescing, µs.
+    pub coalesce_usecs: Option<u32>,
+    /// Initial coalescing, batches.
+    pub coalesce_frames: Option<u32>,
 }
 
 impl DeviceEntryArgs {
@@ -98,6 +102,8 @@ impl DeviceEntryArgs {
             logical_block_size: self.logical_block_size,
             poll_us: self.poll_us,
             mandate: self.mandate.clone(),
+            coalesce_usecs: self.coalesce_usecs,
+            coalesce_frames: self.coalesce_frames,
         }
     }
 }
@@ -131,6 +137,12 @@ fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
             }
             "poll_us" => a.poll_us = Some(number("poll_us", &value("poll_us")?)?),
             "mandate" => a.mandate = Some(value("mandate")?.split(',').map(String::from).collect()),
+            "coalesce_usecs" => {
+                a.coalesce_usecs = Some(number("coalesce_usecs", &value("coalesce_usecs")?)?)
+            }
+            "coalesce_frames" => {
+                a.coalesce_frames = Some(number("coalesce_frames", &value("coalesce_frames")?)?)
+            }
             "ro" => a.ro = true,
             "direct" => a.direct = true,
             other => {

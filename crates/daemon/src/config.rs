@@ -16,6 +16,8 @@
 //! logical_block_size = 512 # 512, 1024, 2048 or 4096
 //! poll_us = 0              # busy-poll window after the ring empties, µs (0 = off)
 //! mandate = ["VIRTIO_BLK_F_FLUSH"]  # features the driver must accept (FEATURES_OK)
+//! coalesce_usecs = 0       # interrupt coalescing per queue vector (0 = off)
+//! coalesce_frames = 0
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -95,6 +97,10 @@ pub struct DeviceEntry {
     pub poll_us: Option<u32>,
     /// Features the driver must accept, by spec name (seed 004: mandated at creation).
     pub mandate: Option<Vec<String>>,
+    /// Interrupt coalescing of every queue vector: at most one signal per this many µs.
+    pub coalesce_usecs: Option<u32>,
+    /// Interrupt coalescing of every queue vector: at most one signal per this many batches.
+    pub coalesce_frames: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +121,8 @@ pub struct DeviceSpec {
     pub poll_us: u32,
     /// Mandated feature bits (beyond VIRTIO_F_VERSION_1).
     pub mandate: u64,
+    /// Initial coalescing of every queue vector: (µs, batches); (0, 0) = off.
+    pub coalesce: (u32, u32),
 }
 
 /// The bit of a feature given by its spec name (`VIRTIO_F_VERSION_1`, `VIRTIO_BLK_F_FLUSH`).
@@ -251,7 +259,18 @@ impl DeviceEntry {
         if serial.len() > 20 {
             return Err(err("serial", format!("{serial:?}: at most 20 bytes")));
         }
+        let coalesce = (
+            self.coalesce_usecs.unwrap_or(0),
+            self.coalesce_frames.unwrap_or(0),
+        );
+        if coalesce.0 > 1_000_000 {
+            return Err(err(
+                "coalesce_usecs",
+                format!("{}: 0..=1000000 microseconds", coalesce.0),
+            ));
+        }
         Ok(DeviceSpec {
+            coalesce,
             mandate,
             poll_us,
             name: name.clone(),
@@ -386,6 +405,7 @@ mod tests {
             ("path = \"/x\"", "path"),
             ("mandate = [\"VIRTIO_F_TELEPATHY\"]", "mandate"),
             ("poll_us = 2000000", "poll_us"),
+            ("coalesce_usecs = 5000000", "coalesce_usecs"),
         ] {
             assert_eq!(field_of(&format!("{base}{extra}\n")).0, field, "{extra}");
         }

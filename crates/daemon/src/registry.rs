@@ -355,6 +355,12 @@ impl Registry {
                     reason: format!("cannot serve on {}: {e}", sock.display()),
                 }
             })?;
+        let (usecs, frames) = spec.coalesce;
+        if usecs != 0 || frames != 0 {
+            for q in 0..spec.blk.num_queues {
+                let _ = server.vectors().set_coalesce(q, usecs, frames);
+            }
+        }
         info!(device = %spec.name, socket = %sock.display(), "device added");
         let m = Managed {
             spec,

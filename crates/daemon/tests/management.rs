@@ -440,6 +440,29 @@ fn irq_table_shows_triggers_fires_by_hand_and_coalesces() {
         "nothing was coalesced: {q1}"
     );
     drop(c);
+    // Coalescing can also be set when the device is created.
+    let (ok, _, err) = d.cli(&[
+        "dev",
+        "add",
+        "name",
+        "i1",
+        "mgmtdev",
+        "blk",
+        "size",
+        "1M",
+        "queues",
+        "2",
+        "coalesce_usecs",
+        "50",
+        "coalesce_frames",
+        "8",
+    ]);
+    assert!(ok, "{err}");
+    let v1 = d.cli_json(&["dev", "irq", "show", "i1"]);
+    for q in 0..2 {
+        assert_eq!(v1["vectors"][q]["coalesce_frames"], 8, "{v1}");
+        assert_eq!(v1["vectors"][q]["coalesce_usecs"], 50, "{v1}");
+    }
     // The frontend's eventfds are released when it goes.
     std::thread::sleep(Duration::from_millis(100));
     let v = d.cli_json(&["dev", "irq", "show", "i0"]);

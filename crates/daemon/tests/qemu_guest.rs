@@ -254,3 +254,107 @@ fn daemon_killed_mid_write_is_restarted_and_the_guest_sees_no_error() {
     );
     assert!(d2.stop().success());
 }
+
+/// Issue 5: the frontend (QEMU) is killed with SIGKILL in the middle of a guest's
+/// write/verify loop; the device returns to `ready`, every resource of the session is
+/// released (restrack counts back to baseline), and a new frontend works.
+#[test]
+fn frontend_killed_mid_io_releases_everything_and_a_new_frontend_works() {
+    use std::io::BufRead;
+    build_initramfs();
+    let d = Daemon::start(
+        "gfk",
+        &blk_config("fk", "backend = \"ram\"\nsize = \"64M\"\nqueues = 2"),
+        &["fk"],
+    );
+    for _ in 0..500 {
+        if d.dir.join("uvdpa.ctl").exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let base = d.cli_json(&["res", "show"])["counts"].clone();
+    let pidfile = d.dir.join("qemu.pid");
+    let mut child = Command::new("bash")
+        .arg(guest_dir().join("run-guest.sh"))
+        .args([
+            "--vhost-user-blk",
+            &d.sock_str("fk"),
+            "--queues",
+            "2",
+            "--smp",
+            "2",
+        ])
+        .args(["--mode", "loop", "--secs", "120", "--timeout", "200"])
+        .arg("--qemu-pidfile")
+        .arg(&pidfile)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut killed = false;
+    for line in lines.map_while(Result::ok) {
+        if line.contains("round 2 ok") {
+            let pid = std::fs::read_to_string(&pidfile)
+                .unwrap()
+                .trim()
+                .to_string();
+            let st = Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+            assert!(st.success(), "could not kill QEMU {pid}");
+            killed = true;
+            break;
+        }
+    }
+    assert!(killed, "the guest never reached round 2");
+    let _ = child.wait();
+    // The session ends, its vrings stop, and every resource it held is released.
+    let mut last = (String::new(), serde_json::Value::Null);
+    for _ in 0..500 {
+        let state = d.cli_json(&["dev", "show", "fk"])["dev"][0]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let counts = d.cli_json(&["res", "show"])["counts"].clone();
+        if state == "ready" && counts == base {
+            last = (state, counts);
+            break;
+        }
+        last = (state, counts);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(last.0, "ready", "device did not return to ready");
+    assert_eq!(
+        last.1, base,
+        "resources not released after the frontend died"
+    );
+    // A new frontend works.
+    let mut c = BlkClient::connect(&d.sock_str("fk"), 2, 4096).unwrap();
+    c.buf().fill(0x6b);
+    assert_eq!(
+        c.run(
+            1,
+            &[Op::Write {
+                offset: 8192,
+                buf_off: 0,
+                len: 4096
+            }]
+        ),
+        vec![0]
+    );
+    c.buf().fill(0);
+    assert_eq!(
+        c.run(
+            0,
+            &[Op::Read {
+                offset: 8192,
+                buf_off: 0,
+                len: 4096
+            }]
+        ),
+        vec![0]
+    );
+    assert!(c.buf().iter().all(|&b| b == 0x6b));
+    drop(c);
+    assert!(d.stop().success());
+}

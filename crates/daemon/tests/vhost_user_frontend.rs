@@ -376,6 +376,9 @@ fn mandated_features_gate_features_ok() {
     // Without STATUS (rust-vmm's frontend), SET_FEATURES itself is refused.
     std::thread::sleep(Duration::from_millis(50));
     let mut fe = Frontend::connect(d.sock("m"), 1).unwrap();
+    fe.set_owner().unwrap();
+    assert!(fe.get_features().unwrap() & FLUSH != 0);
+    fe.get_protocol_features().unwrap();
     fe.set_protocol_features(P::REPLY_ACK).unwrap();
     fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
     assert!(
@@ -399,5 +402,80 @@ fn mandated_features_gate_features_ok() {
         "VIRTIO_BLK_F_DISCARD",
     ]);
     assert!(!ok && err.contains("VIRTIO_BLK_F_DISCARD"), "{err}");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn broken_ring_sets_needs_reset_and_notifies_the_frontend_over_its_channel() {
+    use std::os::fd::AsRawFd as _;
+    let d = Daemon::start(
+        "nr",
+        &blk_config("nr", "backend = \"ram\"\nsize = \"1M\""),
+        &["nr"],
+    );
+    let mut fe = Frontend::connect(d.sock("nr"), 1).unwrap();
+    fe.set_owner().unwrap();
+    fe.get_features().unwrap();
+    fe.set_features((1 << 32) | (1 << 30)).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    assert!(pf.contains(P::BACKEND_REQ));
+    fe.set_protocol_features(P::REPLY_ACK | P::BACKEND_REQ)
+        .unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    fe.set_backend_request_fd(&theirs).unwrap();
+    let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, MEM).unwrap();
+    let mem = Arc::new(
+        GuestMemory::new(vec![MemoryRegion::map(&fd, 0, MEM, UADDR, 0).unwrap()]).unwrap(),
+    );
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM,
+        userspace_addr: UADDR,
+        mmap_offset: 0,
+        mmap_handle: fd.as_raw_fd(),
+    }])
+    .unwrap();
+    let mut dq = DriverQueue::new(mem.clone(), 0x1000, 16);
+    let (call, kick) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    fe.set_vring_num(0, 16).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: 16,
+            queue_size: 16,
+            flags: 0,
+            desc_table_addr: UADDR + dq.desc,
+            used_ring_addr: UADDR + dq.used,
+            avail_ring_addr: UADDR + dq.avail,
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    // A descriptor loop: 0 -> 1 -> 0.
+    dq.write_desc(dq.desc, 0, 0x30_0000, 16, 1, 1);
+    dq.write_desc(dq.desc, 1, 0x30_0000, 16, 1, 0);
+    dq.push_avail(0);
+    dq.publish();
+    kick.write(1).unwrap();
+    // VHOST_USER_BACKEND_CONFIG_CHANGE_MSG arrives on the backend channel.
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut hdr = [0u8; 12];
+    (&ours)
+        .read_exact(&mut hdr)
+        .expect("no config-change notice from the backend");
+    assert_eq!(
+        u32::from_le_bytes(hdr[0..4].try_into().unwrap()),
+        2,
+        "CONFIG_CHANGE_MSG"
+    );
+    let dev = d.cli_json(&["dev", "show", "nr"]);
+    assert_eq!(dev["dev"][0]["state"], "needs-reset", "{dev}");
+    drop(fe);
     assert!(d.stop().success());
 }

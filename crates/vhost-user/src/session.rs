@@ -50,6 +50,31 @@ pub fn supported_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::STATUS
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::BACKEND_REQ
+}
+
+/// The backend→frontend channel (SET_BACKEND_REQ_FD), shared with workers so a failing
+/// queue can tell the frontend at once.
+type BackendChannel = Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>>;
+
+/// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (no body, no reply asked) without blocking:
+/// a frontend that does not read its channel loses the notice, it never stalls a worker.
+fn notify_config_change(channel: &BackendChannel) -> bool {
+    let guard = channel.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(sock) = guard.as_ref() else {
+        return false;
+    };
+    let code = vhost::vhost_user::message::BackendReq::CONFIG_CHANGE_MSG as u32;
+    let hdr = crate::connection::Header {
+        request: code,
+        flags: 0x1,
+        size: 0,
+    }
+    .to_bytes();
+    matches!(
+        rustix::net::send(sock, &hdr, rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL),
+        Ok(n) if n == hdr.len()
+    )
 }
 
 /// Ring state of one vring as the frontend configured it.
@@ -117,6 +142,7 @@ pub struct Session {
     mem_entries: Vec<ResHandle>,
     inflight: Option<Arc<InflightMap>>,
     vectors: Arc<VectorTable>,
+    backend: BackendChannel,
 }
 
 fn decode<T: ByteValued + Default + VhostUserMsgValidator>(
@@ -217,6 +243,7 @@ impl Session {
             poll,
             inflight: None,
             vectors,
+            backend: BackendChannel::default(),
         }
         .with_session_entry()
     }
@@ -562,6 +589,31 @@ impl Session {
                 self.device
                     .write_config(c.offset, payload)
                     .map_err(|e| Error::Device(e.0))?;
+                Ok(None)
+            }
+            R::SET_BACKEND_REQ_FD => {
+                self.need(
+                    "SET_BACKEND_REQ_FD",
+                    VhostUserProtocolFeatures::BACKEND_REQ,
+                    "BACKEND_REQ",
+                )?;
+                expect_fds("SET_BACKEND_REQ_FD", req, 1)?;
+                if !req.body.is_empty() {
+                    return Err(Error::BadBodySize {
+                        request: "SET_BACKEND_REQ_FD",
+                        got: req.body.len(),
+                        expected: 0,
+                    });
+                }
+                let fd = req.fds.first().and_then(|f| f.try_clone().ok()).ok_or(
+                    Error::WrongFdCount {
+                        request: "SET_BACKEND_REQ_FD",
+                        got: 0,
+                        expected: 1,
+                    },
+                )?;
+                let sock = std::os::unix::net::UnixStream::from(fd);
+                *self.backend.lock().unwrap_or_else(|e| e.into_inner()) = Some(sock);
                 Ok(None)
             }
             R::SET_INFLIGHT_FD => {
@@ -1001,6 +1053,7 @@ impl Session {
                     "Virtqueue worker did not stop within {STOP_TIMEOUT:?} (backend request stuck): device needs reset"
                 );
                 self.needs_reset.store(true, Ordering::Release);
+                notify_config_change(&self.backend);
             }
             Err(StopError::Panicked) => {
                 warn!(device = %self.name, vring = i, "Virtqueue worker panicked: device needs reset");
@@ -1058,6 +1111,7 @@ impl Session {
         };
         let needs_reset = self.needs_reset.clone();
         let state = self.state.clone();
+        let backend = self.backend.clone();
         let name = self.name.clone();
         let params = WorkerParams {
             name: format!("{}-q{}", self.name, i),
@@ -1077,6 +1131,12 @@ impl Session {
                 // Visible to `dev show` at once, not only after the next request.
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                 st.status |= DeviceStatus::DEVICE_NEEDS_RESET.bits();
+                drop(st);
+                // Where the frontend gave us a channel, tell it the device changed
+                // (virtio 1.2 §2.1.2: the device notifies after setting NEEDS_RESET).
+                if notify_config_change(&backend) {
+                    debug!(device = %name, "config change notified to the frontend");
+                }
             }),
         };
         let worker = QueueWorker::spawn(params).map_err(|e| Error::Worker {

@@ -249,6 +249,10 @@ fn process(
         // A failure part-way still publishes what the batch completed before it, so
         // well-formed requests ahead of a hostile chain are answered.
         let outcome = run_batch(p, chain, flags, budget, &mut batch);
+        if matches!(outcome, Err(WorkerError::Abandoned)) {
+            // The owner gave up on this worker: publish nothing, signal nothing.
+            return outcome;
+        }
         if batch.done > 0 {
             let ended = p.handler.end_batch();
             finish_batch(p, &batch);
