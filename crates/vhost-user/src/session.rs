@@ -32,7 +32,7 @@ use vhost::vhost_user::message::{
 };
 use vm_memory::ByteValued;
 
-use uvdpa_restrack::{Owner, ResHandle, ResId, ResRef, ResType, Tracker};
+use uvdpa_restrack::{Owner, ResHandle, ResId, ResType, Tracker};
 
 use crate::connection::{Connection, Request};
 use crate::error::Error;
@@ -89,10 +89,9 @@ struct Vring {
     enabled: bool,
     worker: Option<QueueWorker>,
     handler: Option<Box<dyn QueueHandler>>,
-    /// Resource entries of the running vring (virtqueue, worker, call vector) and the
-    /// device reference its worker holds; released when the worker hands the ring back.
+    /// Resource entries of the running vring (virtqueue, worker, call vector); released
+    /// when the worker hands the ring back.
     tracked: Vec<ResHandle>,
-    device_ref: Option<ResRef>,
 }
 
 /// Where a session records its resources (restrack, seed 003): the tracker and the
@@ -1034,7 +1033,6 @@ impl Session {
         };
         let stopped = worker.stop_timeout(drain, STOP_TIMEOUT);
         v.tracked.clear();
-        v.device_ref = None;
         match stopped {
             Ok(exit) => {
                 v.base = exit.queue.next_avail();
@@ -1113,6 +1111,16 @@ impl Session {
         let state = self.state.clone();
         let backend = self.backend.clone();
         let name = self.name.clone();
+        // The worker thread itself holds a reference to the device entry, so a worker stuck
+        // in a backend request keeps the device "in use" until it really ends.
+        let hold = self
+            .res
+            .as_ref()
+            .and_then(|c| c.tracker.lookup(c.device.ty, c.device.id))
+            .map(|r| {
+                Box::new(r.get(&format!("worker {}-q{}", self.name, i)))
+                    as Box<dyn std::any::Any + Send>
+            });
         let params = WorkerParams {
             name: format!("{}-q{}", self.name, i),
             queue,
@@ -1125,6 +1133,7 @@ impl Session {
                 reason: "no stats entry for this queue".into(),
             })?,
             poll: self.poll,
+            hold,
             on_error: Arc::new(move |e| {
                 warn!(device = %name, vring = index, "Virtqueue failed, device needs reset: {e}");
                 needs_reset.store(true, Ordering::Release);
@@ -1168,14 +1177,8 @@ impl Session {
             }
             tracked.insert(0, vq);
         }
-        let device_ref = self
-            .res
-            .as_ref()
-            .and_then(|c| c.tracker.lookup(c.device.ty, c.device.id))
-            .map(|r| r.get(&format!("worker {qname}")));
         if let Some(v) = self.vrings.get_mut(i) {
             v.tracked = tracked;
-            v.device_ref = device_ref;
         }
         Ok(())
     }

@@ -87,6 +87,10 @@ pub struct WorkerParams {
     /// Adaptive busy-polling: after the ring runs empty, keep looking at it for this long
     /// (with kicks suppressed) before sleeping in epoll. Zero turns polling off.
     pub poll: Duration,
+    /// Kept alive for as long as the worker thread runs and dropped when it ends — also
+    /// when its owner gave up on a stuck request (e.g. a resource-tracker reference to the
+    /// device, so deleting the device waits for, and names, a worker still inside it).
+    pub hold: Option<Box<dyn std::any::Any + Send>>,
 }
 
 /// What a stopped worker hands back.
@@ -445,6 +449,7 @@ mod tests {
             stats: crate::stats::QueueStatsRef::new(table.clone(), 0).unwrap(),
             on_error: Arc::new(|_| {}),
             poll,
+            hold: None,
         })
         .unwrap();
         (dq, w, kick, table)
@@ -496,6 +501,7 @@ mod tests {
         let table = StatsTable::new("t", 1).unwrap();
         dq.add_chain(&[(0x8_0000, 16, true)]);
         dq.publish();
+        let held = Arc::new(());
         let w = QueueWorker::spawn(WorkerParams {
             name: "stuck-q0".into(),
             queue,
@@ -506,6 +512,7 @@ mod tests {
             stats: crate::stats::QueueStatsRef::new(table, 0).unwrap(),
             on_error: Arc::new(|_| {}),
             poll: Duration::ZERO,
+            hold: Some(Box::new(held.clone())),
         })
         .unwrap();
         entered.recv().unwrap();
@@ -513,8 +520,18 @@ mod tests {
             Err(StopError::Stuck(h)) => h,
             other => panic!("expected Stuck, got {:?}", other.map(|e| e.error)),
         };
+        assert_eq!(
+            Arc::strong_count(&held),
+            2,
+            "a stuck worker still holds what it was given"
+        );
         release.send(()).unwrap();
         let exit = handle.join().unwrap();
+        assert_eq!(
+            Arc::strong_count(&held),
+            1,
+            "released when the stuck worker ends"
+        );
         assert_eq!(exit.error, Some(WorkerError::Abandoned));
         assert!(
             dq.pop_used().is_none(),
