@@ -22,6 +22,61 @@ use vmm_sys_util::eventfd::EventFd;
 const UADDR: u64 = 0x7f00_0000_0000;
 const MEM: u64 = 4 << 20;
 
+/// A memfd of `MEM` bytes that the test maps as the virtio driver and the frontend hands to
+/// the backend as the memory table (gpa 0, frontend address `UADDR`).
+fn share_memory(fe: &Frontend) -> (std::os::fd::OwnedFd, Arc<GuestMemory>) {
+    let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, MEM).unwrap();
+    let mem = Arc::new(
+        GuestMemory::new(vec![MemoryRegion::map(&fd, 0, MEM, UADDR, 0).unwrap()]).unwrap(),
+    );
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM,
+        userspace_addr: UADDR,
+        mmap_offset: 0,
+        mmap_handle: fd.as_raw_fd(),
+    }])
+    .unwrap();
+    (fd, mem)
+}
+
+/// Lays out vring 0 of `size` at guest address 0x1000 and gives it to the backend (num,
+/// addr, call, kick; with `enable`, also base 0 before the call and SET_VRING_ENABLE after
+/// the kick, as frontends that negotiated protocol features do). Returns (ring, call, kick).
+fn start_ring0(
+    fe: &mut Frontend,
+    mem: &Arc<GuestMemory>,
+    size: u16,
+    enable: bool,
+) -> (DriverQueue, EventFd, EventFd) {
+    let dq = DriverQueue::new(mem.clone(), 0x1000, size);
+    let (call, kick) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    fe.set_vring_num(0, size).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: UADDR + dq.desc,
+            used_ring_addr: UADDR + dq.used,
+            avail_ring_addr: UADDR + dq.avail,
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    if enable {
+        fe.set_vring_base(0, 0).unwrap();
+    }
+    fe.set_vring_call(0, &call).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    if enable {
+        fe.set_vring_enable(0, true).unwrap();
+    }
+    (dq, call, kick)
+}
+
 fn wait_call(call: &EventFd) {
     // SAFETY: the EventFd outlives this borrow of its fd.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(call.as_raw_fd()) };
@@ -100,40 +155,8 @@ fn rust_vmm_frontend_drives_blk_lifecycle() {
     assert_eq!(fe.get_max_mem_slots().unwrap(), 32);
 
     // Guest memory: a memfd the test maps as the "driver" and the frontend hands over.
-    let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&fd, MEM).unwrap();
-    let mem = Arc::new(
-        GuestMemory::new(vec![MemoryRegion::map(&fd, 0, MEM, UADDR, 0).unwrap()]).unwrap(),
-    );
-    let region = VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM,
-        userspace_addr: UADDR,
-        mmap_offset: 0,
-        mmap_handle: fd.as_raw_fd(),
-    };
-    fe.set_mem_table(&[region]).unwrap();
-
-    let mut dq = DriverQueue::new(mem.clone(), 0x1000, 64);
-    let (call, kick) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
-    fe.set_vring_num(0, 64).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: 64,
-            queue_size: 64,
-            flags: 0,
-            desc_table_addr: UADDR + dq.desc,
-            used_ring_addr: UADDR + dq.used,
-            avail_ring_addr: UADDR + dq.avail,
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    let (_fd, mem) = share_memory(&fe);
+    let (mut dq, call, kick) = start_ring0(&mut fe, &mem, 64, true);
 
     // OUT: write a 4 KiB pattern at sector 8.
     let data = pattern(5, 4096);
@@ -208,45 +231,16 @@ fn read_only_device_answers_out_with_ioerr() {
         &blk_config("ro", "backend = \"ram\"\nsize = \"1M\"\nread_only = true"),
         &["ro"],
     );
-    let fe = Frontend::connect(d.sock("ro"), 1).unwrap();
+    let mut fe = Frontend::connect(d.sock("ro"), 1).unwrap();
     fe.set_owner().unwrap();
     assert!(
         fe.get_features().unwrap() & (1 << 5) != 0,
         "VIRTIO_BLK_F_RO offered"
     );
     fe.set_features((1 << 32) | (1 << 5)).unwrap();
-    let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&fd, MEM).unwrap();
-    let mem = Arc::new(
-        GuestMemory::new(vec![MemoryRegion::map(&fd, 0, MEM, UADDR, 0).unwrap()]).unwrap(),
-    );
-    let region = VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM,
-        userspace_addr: UADDR,
-        mmap_offset: 0,
-        mmap_handle: fd.as_raw_fd(),
-    };
-    fe.set_mem_table(&[region]).unwrap();
-    let mut dq = DriverQueue::new(mem.clone(), 0x1000, 16);
-    let (call, kick) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
-    fe.set_vring_num(0, 16).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: 16,
-            queue_size: 16,
-            flags: 0,
-            desc_table_addr: UADDR + dq.desc,
-            used_ring_addr: UADDR + dq.used,
-            avail_ring_addr: UADDR + dq.avail,
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_call(0, &call).unwrap();
+    let (_fd, mem) = share_memory(&fe);
     // Without VHOST_USER_F_PROTOCOL_FEATURES the ring is enabled once it has a kick fd.
-    fe.set_vring_kick(0, &kick).unwrap();
+    let (mut dq, call, kick) = start_ring0(&mut fe, &mem, 16, false);
     mem.write(0x30_0000, &[0xaa; 512]).unwrap();
     let (_, st_out) = blk_request(&mut dq, 1, 0, Some((0x30_0000, 512, false)), 0);
     let (_, st_in) = blk_request(&mut dq, 0, 0, Some((0x31_0000, 512, true)), 1);
@@ -407,7 +401,6 @@ fn mandated_features_gate_features_ok() {
 
 #[test]
 fn broken_ring_sets_needs_reset_and_notifies_the_frontend_over_its_channel() {
-    use std::os::fd::AsRawFd as _;
     let d = Daemon::start(
         "nr",
         &blk_config("nr", "backend = \"ram\"\nsize = \"1M\""),
@@ -423,39 +416,8 @@ fn broken_ring_sets_needs_reset_and_notifies_the_frontend_over_its_channel() {
         .unwrap();
     let (ours, theirs) = UnixStream::pair().unwrap();
     fe.set_backend_request_fd(&theirs).unwrap();
-    let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&fd, MEM).unwrap();
-    let mem = Arc::new(
-        GuestMemory::new(vec![MemoryRegion::map(&fd, 0, MEM, UADDR, 0).unwrap()]).unwrap(),
-    );
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM,
-        userspace_addr: UADDR,
-        mmap_offset: 0,
-        mmap_handle: fd.as_raw_fd(),
-    }])
-    .unwrap();
-    let mut dq = DriverQueue::new(mem.clone(), 0x1000, 16);
-    let (call, kick) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
-    fe.set_vring_num(0, 16).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: 16,
-            queue_size: 16,
-            flags: 0,
-            desc_table_addr: UADDR + dq.desc,
-            used_ring_addr: UADDR + dq.used,
-            avail_ring_addr: UADDR + dq.avail,
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    let (_fd, mem) = share_memory(&fe);
+    let (mut dq, _call, kick) = start_ring0(&mut fe, &mem, 16, true);
     // A descriptor loop: 0 -> 1 -> 0.
     dq.write_desc(dq.desc, 0, 0x30_0000, 16, 1, 1);
     dq.write_desc(dq.desc, 1, 0x30_0000, 16, 1, 0);
