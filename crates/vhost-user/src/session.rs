@@ -712,12 +712,7 @@ impl Session {
 
     /// Installs (or drops) the inflight buffer; running vrings restart to pick it up.
     fn set_inflight(&mut self, map: Option<Arc<InflightMap>>) -> Result<(), Error> {
-        let running: Vec<usize> = (0..self.vrings.len())
-            .filter(|&i| self.vrings[i].worker.is_some())
-            .collect();
-        for &i in &running {
-            self.stop_vring(i);
-        }
+        let running = self.stop_running_vrings();
         self.inflight = map;
         for i in running {
             self.update_vring(i)?;
@@ -750,12 +745,7 @@ impl Session {
                     .contains(VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC)
         {
             // Ring features changed: running rings restart with the new layout rules.
-            let running: Vec<usize> = (0..self.vrings.len())
-                .filter(|&i| self.vrings[i].worker.is_some())
-                .collect();
-            for &i in &running {
-                self.stop_vring(i);
-            }
+            let running = self.stop_running_vrings();
             self.acked = features;
             for i in running {
                 self.update_vring(i)?;
@@ -908,12 +898,8 @@ impl Session {
         &mut self,
         build: impl FnOnce(Vec<MemoryRegion>) -> Result<GuestMemory, Error>,
     ) -> Result<(), Error> {
-        let running: Vec<usize> = (0..self.vrings.len())
-            .filter(|&i| self.vrings[i].worker.is_some())
-            .collect();
-        for &i in &running {
-            self.stop_vring(i);
-        }
+        // Every vring is reconsidered below, not only those that ran.
+        self.stop_running_vrings();
         let old = match self.mem.take() {
             Some(arc) => match Arc::try_unwrap(arc) {
                 Ok(m) => m.into_regions(),
@@ -1017,6 +1003,18 @@ impl Session {
             change(v);
         }
         self.update_vring(i)
+    }
+
+    /// Stops every running vring (so a change to what workers use can be applied) and
+    /// returns their indices, for `update_vring` to start them again.
+    fn stop_running_vrings(&mut self) -> Vec<usize> {
+        let running: Vec<usize> = (0..self.vrings.len())
+            .filter(|&i| self.vrings[i].worker.is_some())
+            .collect();
+        for &i in &running {
+            self.stop_vring(i);
+        }
+        running
     }
 
     fn stop_vring(&mut self, i: usize) {
