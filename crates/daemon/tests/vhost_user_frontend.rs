@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use uvdpa_virtio::split::testing::DriverQueue;
 use uvdpa_virtio::{GuestMemory, MemoryRegion};
 use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
@@ -78,16 +77,10 @@ fn start_ring0(
 }
 
 fn wait_call(call: &EventFd) {
-    // SAFETY: the EventFd outlives this borrow of its fd.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(call.as_raw_fd()) };
-    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-    let t = Timespec {
-        tv_sec: 10,
-        tv_nsec: 0,
-    };
-    let n = poll(&mut fds, Some(&t)).unwrap();
-    assert_eq!(n, 1, "no used-buffer notification within 10 s");
-    call.read().unwrap();
+    assert!(
+        common::vu::wait_event(call, Duration::from_secs(10)),
+        "no used-buffer notification within 10 s"
+    );
 }
 
 /// Puts a virtio-blk request (header, optional data, status byte) on the ring and returns
