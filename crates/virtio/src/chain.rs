@@ -1,11 +1,13 @@
 //! Descriptor chains, validated whole before a device sees them (virtio 1.2 §2.7.5,
-//! §2.7.5.3).
+//! §2.7.5.3 for split rings; §2.8.6, §2.8.7 for packed rings).
 //!
 //! A chain is walked once, up front: every descriptor index is checked against its table,
 //! every buffer is translated into host pieces with a bounds check, the total length is
-//! checked for overflow, a chain longer than its table is a loop, an indirect descriptor
-//! inside an indirect table is refused, and a device-readable descriptor after a
-//! device-writable one is refused. Only then does the device get host buffers.
+//! checked for overflow, a chain longer than its table (or ring) is a loop, an indirect
+//! descriptor inside an indirect table is refused, and a device-readable descriptor after a
+//! device-writable one is refused. In a packed ring every chained descriptor must also be
+//! available under the wrap counter of its slot. Only then does the device get host
+//! buffers.
 
 use thiserror::Error;
 
@@ -17,7 +19,14 @@ pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
 /// VIRTQ_DESC_F_INDIRECT: the buffer holds a table of descriptors.
 pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
-/// Size in bytes of one split-ring descriptor (`struct virtq_desc`).
+/// VIRTQ_DESC_F_AVAIL (packed rings, §2.8.1): equal to the driver's wrap counter when it
+/// made the descriptor available.
+pub const VIRTQ_DESC_F_AVAIL: u16 = 1 << 7;
+/// VIRTQ_DESC_F_USED (packed rings, §2.8.1): unequal to the driver's wrap counter in an
+/// available descriptor, equal to the device's wrap counter in a used one.
+pub const VIRTQ_DESC_F_USED: u16 = 1 << 15;
+/// Size in bytes of one descriptor: split (`struct virtq_desc`) and packed
+/// (`struct pvirtq_desc`) alike.
 pub const DESC_SIZE: u64 = 16;
 
 /// What was wrong with a descriptor chain. The head index is reported beside it by the
@@ -65,6 +74,13 @@ pub enum ChainError {
     /// A device-readable descriptor follows a device-writable one (§2.7.4.2).
     #[error("Device-readable descriptor after a device-writable one")]
     ReadableAfterWritable,
+    /// Packed ring: a descriptor of the chain (after its head, which the driver publishes
+    /// last) is not available under the wrap counter of its slot (§2.8.6).
+    #[error("Chained descriptor at ring slot {slot} is not available")]
+    Unavailable {
+        /// The ring slot of the descriptor.
+        slot: u16,
+    },
 }
 
 /// One host buffer piece of a chain. Layout-compatible with `struct iovec`, so a slice of
@@ -83,12 +99,13 @@ pub struct Segment {
 // SAFETY arguments.
 unsafe impl Send for Segment {}
 
-/// A validated descriptor chain: its head index and its device-readable then
-/// device-writable host buffers. Reused between requests so the data path allocates
-/// nothing once warm.
+/// A validated descriptor chain: its head index (split) or buffer ID (packed), the ring
+/// slots it occupies, and its device-readable then device-writable host buffers. Reused
+/// between requests so the data path allocates nothing once warm.
 #[derive(Debug, Default)]
 pub struct DescriptorChain {
     head: u16,
+    desc_count: u16,
     readable: Vec<Segment>,
     writable: Vec<Segment>,
     readable_len: u32,
@@ -104,35 +121,39 @@ pub(crate) struct RawDesc {
     pub next: u16,
 }
 
+/// Copies the 16 bytes of descriptor `index` of the table at host address `table`.
+///
+/// # Safety
+/// `table` must point to at least `index + 1` descriptors of mapped memory.
+unsafe fn read_raw(table: *const u8, index: u16) -> [u8; DESC_SIZE as usize] {
+    let mut raw = [0u8; DESC_SIZE as usize];
+    // SAFETY: the caller guarantees the 16 bytes at this offset are mapped; a volatile
+    // byte copy tolerates concurrent writes by the driver and any alignment.
+    unsafe {
+        let src = table.add(usize::from(index) * DESC_SIZE as usize);
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = std::ptr::read_volatile(src.add(i));
+        }
+    }
+    raw
+}
+
+fn le64(raw: &[u8; DESC_SIZE as usize]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&raw[0..8]);
+    u64::from_le_bytes(b)
+}
+
 impl RawDesc {
     /// Reads descriptor `index` of the table at host address `table`.
     ///
     /// # Safety
     /// `table` must point to at least `index + 1` descriptors of mapped memory.
     pub(crate) unsafe fn read(table: *const u8, index: u16) -> Self {
-        let mut raw = [0u8; DESC_SIZE as usize];
-        // SAFETY: the caller guarantees the 16 bytes at this offset are mapped; a volatile
-        // byte copy tolerates concurrent writes by the driver.
-        unsafe {
-            let src = table.add(usize::from(index) * DESC_SIZE as usize);
-            for (i, b) in raw.iter_mut().enumerate() {
-                *b = std::ptr::read_volatile(src.add(i));
-            }
-        }
-        let u64_at = |o: usize| {
-            u64::from_le_bytes([
-                raw[o],
-                raw[o + 1],
-                raw[o + 2],
-                raw[o + 3],
-                raw[o + 4],
-                raw[o + 5],
-                raw[o + 6],
-                raw[o + 7],
-            ])
-        };
+        // SAFETY: forwarded from the caller.
+        let raw = unsafe { read_raw(table, index) };
         Self {
-            addr: u64_at(0),
+            addr: le64(&raw),
             len: u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
             flags: u16::from_le_bytes([raw[12], raw[13]]),
             next: u16::from_le_bytes([raw[14], raw[15]]),
@@ -140,10 +161,50 @@ impl RawDesc {
     }
 }
 
+/// A raw packed-ring descriptor (`struct pvirtq_desc`) as read from guest memory.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawPackedDesc {
+    pub addr: u64,
+    pub len: u32,
+    pub id: u16,
+    pub flags: u16,
+}
+
+impl RawPackedDesc {
+    /// Reads descriptor `index` of the ring or indirect table at host address `table`.
+    ///
+    /// # Safety
+    /// `table` must point to at least `index + 1` descriptors of mapped memory.
+    pub(crate) unsafe fn read(table: *const u8, index: u16) -> Self {
+        // SAFETY: forwarded from the caller.
+        let raw = unsafe { read_raw(table, index) };
+        Self {
+            addr: le64(&raw),
+            len: u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
+            id: u16::from_le_bytes([raw[12], raw[13]]),
+            flags: u16::from_le_bytes([raw[14], raw[15]]),
+        }
+    }
+}
+
+/// Whether packed-ring descriptor `flags` mark it available under driver wrap counter
+/// `wrap` (§2.8.1): AVAIL equals the wrap counter and USED differs from it.
+pub(crate) fn packed_available(flags: u16, wrap: bool) -> bool {
+    (flags & VIRTQ_DESC_F_AVAIL != 0) == wrap && (flags & VIRTQ_DESC_F_USED != 0) != wrap
+}
+
 impl DescriptorChain {
-    /// The head descriptor index, to return in the used ring.
+    /// The id to return in the used ring: the head descriptor index (split ring) or the
+    /// buffer ID, taken from the chain's last ring descriptor (packed ring, §2.8.6).
     pub fn head(&self) -> u16 {
         self.head
+    }
+
+    /// Descriptor ring slots the chain occupies. Packed ring: the slots it consumed (1 for
+    /// an indirect chain), which the device skips when it writes the used entry. Split
+    /// ring: the descriptors walked in the main table (informational).
+    pub fn desc_count(&self) -> u16 {
+        self.desc_count
     }
 
     /// Device-readable buffers, in chain order.
@@ -199,11 +260,7 @@ impl DescriptorChain {
         head: u16,
         indirect_allowed: bool,
     ) -> Result<(), ChainError> {
-        self.head = head;
-        self.readable.clear();
-        self.writable.clear();
-        self.readable_len = 0;
-        self.writable_len = 0;
+        self.reset(head);
 
         let (mut tbl, mut tbl_len) = (table, u32::from(table_len));
         let mut in_indirect = false;
@@ -224,6 +281,10 @@ impl DescriptorChain {
             // SAFETY: index < tbl_len entries of a table that the caller (main table) or
             // the translation below (indirect table) proved mapped.
             let desc = unsafe { RawDesc::read(tbl, index) };
+            if !in_indirect {
+                // visited <= table_len <= u16::MAX here.
+                self.desc_count = self.desc_count.saturating_add(1);
+            }
             if desc.flags & VIRTQ_DESC_F_INDIRECT != 0 {
                 if in_indirect {
                     return Err(ChainError::NestedIndirect);
@@ -247,40 +308,146 @@ impl DescriptorChain {
                 continue;
             }
             let writable = desc.flags & VIRTQ_DESC_F_WRITE != 0;
-            if writable {
-                seen_writable = true;
-                self.writable_len = self
-                    .writable_len
-                    .checked_add(desc.len)
-                    .ok_or(ChainError::LengthOverflow)?;
-            } else {
-                // §2.7.4.2 orders descriptors whatever their length.
-                if seen_writable {
-                    return Err(ChainError::ReadableAfterWritable);
-                }
-                self.readable_len = self
-                    .readable_len
-                    .checked_add(desc.len)
-                    .ok_or(ChainError::LengthOverflow)?;
-            }
-            self.readable_len
-                .checked_add(self.writable_len)
-                .ok_or(ChainError::LengthOverflow)?;
-            let list = if writable {
-                &mut self.writable
-            } else {
-                &mut self.readable
-            };
-            mem.for_each_piece(desc.addr, u64::from(desc.len), |base, len| {
-                list.push(Segment {
-                    base,
-                    len: len as usize,
-                })
-            })?;
+            self.push_buffer(mem, desc.addr, desc.len, writable, &mut seen_writable)?;
             if desc.flags & VIRTQ_DESC_F_NEXT == 0 {
                 return Ok(());
             }
             index = desc.next;
+        }
+    }
+
+    /// Empties the chain for a new walk.
+    fn reset(&mut self, head: u16) {
+        self.head = head;
+        self.desc_count = 0;
+        self.readable.clear();
+        self.writable.clear();
+        self.readable_len = 0;
+        self.writable_len = 0;
+    }
+
+    /// Adds one buffer to the chain: ordering (§2.7.4.2, §2.8.4), length overflow, and
+    /// translation into host segments.
+    fn push_buffer(
+        &mut self,
+        mem: &GuestMemory,
+        addr: u64,
+        len: u32,
+        writable: bool,
+        seen_writable: &mut bool,
+    ) -> Result<(), ChainError> {
+        if writable {
+            *seen_writable = true;
+            self.writable_len = self
+                .writable_len
+                .checked_add(len)
+                .ok_or(ChainError::LengthOverflow)?;
+        } else {
+            // §2.7.4.2 orders descriptors whatever their length.
+            if *seen_writable {
+                return Err(ChainError::ReadableAfterWritable);
+            }
+            self.readable_len = self
+                .readable_len
+                .checked_add(len)
+                .ok_or(ChainError::LengthOverflow)?;
+        }
+        self.readable_len
+            .checked_add(self.writable_len)
+            .ok_or(ChainError::LengthOverflow)?;
+        let list = if writable {
+            &mut self.writable
+        } else {
+            &mut self.readable
+        };
+        mem.for_each_piece(addr, u64::from(len), |base, len| {
+            list.push(Segment {
+                base,
+                len: len as usize,
+            })
+        })?;
+        Ok(())
+    }
+
+    /// Walks and validates the packed-ring chain whose head is at `slot` of the descriptor
+    /// ring at host address `ring` with `ring_len` slots, the head being available under
+    /// driver wrap counter `wrap`; fills `self`.
+    ///
+    /// The chain follows NEXT across consecutive slots, wrapping at the ring end (where the
+    /// wrap counter toggles); every descriptor must be available under the wrap counter of
+    /// its slot. The buffer ID comes from the last ring descriptor. An INDIRECT descriptor
+    /// (without NEXT, so it ends the chain) points to a table of `len / 16` consecutive
+    /// descriptors whose NEXT flags and IDs are ignored.
+    ///
+    /// [`DescriptorChain::desc_count`] is the number of ring slots read, also when an
+    /// error is returned (at least 1): what the caller consumes.
+    ///
+    /// # Safety
+    /// `ring` must point to `ring_len` descriptors of mapped memory that stays mapped while
+    /// `mem` is alive, and `slot < ring_len`.
+    pub(crate) unsafe fn parse_packed(
+        &mut self,
+        mem: &GuestMemory,
+        ring: *const u8,
+        ring_len: u16,
+        slot: u16,
+        wrap: bool,
+        indirect_allowed: bool,
+    ) -> Result<(), ChainError> {
+        self.reset(0);
+        let (mut slot, mut wrap) = (slot, wrap);
+        let mut seen_writable = false;
+        loop {
+            if self.desc_count >= ring_len {
+                return Err(ChainError::TooLong {
+                    table_len: u32::from(ring_len),
+                });
+            }
+            // SAFETY: slot < ring_len (the caller's head, then kept in range by the wrap
+            // below) in a ring the caller proved mapped.
+            let desc = unsafe { RawPackedDesc::read(ring, slot) };
+            self.desc_count += 1;
+            if !packed_available(desc.flags, wrap) {
+                return Err(ChainError::Unavailable { slot });
+            }
+            if desc.flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                if !indirect_allowed {
+                    return Err(ChainError::IndirectNotNegotiated);
+                }
+                if desc.flags & VIRTQ_DESC_F_NEXT != 0 {
+                    return Err(ChainError::IndirectWithNext);
+                }
+                let max = u32::from(ring_len);
+                let entries = desc.len / DESC_SIZE as u32;
+                if desc.len == 0 || desc.len % DESC_SIZE as u32 != 0 || entries > max {
+                    return Err(ChainError::IndirectBadLength { len: desc.len, max });
+                }
+                let table = mem.translate(desc.addr, u64::from(desc.len))?;
+                // entries <= ring_len <= u16::MAX.
+                for index in 0..entries as u16 {
+                    // SAFETY: index < entries, and the table's len = 16·entries bytes were
+                    // translated above into live guest memory.
+                    let e = unsafe { RawPackedDesc::read(table, index) };
+                    if e.flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                        return Err(ChainError::NestedIndirect);
+                    }
+                    let writable = e.flags & VIRTQ_DESC_F_WRITE != 0;
+                    self.push_buffer(mem, e.addr, e.len, writable, &mut seen_writable)?;
+                }
+                self.head = desc.id;
+                return Ok(());
+            }
+            let writable = desc.flags & VIRTQ_DESC_F_WRITE != 0;
+            self.push_buffer(mem, desc.addr, desc.len, writable, &mut seen_writable)?;
+            if desc.flags & VIRTQ_DESC_F_NEXT == 0 {
+                self.head = desc.id;
+                return Ok(());
+            }
+            slot += 1;
+            if slot >= ring_len {
+                slot = 0;
+                wrap = !wrap;
+            }
         }
     }
 
@@ -294,6 +461,7 @@ impl DescriptorChain {
         let sum = |v: &[Segment]| v.iter().map(|s| s.len as u32).sum();
         Self {
             head,
+            desc_count: 1,
             readable_len: sum(&readable),
             writable_len: sum(&writable),
             readable,

@@ -13,6 +13,7 @@ pub mod features;
 pub mod inflight;
 pub mod interrupts;
 pub mod memory;
+pub mod packed;
 pub mod split;
 pub mod stats;
 pub mod status;

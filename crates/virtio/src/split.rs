@@ -57,6 +57,14 @@ pub enum QueueError {
         /// Queue size.
         size: u16,
     },
+    /// Packed ring: the vring base's slot (bits 0..14) is not below the queue size.
+    #[error("Invalid packed vring base {base:#06x}: slot past queue size {size}")]
+    InvalidBase {
+        /// The encoded base (bit 15: wrap counter).
+        base: u16,
+        /// Queue size.
+        size: u16,
+    },
     /// A malformed descriptor chain.
     #[error("Descriptor chain at head {head}: {error}")]
     Chain {
