@@ -8,8 +8,11 @@
 //!
 //! A vring runs (is owned by a [`QueueWorker`]) while it is started (SET_VRING_KICK
 //! received, not stopped by GET_VRING_BASE), enabled, fully addressed, and a memory table
-//! exists. Any change to what a running worker uses (memory table, kick/call/err fds) stops
-//! the worker, applies the change and starts it again with the ring state it handed back.
+//! exists. The device puts its vrings in worker groups ([`VirtioDevice::queue_group`]): the
+//! ready vrings of a group run in one worker (virtio-net: a queue pair). Any change to what
+//! a running worker uses (memory table, kick/err fds, a vring joining or leaving the group)
+//! stops the worker, applies the change and starts it again with the ring state it handed
+//! back.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,10 +23,10 @@ use uvdpa_virtio::inflight::InflightMap;
 use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
 use uvdpa_virtio::memory::MAX_REGIONS;
 use uvdpa_virtio::stats::{QueueStatsRef, StatsTable};
-use uvdpa_virtio::worker::{QueueHandler, QueueWorker, StopError, WorkerParams};
+use uvdpa_virtio::worker::{GroupHandler, QueueWorker, StopError, WorkerParams, WorkerQueue};
 use uvdpa_virtio::{
-    DeviceStatus, GuestMemory, MemoryRegion, SplitQueue, StatusMachine, VirtioDevice,
-    VirtioFeatures, VringConfig,
+    DeviceStatus, GuestMemory, MemoryRegion, StatusMachine, VirtioDevice, VirtioFeatures,
+    Virtqueue, VringConfig,
 };
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
@@ -87,11 +90,21 @@ struct Vring {
     err: Option<Arc<OwnedFd>>,
     started: bool,
     enabled: bool,
-    worker: Option<QueueWorker>,
-    handler: Option<Box<dyn QueueHandler>>,
+    /// Owned by its group's running worker.
+    running: bool,
     /// Resource entries of the running vring (virtqueue, worker, call vector); released
     /// when the worker hands the ring back.
     tracked: Vec<ResHandle>,
+}
+
+/// The vrings one worker runs together.
+#[derive(Default)]
+struct Group {
+    worker: Option<QueueWorker>,
+    /// Kept between runs (reconnects and restarts reuse it).
+    handler: Option<Box<dyn GroupHandler>>,
+    /// Vring indices of the group, ascending.
+    members: Vec<usize>,
 }
 
 /// Where a session records its resources (restrack, seed 003): the tracker and the
@@ -132,6 +145,9 @@ pub struct Session {
     needs_reset: Arc<AtomicBool>,
     mem: Option<Arc<GuestMemory>>,
     vrings: Vec<Vring>,
+    /// Worker groups, and the group of each vring.
+    groups: Vec<Group>,
+    group_of: Vec<usize>,
     stats: Arc<StatsTable>,
     state: Arc<std::sync::Mutex<SessionState>>,
     res: Option<ResCtx>,
@@ -222,7 +238,19 @@ impl Session {
             device.mandated_features() | mandated,
         )
         .with_strict_order(false);
-        let vrings = (0..device.num_queues()).map(|_| Vring::default()).collect();
+        let n = device.num_queues();
+        let vrings = (0..n).map(|_| Vring::default()).collect();
+        // Group ids are the device's, clamped into range (an out-of-range id runs alone).
+        let group_of: Vec<usize> = (0..n)
+            .map(|i| match device.queue_group(i) {
+                g if g < n => usize::from(g),
+                _ => usize::from(i),
+            })
+            .collect();
+        let mut groups: Vec<Group> = (0..n).map(|_| Group::default()).collect();
+        for (i, &g) in group_of.iter().enumerate() {
+            groups[g].members.push(i);
+        }
         Self {
             name: name.to_string(),
             conn,
@@ -233,6 +261,8 @@ impl Session {
             needs_reset: Arc::new(AtomicBool::new(false)),
             mem: None,
             vrings,
+            groups,
+            group_of,
             stats,
             state,
             frontend: frontend_pid.map_or_else(Owner::current, Owner::of_pid),
@@ -294,7 +324,7 @@ impl Session {
         st.features = self.acked.bits();
         st.protocol_features = self.protocol.bits();
         st.status = self.device_status().bits();
-        st.running_vrings = self.vrings.iter().filter(|v| v.worker.is_some()).count() as u16;
+        st.running_vrings = self.vrings.iter().filter(|v| v.running).count() as u16;
     }
 
     /// The connection (to poll it).
@@ -519,10 +549,21 @@ impl Session {
                 expect_fds("SET_VRING_BASE", req, 0)?;
                 let s: VhostUserVringState = decode("SET_VRING_BASE", &req.body)?;
                 let i = self.vring_index(s.index)?;
-                let base = u16::try_from(s.num).map_err(|_| Error::InvalidParam {
-                    request: "SET_VRING_BASE",
-                    reason: format!("base {} does not fit 16 bits", { s.num }),
-                })?;
+                // Split: the next avail index. Packed: bits 0..14 the next avail slot, bit
+                // 15 its wrap counter; some frontends add the used index and wrap counter in
+                // bits 16..31, which this device does not need (it completes in order, so
+                // they equal the avail ones) and ignores.
+                let packed = self.acked.contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
+                let base = match u16::try_from(s.num) {
+                    Ok(b) => b,
+                    Err(_) if packed => s.num as u16,
+                    Err(_) => {
+                        return Err(Error::InvalidParam {
+                            request: "SET_VRING_BASE",
+                            reason: format!("base {} does not fit 16 bits", { s.num }),
+                        })
+                    }
+                };
                 self.reconfigure(i, |v| v.base = base)?;
                 Ok(None)
             }
@@ -535,6 +576,8 @@ impl Session {
                 v.started = false;
                 v.kick = None;
                 let reply = VhostUserVringState::new(s.index, u32::from(v.base));
+                // The other vrings of its group keep running.
+                self.update_vring(i)?;
                 Ok(Some(reply.as_slice().to_vec()))
             }
             R::SET_VRING_KICK | R::SET_VRING_CALL | R::SET_VRING_ERR => {
@@ -737,15 +780,13 @@ impl Session {
             self.status.check_features(device_bits)?;
         }
         self.status.set_driver_features(device_bits);
-        if features.contains(VirtioFeatures::VIRTIO_RING_F_EVENT_IDX)
-            != self.acked.contains(VirtioFeatures::VIRTIO_RING_F_EVENT_IDX)
-            || features.contains(VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC)
-                != self
-                    .acked
-                    .contains(VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC)
-        {
-            // Ring features changed: running rings restart with the new layout rules.
+        if features != self.acked {
+            // Ring layout rules and the device's handlers depend on the features: running
+            // rings restart with new handlers.
             let running = self.stop_running_vrings();
+            for g in &mut self.groups {
+                g.handler = None;
+            }
             self.acked = features;
             for i in running {
                 self.update_vring(i)?;
@@ -806,6 +847,9 @@ impl Session {
         }
         for v in &mut self.vrings {
             *v = Vring::default();
+        }
+        for g in &mut self.groups {
+            g.handler = None;
         }
         self.status.reset();
         self.needs_reset.store(false, Ordering::Release);
@@ -1009,7 +1053,7 @@ impl Session {
     /// returns their indices, for `update_vring` to start them again.
     fn stop_running_vrings(&mut self) -> Vec<usize> {
         let running: Vec<usize> = (0..self.vrings.len())
-            .filter(|&i| self.vrings[i].worker.is_some())
+            .filter(|&i| self.vrings[i].running)
             .collect();
         for &i in &running {
             self.stop_vring(i);
@@ -1021,20 +1065,29 @@ impl Session {
         self.stop_vring_with(i, false);
     }
 
-    /// Stops vring `i`; with `drain`, chains already in its avail ring are completed first.
+    /// Stops vring `i`'s group; with `drain`, chains already in the avail rings are
+    /// completed first.
     fn stop_vring_with(&mut self, i: usize, drain: bool) {
-        let Some(v) = self.vrings.get_mut(i) else {
+        let Some(&g) = self.group_of.get(i) else {
             return;
         };
-        let Some(worker) = v.worker.take() else {
+        let Some(worker) = self.groups[g].worker.take() else {
             return;
         };
         let stopped = worker.stop_timeout(drain, STOP_TIMEOUT);
-        v.tracked.clear();
+        for &m in &self.groups[g].members {
+            let v = &mut self.vrings[m];
+            v.tracked.clear();
+            v.running = false;
+        }
         match stopped {
             Ok(exit) => {
-                v.base = exit.queue.next_avail();
-                v.handler = Some(exit.handler);
+                for q in &exit.queues {
+                    if let Some(v) = self.vrings.get_mut(usize::from(q.index)) {
+                        v.base = q.queue.next_avail();
+                    }
+                }
+                self.groups[g].handler = Some(exit.handler);
                 if let Some(e) = exit.error {
                     debug!(device = %self.name, vring = i, "stopped after error: {e}");
                 }
@@ -1058,82 +1111,115 @@ impl Session {
         }
     }
 
-    /// Starts vring `i` if it is started, enabled, addressed, and memory exists.
+    /// Whether vring `i` can run: started, enabled, addressed, sized, memory present, and
+    /// the device not waiting for a reset.
+    fn vring_ready(&self, i: usize) -> bool {
+        let Some(v) = self.vrings.get(i) else {
+            return false;
+        };
+        self.mem.is_some()
+            && v.addr.is_some()
+            && v.kick.is_some()
+            && v.started
+            && v.enabled
+            && v.size != 0
+            && !self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// Starts vring `i`'s group with every ready vring of it (restarting the group's
+    /// worker if `i` is ready but not part of it yet).
     fn update_vring(&mut self, i: usize) -> Result<(), Error> {
+        let Some(&g) = self.group_of.get(i) else {
+            return Ok(());
+        };
+        let members = self.groups[g].members.clone();
+        let ready: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|&m| self.vring_ready(m))
+            .collect();
+        if self.groups[g].worker.is_some() {
+            if ready.iter().all(|&m| self.vrings[m].running) {
+                return Ok(());
+            }
+            self.stop_vring(i);
+        }
+        if ready.is_empty() {
+            return Ok(());
+        }
         let Some(mem) = self.mem.clone() else {
             return Ok(());
         };
         let features = self.acked;
-        let Some(v) = self.vrings.get_mut(i) else {
-            return Ok(());
-        };
-        let (Some((desc, avail, used)), Some(kick)) = (v.addr, v.kick.clone()) else {
-            return Ok(());
-        };
-        if v.worker.is_some()
-            || !v.started
-            || !v.enabled
-            || v.size == 0
-            || self.needs_reset.load(Ordering::Acquire)
-        {
-            return Ok(());
+        let packed = features.contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
+        let mut queues = Vec::with_capacity(ready.len());
+        for &m in &ready {
+            let index = m as u16;
+            let v = &self.vrings[m];
+            let (Some((desc, avail, used)), Some(kick)) = (v.addr, v.kick.clone()) else {
+                continue;
+            };
+            let cfg = VringConfig {
+                size: v.size,
+                desc_addr: desc,
+                avail_addr: avail,
+                used_addr: used,
+                next_avail: v.base,
+                event_idx: features.contains(VirtioFeatures::VIRTIO_RING_F_EVENT_IDX),
+                indirect: features.contains(VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC),
+                addrs_are_uaddr: true,
+            };
+            let mut queue = Virtqueue::new(&cfg, mem.clone(), packed)
+                .map_err(|source| Error::Vring { index, source })?;
+            if let Some(t) = self
+                .inflight
+                .as_ref()
+                .and_then(|m| m.queue(index, cfg.size))
+            {
+                if !queue.set_inflight(t) {
+                    debug!(device = %self.name, vring = m, "inflight tracking is not supported on packed rings");
+                }
+            }
+            queues.push(WorkerQueue {
+                index,
+                queue,
+                kick,
+                call: self.vectors.handle(index).ok(),
+                err: v.err.clone(),
+                stats: QueueStatsRef::new(self.stats.clone(), m).ok_or(Error::Worker {
+                    index,
+                    reason: "no stats entry for this queue".into(),
+                })?,
+            });
         }
-        let index = i as u16;
-        let cfg = VringConfig {
-            size: v.size,
-            desc_addr: desc,
-            avail_addr: avail,
-            used_addr: used,
-            next_avail: v.base,
-            event_idx: features.contains(VirtioFeatures::VIRTIO_RING_F_EVENT_IDX),
-            indirect: features.contains(VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC),
-            addrs_are_uaddr: true,
-        };
-        let mut queue =
-            SplitQueue::new(&cfg, mem).map_err(|source| Error::Vring { index, source })?;
-        if let Some(t) = self
-            .inflight
-            .as_ref()
-            .and_then(|m| m.queue(index, cfg.size))
-        {
-            queue.set_inflight(t);
-        }
-        let handler = match v.handler.take() {
+        let first = ready[0] as u16;
+        let handler = match self.groups[g].handler.take() {
             Some(h) => h,
             None => self
                 .device
-                .queue_handler(index, features)
+                .group_handler(g as u16, features)
                 .map_err(|e| Error::Device(e.0))?,
         };
         let needs_reset = self.needs_reset.clone();
         let state = self.state.clone();
         let backend = self.backend.clone();
         let name = self.name.clone();
+        let thread = format!("{}-q{}", self.name, first);
         // The worker thread itself holds a reference to the device entry, so a worker stuck
         // in a backend request keeps the device "in use" until it really ends.
         let hold = self
             .res
             .as_ref()
             .and_then(|c| c.tracker.lookup(c.device.ty, c.device.id))
-            .map(|r| {
-                Box::new(r.get(&format!("worker {}-q{}", self.name, i)))
-                    as Box<dyn std::any::Any + Send>
-            });
+            .map(|r| Box::new(r.get(&format!("worker {thread}"))) as Box<dyn std::any::Any + Send>);
         let params = WorkerParams {
-            name: format!("{}-q{}", self.name, i),
-            queue,
-            kick,
-            call: self.vectors.handle(index).ok(),
-            err: v.err.clone(),
+            name: thread,
+            queues,
             handler,
-            stats: QueueStatsRef::new(self.stats.clone(), i).ok_or(Error::Worker {
-                index,
-                reason: "no stats entry for this queue".into(),
-            })?,
             poll: self.poll,
             hold,
             on_error: Arc::new(move |e| {
-                warn!(device = %name, vring = index, "Virtqueue failed, device needs reset: {e}");
+                warn!(device = %name, vring = first, "Virtqueue failed, device needs reset: {e}");
                 needs_reset.store(true, Ordering::Release);
                 // Visible to `dev show` at once, not only after the next request.
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -1147,11 +1233,21 @@ impl Session {
             }),
         };
         let worker = QueueWorker::spawn(params).map_err(|e| Error::Worker {
-            index,
+            index: first,
             reason: e.to_string(),
         })?;
-        v.worker = Some(worker);
-        debug!(device = %self.name, vring = i, size = v.size, base = v.base, "vring started");
+        self.groups[g].worker = Some(worker);
+        for &m in &ready {
+            self.vrings[m].running = true;
+            self.track_vring(m);
+            debug!(device = %self.name, vring = m, size = self.vrings[m].size, base = self.vrings[m].base, "vring started");
+        }
+        Ok(())
+    }
+
+    /// Resource entries of running vring `i`: virtqueue, its worker, its call vector.
+    fn track_vring(&mut self, i: usize) {
+        let index = i as u16;
         let qname = format!("{}-q{}", self.name, i);
         let parent = self.session_id();
         let me = Owner::current();
@@ -1178,7 +1274,6 @@ impl Session {
         if let Some(v) = self.vrings.get_mut(i) {
             v.tracked = tracked;
         }
-        Ok(())
     }
 
     /// Ends the session: every vring completes the chains already in its avail ring and

@@ -5,7 +5,7 @@
 //! device supplies its feature offer, its config space and one [`QueueHandler`] per queue.
 
 use crate::features::VirtioFeatures;
-use crate::worker::{DeviceFault, QueueHandler};
+use crate::worker::{ChainGroup, DeviceFault, GroupHandler, QueueHandler};
 
 /// A software virtio device served by a transport.
 ///
@@ -54,6 +54,29 @@ pub trait VirtioDevice: Send + Sync {
         index: u16,
         features: VirtioFeatures,
     ) -> Result<Box<dyn QueueHandler>, DeviceFault>;
+
+    /// The worker group queue `index` runs in. Queues of one group are owned by one worker
+    /// thread together (virtio-net: the receive and transmit queue of a pair). The default
+    /// puts every queue in its own group, numbered as the queue. Groups are numbered below
+    /// [`VirtioDevice::num_queues`].
+    fn queue_group(&self, index: u16) -> u16 {
+        index
+    }
+
+    /// The processor of worker group `group`, given the negotiated features. The default
+    /// runs [`VirtioDevice::queue_handler`] of queue `group` per chain ([`ChainGroup`]).
+    ///
+    /// # Errors
+    /// A [`DeviceFault`] if the group cannot be served.
+    fn group_handler(
+        &self,
+        group: u16,
+        features: VirtioFeatures,
+    ) -> Result<Box<dyn GroupHandler>, DeviceFault> {
+        Ok(Box::new(ChainGroup::new(
+            self.queue_handler(group, features)?,
+        )))
+    }
 
     /// Makes completed writes durable (file backends: fdatasync). Called when a frontend
     /// disconnects and at shutdown. The default does nothing.

@@ -1,5 +1,5 @@
 //! uvdpa's virtio core: feature bits, the device status machine, guest memory and split
-//! virtqueues with validated descriptor chains (virtio 1.2 §2).
+//! and packed virtqueues with validated descriptor chains (virtio 1.2 §2).
 //!
 //! Nothing in this crate trusts the driver: every ring index, descriptor address, length and
 //! flag read from guest memory is checked before it is used, and a malformed input is an
@@ -14,6 +14,7 @@ pub mod inflight;
 pub mod interrupts;
 pub mod memory;
 pub mod packed;
+pub mod queue;
 pub mod split;
 pub mod stats;
 pub mod status;
@@ -23,5 +24,6 @@ pub use chain::{ChainError, DescriptorChain, Segment};
 pub use device::VirtioDevice;
 pub use features::VirtioFeatures;
 pub use memory::{GuestMemory, MemoryError, MemoryRegion};
+pub use queue::Virtqueue;
 pub use split::{QueueError, SplitQueue, VringConfig};
 pub use status::{DeviceStatus, StatusError, StatusMachine};

@@ -27,7 +27,7 @@ pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum QueueError {
     /// The queue size is 0, not a power of two, or above 32768.
-    #[error("Invalid queue size {0} (a power of two, 1..=32768)")]
+    #[error("Invalid queue size {0} (1..=32768, and a power of two for a split ring)")]
     InvalidSize(u32),
     /// A ring address is misaligned.
     #[error("Misaligned {ring} ring address {addr:#x} (needs {align}-byte alignment)")]
@@ -206,6 +206,12 @@ impl SplitQueue {
     /// The next avail ring index the device will consume (what GET_VRING_BASE returns).
     pub fn next_avail(&self) -> u16 {
         self.next_avail
+    }
+
+    /// Sets the next avail index back to `base` (see [`crate::Virtqueue::rewind`]). Not for
+    /// use with inflight tracking (the entries would stay marked).
+    pub fn rewind(&mut self, base: u16) {
+        self.next_avail = base;
     }
 
     /// The next used ring index the device will fill.

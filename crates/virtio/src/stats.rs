@@ -6,7 +6,7 @@
 //! costs no request per sample.
 //!
 //! Layout (stable, little-endian u64 counters, 8 per entry, entry `i` at byte `64 * i`):
-//! `requests, bytes_read, bytes_written, kicks, calls, calls_suppressed, errors, reserved`.
+//! `requests, bytes_read, bytes_written, kicks, calls, calls_suppressed, errors, drops`.
 
 use std::io;
 use std::ops::Deref;
@@ -33,7 +33,9 @@ pub struct QueueStats {
     pub calls_suppressed: AtomicU64,
     /// Queue or device errors that stopped the queue.
     pub errors: AtomicU64,
-    reserved: AtomicU64,
+    /// Frames (virtio-net) the device dropped: malformed or oversized on transmit, no
+    /// receive buffer space on receive.
+    pub drops: AtomicU64,
 }
 
 /// Size in bytes of one [`QueueStats`] entry.
@@ -159,7 +161,7 @@ impl Deref for QueueStatsRef {
             calls: AtomicU64::new(0),
             calls_suppressed: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            reserved: AtomicU64::new(0),
+            drops: AtomicU64::new(0),
         };
         self.table.queue(self.index).unwrap_or(&EMPTY)
     }

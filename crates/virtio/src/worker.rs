@@ -1,14 +1,21 @@
-//! The queue worker: one thread that owns one virtqueue while it runs (DESIGN.md, "Data
-//! path"). It waits on the kick eventfd with epoll, drains the avail ring in batches,
-//! publishes used entries once per batch and signals the call eventfd at most once per
-//! batch, honouring VIRTIO_RING_F_EVENT_IDX / VRING_AVAIL_F_NO_INTERRUPT.
+//! The queue worker: one thread that owns a group of virtqueues while it runs (DESIGN.md,
+//! "Data path"). Most devices run one queue per worker; virtio-net runs a receive and a
+//! transmit queue together, so a frame can move from one to the other without a hand-off.
 //!
-//! [`QueueWorker::spawn`] hands the queue to the worker; [`QueueWorker::stop`] takes it
-//! back with its ring state, after the request being processed has completed. No lock is
+//! The worker waits on the group's kick eventfds (and an optional backend eventfd) with
+//! epoll, asks its [`GroupHandler`] to process what is available, and optionally busy-polls
+//! with kicks suppressed. [`ChainGroup`] is the handler of per-request devices (virtio-blk,
+//! the net control queue): it drains the avail ring in batches, publishes used entries once
+//! per batch and signals the call eventfd at most once per batch, honouring
+//! VIRTIO_RING_F_EVENT_IDX / VRING_AVAIL_F_NO_INTERRUPT (or the packed ring's event
+//! suppression).
+//!
+//! [`QueueWorker::spawn`] hands the queues to the worker; [`QueueWorker::stop`] takes them
+//! back with their ring state, after the request being processed has completed. No lock is
 //! taken per request.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -20,10 +27,11 @@ use thiserror::Error;
 
 use crate::chain::DescriptorChain;
 use crate::interrupts::{Fired, VectorHandle};
-use crate::split::{QueueError, SplitQueue};
+use crate::queue::Virtqueue;
+use crate::split::QueueError;
 use crate::stats::QueueStatsRef;
 
-/// A device's request processor for one queue.
+/// A device's request processor for one queue, driven by [`ChainGroup`].
 pub trait QueueHandler: Send {
     /// Processes one validated chain and returns the number of bytes written into its
     /// device-writable part (the used length). Request-level failures are reported to the
@@ -42,6 +50,46 @@ pub trait QueueHandler: Send {
     fn end_batch(&mut self) -> Result<(), DeviceFault> {
         Ok(())
     }
+}
+
+/// What a worker runs over its queues.
+///
+/// # Contract
+/// `queues` holds the group's queues that are ready, in index order; any subset of the
+/// group may be present (a driver configures queues one at a time). [`GroupHandler::process`]
+/// returns only when no work is left *with notifications enabled*, so the worker may sleep.
+pub trait GroupHandler: Send {
+    /// Processes everything available, publishing used entries and signalling the driver
+    /// (see [`WorkerQueue::finish_batch`]). Must check [`WorkerCtl::abandoned`] after any
+    /// call that can block, and then return [`WorkerError::Abandoned`] without touching
+    /// the rings again.
+    ///
+    /// # Errors
+    /// A [`WorkerError`] stops the group and marks the device DEVICE_NEEDS_RESET.
+    fn process(&mut self, queues: &mut [WorkerQueue], ctl: &WorkerCtl) -> Result<(), WorkerError>;
+
+    /// Whether work is waiting, without blocking (used while busy-polling, with
+    /// notifications suppressed).
+    ///
+    /// # Errors
+    /// As [`GroupHandler::process`].
+    fn has_work(&mut self, queues: &mut [WorkerQueue]) -> Result<bool, WorkerError> {
+        for q in queues.iter() {
+            if q.queue.has_available()? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// An extra fd to wake on (edge-triggered), e.g. a backend's receive readiness.
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// Called once when the worker ends, with the queues still owned (for handlers that
+    /// hold resources tied to the run).
+    fn stopped(&mut self, _queues: &mut [WorkerQueue]) {}
 }
 
 /// A device failure that stops the queue (the device needs a reset).
@@ -66,25 +114,64 @@ pub enum WorkerError {
     Wait(rustix::io::Errno),
 }
 
-/// Everything a worker needs to run one queue.
-pub struct WorkerParams {
-    /// Thread name (shown by `ps`/`top`), e.g. `blk0-q0`.
-    pub name: String,
-    /// The queue, handed over to the worker.
-    pub queue: SplitQueue,
+/// One virtqueue as a worker runs it: the ring and its eventfds and counters.
+pub struct WorkerQueue {
+    /// Virtqueue index within the device.
+    pub index: u16,
+    /// The ring.
+    pub queue: Virtqueue,
     /// Kick eventfd (driver → device).
     pub kick: Arc<OwnedFd>,
-    /// Call eventfd (device → driver); `None` means the driver polls.
+    /// Call vector (device → driver); `None` means the driver polls.
     pub call: Option<VectorHandle>,
     /// Error eventfd signalled when the queue fails (vhost-user SET_VRING_ERR).
     pub err: Option<Arc<OwnedFd>>,
-    /// The device's request processor for this queue.
-    pub handler: Box<dyn QueueHandler>,
     /// Counters.
     pub stats: QueueStatsRef,
-    /// Called once, from the worker thread, when the queue fails.
+}
+
+impl WorkerQueue {
+    /// Publishes the used entries added since the last publish, adds `done` requests and
+    /// the byte counts to the counters, and signals the driver if it wants a notification
+    /// (the vector applies masking and coalescing, seed 001).
+    pub fn finish_batch(&mut self, done: u64, read: u64, written: u64) {
+        self.queue.publish_used();
+        self.stats.requests.fetch_add(done, Ordering::Relaxed);
+        self.stats.bytes_read.fetch_add(read, Ordering::Relaxed);
+        self.stats
+            .bytes_written
+            .fetch_add(written, Ordering::Relaxed);
+        self.notify();
+    }
+
+    /// Signals the driver for what was published, if its event suppression asks for it.
+    pub fn notify(&mut self) {
+        if self.queue.needs_notification() {
+            if let Some(v) = &self.call {
+                if v.fire() == Fired::Sent {
+                    self.stats.calls.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        } else {
+            self.stats.calls_suppressed.fetch_add(1, Ordering::Relaxed);
+            if let Some(v) = &self.call {
+                v.note_event_idx_suppressed();
+            }
+        }
+    }
+}
+
+/// Everything a worker needs to run a group of queues.
+pub struct WorkerParams {
+    /// Thread name (shown by `ps`/`top`), e.g. `blk0-q0`.
+    pub name: String,
+    /// The queues, handed over to the worker (at least one).
+    pub queues: Vec<WorkerQueue>,
+    /// What processes them.
+    pub handler: Box<dyn GroupHandler>,
+    /// Called once, from the worker thread, when the group fails.
     pub on_error: Arc<dyn Fn(&WorkerError) + Send + Sync>,
-    /// Adaptive busy-polling: after the ring runs empty, keep looking at it for this long
+    /// Adaptive busy-polling: after the rings run empty, keep looking at them for this long
     /// (with kicks suppressed) before sleeping in epoll. Zero turns polling off.
     pub poll: Duration,
     /// Kept alive for as long as the worker thread runs and dropped when it ends — also
@@ -95,10 +182,10 @@ pub struct WorkerParams {
 
 /// What a stopped worker hands back.
 pub struct WorkerExit {
-    /// The queue with its ring state (`next_avail` is the vring base).
-    pub queue: SplitQueue,
-    /// The request processor.
-    pub handler: Box<dyn QueueHandler>,
+    /// The queues with their ring state (`next_avail` is the vring base).
+    pub queues: Vec<WorkerQueue>,
+    /// The processor.
+    pub handler: Box<dyn GroupHandler>,
     /// The failure that stopped processing, if any.
     pub error: Option<WorkerError>,
 }
@@ -107,16 +194,30 @@ pub struct WorkerExit {
 pub struct QueueWorker {
     thread: JoinHandle<WorkerExit>,
     stop: Arc<OwnedFd>,
-    flags: Arc<StopFlags>,
+    flags: Arc<WorkerCtl>,
 }
 
-/// How the owner asks the worker to stop.
+/// How the owner tells the worker (and its handler) to stop.
 #[derive(Debug, Default)]
-struct StopFlags {
+pub struct WorkerCtl {
     stop: AtomicBool,
     drain: AtomicBool,
-    /// The owner gave up waiting: the worker must not touch the ring again.
+    /// The owner gave up waiting: the worker must not touch the rings again.
     abandoned: AtomicBool,
+}
+
+impl WorkerCtl {
+    /// The owner gave up waiting for a stuck request: do not touch the rings again.
+    #[inline]
+    pub fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
+    }
+
+    /// The owner asked the worker to stop (handlers may end a long batch early).
+    #[inline]
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
 }
 
 /// Why a bounded stop did not hand the queue back.
@@ -130,23 +231,33 @@ pub enum StopError {
     Stuck(JoinHandle<WorkerExit>),
 }
 
-const KICK: u64 = 0;
-const STOP: u64 = 1;
+const STOP: u64 = u64::MAX;
+const WAKE: u64 = u64::MAX - 1;
 
 impl QueueWorker {
-    /// Starts a worker thread that owns `params.queue` until [`QueueWorker::stop`].
+    /// Starts a worker thread that owns `params.queues` until [`QueueWorker::stop`].
     ///
     /// # Errors
     /// Creating the stop eventfd, the epoll instance or the thread failed.
     pub fn spawn(params: WorkerParams) -> io::Result<Self> {
         let stop = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
         let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-        epoll::add(
-            &ep,
-            params.kick.as_fd(),
-            epoll::EventData::new_u64(KICK),
-            epoll::EventFlags::IN,
-        )?;
+        for (k, q) in params.queues.iter().enumerate() {
+            epoll::add(
+                &ep,
+                q.kick.as_fd(),
+                epoll::EventData::new_u64(k as u64),
+                epoll::EventFlags::IN,
+            )?;
+        }
+        if let Some(fd) = params.handler.wake_fd() {
+            epoll::add(
+                &ep,
+                fd,
+                epoll::EventData::new_u64(WAKE),
+                epoll::EventFlags::IN | epoll::EventFlags::ET,
+            )?;
+        }
         epoll::add(
             &ep,
             &stop,
@@ -154,7 +265,7 @@ impl QueueWorker {
             epoll::EventFlags::IN,
         )?;
         let name = params.name.clone();
-        let flags = Arc::new(StopFlags::default());
+        let flags = Arc::new(WorkerCtl::default());
         let f = flags.clone();
         let thread = std::thread::Builder::new()
             .name(name)
@@ -171,11 +282,11 @@ impl QueueWorker {
         })
     }
 
-    /// Asks the worker to stop after the batch in progress and returns the queue. Chains
-    /// still in the avail ring stay there (the vring base says where to resume).
+    /// Asks the worker to stop after the batch in progress and returns the queues. Chains
+    /// still in the avail rings stay there (the vring base says where to resume).
     ///
     /// # Errors
-    /// The worker thread panicked (a bug; the queue is lost).
+    /// The worker thread panicked (a bug; the queues are lost).
     pub fn stop(self) -> Result<WorkerExit, String> {
         self.flags.stop.store(true, Ordering::Release);
         let _ = rustix::io::write(&*self.stop, &1u64.to_ne_bytes());
@@ -184,18 +295,14 @@ impl QueueWorker {
             .map_err(|_| "queue worker panicked".to_string())
     }
 
-    /// As [`QueueWorker::stop`], but first completes every chain already in the avail ring
+    /// As [`QueueWorker::stop`], but first completes every chain already in the avail rings
     /// (at most one ring's worth), so a device going away answers the requests it was given.
     ///
     /// # Errors
-    /// The worker thread panicked (a bug; the queue is lost).
+    /// The worker thread panicked (a bug; the queues are lost).
     pub fn stop_drained(self) -> Result<WorkerExit, String> {
         self.flags.drain.store(true, Ordering::Release);
-        self.flags.stop.store(true, Ordering::Release);
-        let _ = rustix::io::write(&*self.stop, &1u64.to_ne_bytes());
-        self.thread
-            .join()
-            .map_err(|_| "queue worker panicked".to_string())
+        self.stop()
     }
 
     /// As [`QueueWorker::stop`] (or [`QueueWorker::stop_drained`] with `drain`), waiting at
@@ -203,7 +310,7 @@ impl QueueWorker {
     /// the frontend (seed 004).
     ///
     /// # Errors
-    /// [`StopError::Stuck`] when the worker did not stop in time (the ring is abandoned;
+    /// [`StopError::Stuck`] when the worker did not stop in time (the rings are abandoned;
     /// the caller marks the device DEVICE_NEEDS_RESET), [`StopError::Panicked`].
     pub fn stop_timeout(self, drain: bool, timeout: Duration) -> Result<WorkerExit, StopError> {
         if drain {
@@ -240,34 +347,19 @@ fn drain(fd: &OwnedFd) -> Result<(), rustix::io::Errno> {
     }
 }
 
-/// Drains the ring until it is empty with notifications enabled.
-fn process(
-    p: &mut WorkerParams,
-    chain: &mut DescriptorChain,
-    flags: &StopFlags,
-) -> Result<(), WorkerError> {
-    let budget = usize::from(p.queue.size());
-    loop {
-        p.queue.set_notification(false)?;
-        let mut batch = Batch::default();
-        // A failure part-way still publishes what the batch completed before it, so
-        // well-formed requests ahead of a hostile chain are answered.
-        let outcome = run_batch(p, chain, flags, budget, &mut batch);
-        if matches!(outcome, Err(WorkerError::Abandoned)) {
-            // The owner gave up on this worker: publish nothing, signal nothing.
-            return outcome;
-        }
-        if batch.done > 0 {
-            let ended = p.handler.end_batch();
-            finish_batch(p, &batch);
-            ended?;
-        }
-        outcome?;
-        if batch.done == budget {
-            continue;
-        }
-        if !p.queue.set_notification(true)? {
-            return Ok(());
+/// The [`GroupHandler`] of a per-request device: one queue, one [`QueueHandler`] call per
+/// chain, completions published and signalled once per batch (at most one ring's worth).
+pub struct ChainGroup {
+    handler: Box<dyn QueueHandler>,
+    chain: DescriptorChain,
+}
+
+impl ChainGroup {
+    /// Wraps a per-chain handler.
+    pub fn new(handler: Box<dyn QueueHandler>) -> Self {
+        Self {
+            handler,
+            chain: DescriptorChain::default(),
         }
     }
 }
@@ -280,91 +372,113 @@ struct Batch {
     written: u64,
 }
 
-fn run_batch(
-    p: &mut WorkerParams,
-    chain: &mut DescriptorChain,
-    flags: &StopFlags,
-    budget: usize,
-    b: &mut Batch,
-) -> Result<(), WorkerError> {
-    while b.done < budget && p.queue.pop(chain)? {
-        let len = p.handler.handle(chain)?;
-        if flags.abandoned.load(Ordering::Acquire) {
-            // The owner gave up on us while the request ran: leave the ring alone.
-            return Err(WorkerError::Abandoned);
+impl ChainGroup {
+    fn run_batch(
+        &mut self,
+        q: &mut WorkerQueue,
+        ctl: &WorkerCtl,
+        budget: usize,
+        b: &mut Batch,
+    ) -> Result<(), WorkerError> {
+        while b.done < budget && q.queue.pop(&mut self.chain)? {
+            let len = self.handler.handle(&self.chain)?;
+            if ctl.abandoned() {
+                // The owner gave up on us while the request ran: leave the ring alone.
+                return Err(WorkerError::Abandoned);
+            }
+            q.queue.add_used(&self.chain, len);
+            b.read += u64::from(self.chain.readable_len());
+            b.written += u64::from(len);
+            b.done += 1;
         }
-        p.queue.add_used(chain.head(), len);
-        b.read += u64::from(chain.readable_len());
-        b.written += u64::from(len);
-        b.done += 1;
+        Ok(())
     }
-    Ok(())
 }
 
-/// Publishes a batch's used entries and signals the driver if it wants it.
-fn finish_batch(p: &mut WorkerParams, b: &Batch) {
-    p.queue.publish_used();
-    p.stats.requests.fetch_add(b.done as u64, Ordering::Relaxed);
-    p.stats.bytes_read.fetch_add(b.read, Ordering::Relaxed);
-    p.stats
-        .bytes_written
-        .fetch_add(b.written, Ordering::Relaxed);
-    if p.queue.needs_notification() {
-        // The vector applies masking and coalescing (seed 001).
-        if let Some(v) = &p.call {
-            if v.fire() == Fired::Sent {
-                p.stats.calls.fetch_add(1, Ordering::Relaxed);
+impl GroupHandler for ChainGroup {
+    fn process(&mut self, queues: &mut [WorkerQueue], ctl: &WorkerCtl) -> Result<(), WorkerError> {
+        for q in queues.iter_mut() {
+            let budget = usize::from(q.queue.size());
+            loop {
+                q.queue.set_notification(false)?;
+                let mut batch = Batch::default();
+                // A failure part-way still publishes what the batch completed before it,
+                // so well-formed requests ahead of a hostile chain are answered.
+                let outcome = self.run_batch(q, ctl, budget, &mut batch);
+                if matches!(outcome, Err(WorkerError::Abandoned)) {
+                    // The owner gave up on this worker: publish nothing, signal nothing.
+                    return outcome;
+                }
+                if batch.done > 0 {
+                    let ended = self.handler.end_batch();
+                    q.finish_batch(batch.done as u64, batch.read, batch.written);
+                    ended?;
+                }
+                outcome?;
+                if batch.done == budget {
+                    continue;
+                }
+                if !q.queue.set_notification(true)? {
+                    break;
+                }
             }
         }
-    } else {
-        p.stats.calls_suppressed.fetch_add(1, Ordering::Relaxed);
-        if let Some(v) = &p.call {
-            v.note_event_idx_suppressed();
-        }
+        Ok(())
     }
 }
 
-/// Spins on the avail ring for up to `p.poll` with kicks suppressed; returns whether work
-/// arrived (kicks stay suppressed then, as `process` wants them).
-fn poll_for_work(p: &mut WorkerParams, flags: &StopFlags) -> Result<bool, WorkerError> {
-    if flags.abandoned.load(Ordering::Acquire) {
+/// Spins on the rings for up to `p.poll` with kicks suppressed; returns whether work
+/// arrived. Notifications are re-enabled before returning (`process` suppresses them
+/// again while it works).
+fn poll_for_work(p: &mut WorkerParams, flags: &WorkerCtl) -> Result<bool, WorkerError> {
+    if flags.abandoned() {
         return Ok(false);
     }
-    p.queue.set_notification(false)?;
+    for q in p.queues.iter_mut() {
+        q.queue.set_notification(false)?;
+    }
     let deadline = Instant::now() + p.poll;
+    let mut spins = 0u32;
     loop {
-        if p.queue.available()? > 0 {
+        if p.handler.has_work(&mut p.queues)? {
             return Ok(true);
         }
-        if flags.stop.load(Ordering::Acquire) || Instant::now() >= deadline {
+        spins = spins.wrapping_add(1);
+        // Reading the clock costs more than a ring check: look at it every 64 spins.
+        if spins.is_multiple_of(64) && (flags.stopping() || Instant::now() >= deadline) {
             break;
         }
         std::hint::spin_loop();
     }
-    Ok(p.queue.set_notification(true)?)
+    let mut work = false;
+    for q in p.queues.iter_mut() {
+        work |= q.queue.set_notification(true)?;
+    }
+    Ok(work || p.handler.has_work(&mut p.queues)?)
 }
 
 fn fail(p: &mut WorkerParams, error: &mut Option<WorkerError>, e: WorkerError) {
-    p.stats.errors.fetch_add(1, Ordering::Relaxed);
-    if let Some(err) = &p.err {
-        signal(err);
+    for q in &p.queues {
+        q.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(err) = &q.err {
+            signal(err);
+        }
     }
     (p.on_error)(&e);
     *error = Some(e);
 }
 
-fn run(mut p: WorkerParams, ep: OwnedFd, flags: &StopFlags, _stop: &OwnedFd) -> WorkerExit {
-    let mut chain = DescriptorChain::default();
+fn run(mut p: WorkerParams, ep: OwnedFd, flags: &WorkerCtl, _stop: &OwnedFd) -> WorkerExit {
     let mut error: Option<WorkerError> = None;
     let mut events = [epoll::Event {
         flags: epoll::EventFlags::empty(),
         data: epoll::EventData::new_u64(0),
-    }; 2];
-    // Chains may already be waiting when the queue is (re)started: look before sleeping.
+    }; 8];
+    // Chains may already be waiting when the queues are (re)started: look before sleeping.
     let mut work = true;
-    while !flags.stop.load(Ordering::Acquire) {
+    while !flags.stopping() {
         if work && error.is_none() {
-            if let Err(e) = process(&mut p, &mut chain, flags) {
+            if let Err(e) = p.handler.process(&mut p.queues, flags) {
                 fail(&mut p, &mut error, e);
             }
         }
@@ -379,13 +493,15 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &StopFlags, _stop: &OwnedFd) -> 
                 Err(e) => fail(&mut p, &mut error, e),
             }
         }
-        if flags.stop.load(Ordering::Acquire) {
+        if flags.stopping() {
             break;
         }
         // Going idle: deliver a signal that coalescing held back.
-        if let Some(v) = &p.call {
-            if v.flush() {
-                p.stats.calls.fetch_add(1, Ordering::Relaxed);
+        for q in &p.queues {
+            if let Some(v) = &q.call {
+                if v.flush() {
+                    q.stats.calls.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         let n = match epoll::wait(&ep, &mut events[..], None) {
@@ -397,22 +513,29 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &StopFlags, _stop: &OwnedFd) -> 
             }
         };
         for ev in events.iter().take(n) {
-            if ev.data.u64() == KICK {
-                p.stats.kicks.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = drain(&p.kick) {
-                    error.get_or_insert(WorkerError::Wait(e));
+            match ev.data.u64() {
+                STOP => {}
+                WAKE => work = true,
+                k => {
+                    if let Some(q) = p.queues.get(k as usize) {
+                        q.stats.kicks.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = drain(&q.kick) {
+                            error.get_or_insert(WorkerError::Wait(e));
+                        }
+                        work = true;
+                    }
                 }
-                work = true;
             }
         }
     }
     if flags.drain.load(Ordering::Acquire) && error.is_none() {
-        if let Err(e) = process(&mut p, &mut chain, flags) {
+        if let Err(e) = p.handler.process(&mut p.queues, flags) {
             fail(&mut p, &mut error, e);
         }
     }
+    p.handler.stopped(&mut p.queues);
     WorkerExit {
-        queue: p.queue,
+        queues: p.queues,
         handler: p.handler,
         error,
     }
@@ -423,12 +546,24 @@ mod tests {
     use super::*;
     use crate::memory::{GuestMemory, MemoryRegion};
     use crate::split::testing::DriverQueue;
+    use crate::split::SplitQueue;
     use crate::stats::StatsTable;
 
     struct Echo;
     impl QueueHandler for Echo {
         fn handle(&mut self, chain: &DescriptorChain) -> Result<u32, DeviceFault> {
             Ok(chain.writable_len())
+        }
+    }
+
+    fn one_queue(queue: SplitQueue, kick: Arc<OwnedFd>, table: &Arc<StatsTable>) -> WorkerQueue {
+        WorkerQueue {
+            index: 0,
+            queue: Virtqueue::Split(queue),
+            kick,
+            call: None,
+            err: None,
+            stats: crate::stats::QueueStatsRef::new(table.clone(), 0).unwrap(),
         }
     }
 
@@ -441,12 +576,8 @@ mod tests {
         let table = StatsTable::new("t", 1).unwrap();
         let w = QueueWorker::spawn(WorkerParams {
             name: "test-q0".into(),
-            queue,
-            kick: kick.clone(),
-            call: None,
-            err: None,
-            handler: Box::new(Echo),
-            stats: crate::stats::QueueStatsRef::new(table.clone(), 0).unwrap(),
+            queues: vec![one_queue(queue, kick.clone(), &table)],
+            handler: Box::new(ChainGroup::new(Box::new(Echo))),
             on_error: Arc::new(|_| {}),
             poll,
             hold: None,
@@ -475,7 +606,7 @@ mod tests {
         }
         assert_eq!(seen, 3);
         let exit = w.stop().unwrap();
-        assert_eq!(exit.queue.next_avail(), 3);
+        assert_eq!(exit.queues[0].queue.next_avail(), 3);
         assert!(exit.error.is_none());
         assert_eq!(table.queue(0).unwrap().requests.load(Ordering::Relaxed), 3);
     }
@@ -502,14 +633,11 @@ mod tests {
         dq.add_chain(&[(0x8_0000, 16, true)]);
         dq.publish();
         let held = Arc::new(());
+        let kick = Arc::new(eventfd(0, EventfdFlags::CLOEXEC).unwrap());
         let w = QueueWorker::spawn(WorkerParams {
             name: "stuck-q0".into(),
-            queue,
-            kick: Arc::new(eventfd(0, EventfdFlags::CLOEXEC).unwrap()),
-            call: None,
-            err: None,
-            handler: Box::new(Stuck(entered_tx, rx)),
-            stats: crate::stats::QueueStatsRef::new(table, 0).unwrap(),
+            queues: vec![one_queue(queue, kick, &table)],
+            handler: Box::new(ChainGroup::new(Box::new(Stuck(entered_tx, rx)))),
             on_error: Arc::new(|_| {}),
             poll: Duration::ZERO,
             hold: Some(Box::new(held.clone())),
@@ -547,7 +675,7 @@ mod tests {
         }
         dq.publish();
         let exit = w.stop_drained().unwrap();
-        assert_eq!(exit.queue.next_avail(), 5);
+        assert_eq!(exit.queues[0].queue.next_avail(), 5);
         let mut seen = 0;
         while dq.pop_used().is_some() {
             seen += 1;
@@ -583,6 +711,6 @@ mod tests {
         assert!(suppressed);
         // stop() interrupts the polling window.
         let exit = w.stop().unwrap();
-        assert_eq!(exit.queue.next_avail(), 1);
+        assert_eq!(exit.queues[0].queue.next_avail(), 1);
     }
 }
