@@ -107,6 +107,23 @@ struct Group {
     members: Vec<usize>,
 }
 
+/// The device's worker groups for `features`, and the group of each vring. Group ids are
+/// the device's, clamped into range (an out-of-range id runs alone).
+fn queue_groups(device: &dyn VirtioDevice, features: VirtioFeatures) -> (Vec<Group>, Vec<usize>) {
+    let n = device.num_queues();
+    let group_of: Vec<usize> = (0..n)
+        .map(|i| match device.queue_group(i, features) {
+            g if g < n => usize::from(g),
+            _ => usize::from(i),
+        })
+        .collect();
+    let mut groups: Vec<Group> = (0..n).map(|_| Group::default()).collect();
+    for (i, &g) in group_of.iter().enumerate() {
+        groups[g].members.push(i);
+    }
+    (groups, group_of)
+}
+
 /// Where a session records its resources (restrack, seed 003): the tracker and the
 /// device entry its entries hang under.
 #[derive(Clone)]
@@ -240,17 +257,7 @@ impl Session {
         .with_strict_order(false);
         let n = device.num_queues();
         let vrings = (0..n).map(|_| Vring::default()).collect();
-        // Group ids are the device's, clamped into range (an out-of-range id runs alone).
-        let group_of: Vec<usize> = (0..n)
-            .map(|i| match device.queue_group(i) {
-                g if g < n => usize::from(g),
-                _ => usize::from(i),
-            })
-            .collect();
-        let mut groups: Vec<Group> = (0..n).map(|_| Group::default()).collect();
-        for (i, &g) in group_of.iter().enumerate() {
-            groups[g].members.push(i);
-        }
+        let (groups, group_of) = queue_groups(&*device, VirtioFeatures::empty());
         Self {
             name: name.to_string(),
             conn,
@@ -784,9 +791,8 @@ impl Session {
             // Ring layout rules and the device's handlers depend on the features: running
             // rings restart with new handlers.
             let running = self.stop_running_vrings();
-            for g in &mut self.groups {
-                g.handler = None;
-            }
+            // New handlers, and the queue layout for these features.
+            (self.groups, self.group_of) = queue_groups(&*self.device, features);
             self.acked = features;
             for i in running {
                 self.update_vring(i)?;
@@ -848,9 +854,7 @@ impl Session {
         for v in &mut self.vrings {
             *v = Vring::default();
         }
-        for g in &mut self.groups {
-            g.handler = None;
-        }
+        (self.groups, self.group_of) = queue_groups(&*self.device, VirtioFeatures::empty());
         self.status.reset();
         self.needs_reset.store(false, Ordering::Release);
         self.acked = VirtioFeatures::empty();

@@ -55,11 +55,13 @@ pub trait VirtioDevice: Send + Sync {
         features: VirtioFeatures,
     ) -> Result<Box<dyn QueueHandler>, DeviceFault>;
 
-    /// The worker group queue `index` runs in. Queues of one group are owned by one worker
-    /// thread together (virtio-net: the receive and transmit queue of a pair). The default
-    /// puts every queue in its own group, numbered as the queue. Groups are numbered below
+    /// The worker group queue `index` runs in once `features` are negotiated (the queue
+    /// layout can depend on them: virtio-net's control queue is queue 2 without
+    /// VIRTIO_NET_F_MQ). Queues of one group are owned by one worker thread together
+    /// (virtio-net: the receive and transmit queue of a pair). The default puts every queue
+    /// in its own group, numbered as the queue. Groups are numbered below
     /// [`VirtioDevice::num_queues`].
-    fn queue_group(&self, index: u16) -> u16 {
+    fn queue_group(&self, index: u16, _features: VirtioFeatures) -> u16 {
         index
     }
 

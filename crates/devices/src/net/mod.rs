@@ -8,9 +8,15 @@
 //!   for the data path ([`ctrl::NetCtrlState`]).
 //! - [`tap`]: a Linux TAP interface with one queue per queue pair.
 //! - [`switch`]: an in-daemon L2 learning switch connecting devices.
+//! - [`device`]: [`device::NetDevice`], the device a transport serves.
+//! - [`pair`]: the data path of one queue pair (receive and transmit queue in one worker).
+
+pub use device::{NetBackendSpec, NetDevice, NetDeviceError};
 
 pub mod config;
 pub mod ctrl;
+pub mod device;
 pub mod hdr;
+pub mod pair;
 pub mod switch;
 pub mod tap;
