@@ -8,8 +8,9 @@
 #        FORCE=1          rebuild even if up to date
 #
 # The initramfs holds /bin/busybox (busybox-static) with applet symlinks,
-# our ./init, and the virtio-blk-on-PCI modules (plus their modules.dep
-# dependencies) decompressed, in load order listed in /etc/uvdpa-modules.
+# our ./init, and the virtio-blk and virtio-net on PCI modules (plus their
+# modules.dep dependencies, e.g. net_failover and failover for virtio_net)
+# decompressed, in load order listed in /etc/uvdpa-modules.
 # Prints the kernel path (OUT_DIR/kernel, a symlink) on stdout.
 set -euo pipefail
 
@@ -19,7 +20,8 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
 # Modules we need; dependencies are resolved from modules.dep.
-WANT_MODULES=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk)
+WANT_MODULES=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk
+              failover net_failover virtio_net)
 
 log() { echo "build-initramfs: $*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -2,16 +2,31 @@
 # Boot the uvdpa test guest under QEMU (TCG) and report its result.
 #
 # usage: run-guest.sh (--vhost-user-blk SOCK | --drive FILE) [options]
+#        run-guest.sh (--vhost-user-net SOCK | --tap-net IFNAME)... [options]
 #   --vhost-user-blk SOCK  attach a vhost-user-blk device served on SOCK
-#   --reconnect SECS       with --vhost-user-blk: chardev reconnect=SECS, so QEMU
-#                          (re)connects in the background, retrying every SECS;
-#                          SOCK need not exist yet and the backend may restart
+#   --reconnect SECS       with --vhost-user-blk/-net: chardev reconnect=SECS, so
+#                          QEMU (re)connects in the background, retrying every
+#                          SECS; SOCK need not exist yet and the backend may restart
 #   --drive FILE           use QEMU's own virtio-blk on a raw FILE (self-test)
-#   --queues N             virtqueues of the device (default 1)
+#   --queues N             virtqueues of the blk device (default 1)
+#   --vhost-user-net SOCK  attach a virtio-net device whose backend is the
+#                          vhost-user-net server on SOCK (repeatable: one NIC each)
+#   --tap-net IFNAME       attach a virtio-net device on QEMU's own tap backend
+#                          (-netdev tap,ifname=IFNAME,script=no,downscript=no;
+#                          QEMU creates the tap if it does not exist; repeatable).
+#                          NICs appear in the guest as eth0, eth1, ... in the
+#                          order of the --vhost-user-net/--tap-net options
+#   --net-mac MAC          MAC of the next NIC (the i-th --net-mac goes to the
+#                          i-th NIC; default: QEMU's 52:54:00:12:34:56 + index)
+#   --net-queues Q         queue pairs of every NIC (default 1; Q > 1 adds
+#                          queues=Q to the netdev and mq=on to the device)
+#   --packed               packed virtqueues: packed=on on every virtio device
+#                          (blk and net; used only if the backend offers it)
 #   --smp N                guest vCPUs (default 1)
-#   --mode verify|write|read|loop, --seed N, --count N, --bs BYTES, --secs N
-#                          passed to the guest as uvdpa.* (see ./init)
-#   --append STR           extra kernel command line (e.g. uvdpa.selftest=corrupt)
+#   --mode verify|write|read|loop|ping|responder, --seed N, --count N, --bs BYTES,
+#   --secs N               passed to the guest as uvdpa.* (see ./init)
+#   --append STR           extra kernel command line (e.g. uvdpa.selftest=corrupt,
+#                          or "uvdpa.ip=10.77.0.2/24 uvdpa.peer=10.77.0.1")
 #   --timeout SECS         kill QEMU after SECS (default 120)
 #   --qemu-pidfile FILE    QEMU writes its pid to FILE (-pidfile; removed when
 #                          QEMU exits normally)
@@ -31,10 +46,19 @@ die() { echo "run-guest: $*" >&2; exit 3; }
 
 sock="" drive="" queues=1 smp=1 timeout_s=120 initrd_dir="$here/out"
 mode=verify seed="" count="" bs="" secs="" append="" reconnect="" pidfile=""
+nets=() macs=() net_queues=1 packed=""
 while [[ $# -gt 0 ]]; do
-    [[ $# -ge 2 ]] || { [[ "$1" == -h || "$1" == --help ]] && usage; die "missing value for $1"; }
+    case "$1" in
+        -h | --help) usage ;;
+        --packed) packed=",packed=on"; shift; continue ;;
+    esac
+    [[ $# -ge 2 ]] || die "missing value for $1"
     case "$1" in
         --vhost-user-blk) sock="$2" ;;
+        --vhost-user-net) nets+=("vu:$2") ;;
+        --tap-net) nets+=("tap:$2") ;;
+        --net-mac) macs+=("$2") ;;
+        --net-queues) net_queues="$2" ;;
         --drive) drive="$2" ;;
         --queues) queues="$2" ;;
         --smp) smp="$2" ;;
@@ -52,12 +76,18 @@ while [[ $# -gt 0 ]]; do
     esac
     shift 2
 done
-[[ -n "$sock" || -n "$drive" ]] || die "need --vhost-user-blk SOCK or --drive FILE"
+[[ -n "$sock" || -n "$drive" || ${#nets[@]} -gt 0 ]] ||
+    die "need --vhost-user-blk SOCK, --drive FILE, --vhost-user-net SOCK or --tap-net IFNAME"
 [[ -z "$sock" || -z "$drive" ]] || die "--vhost-user-blk and --drive are exclusive"
-for v in "$queues" "$smp" "$timeout_s" ${reconnect:+"$reconnect"}; do
+for v in "$queues" "$smp" "$timeout_s" "$net_queues" ${reconnect:+"$reconnect"}; do
     [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "bad number: $v"
 done
-[[ -z "$reconnect" || -n "$sock" ]] || die "--reconnect needs --vhost-user-blk"
+[[ -z "$reconnect" || -n "$sock" || " ${nets[*]} " == *" vu:"* ]] ||
+    die "--reconnect needs --vhost-user-blk or --vhost-user-net"
+[[ ${#macs[@]} -le ${#nets[@]} ]] || die "more --net-mac than NICs"
+for m in ${macs[@]+"${macs[@]}"}; do
+    [[ "$m" =~ ^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$ ]] || die "bad MAC: $m"
+done
 
 "$here/build-initramfs.sh" "$initrd_dir" > /dev/null
 kernel="$initrd_dir/kernel"
@@ -77,21 +107,44 @@ args=(-accel tcg -cpu max -smp "$smp" -nodefaults -no-reboot -display none -seri
       -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem -m 256M
       -kernel "$kernel" -initrd "$initrd" -append "$cmdline")
 [[ -z "$pidfile" ]] || args+=(-pidfile "$pidfile")
-if [[ -n "$sock" ]]; then
+# vu_chardev ID SOCK: the -chardev value for a vhost-user socket
+vu_chardev() {
     if [[ -n "$reconnect" ]]; then
         # QEMU retries in the background; the socket may appear later
-        chardev="socket,id=c0,path=${sock//,/,,},reconnect=$reconnect"
+        echo "socket,id=$1,path=${2//,/,,},reconnect=$reconnect"
     else
-        [[ -S "$sock" ]] || die "$sock is not a socket"
-        chardev="socket,id=c0,path=${sock//,/,,}"
+        [[ -S "$2" ]] || die "$2 is not a socket"
+        echo "socket,id=$1,path=${2//,/,,}"
     fi
-    args+=(-chardev "$chardev" -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues")
-else
+}
+if [[ -n "$sock" ]]; then
+    chardev="$(vu_chardev c0 "$sock")"
+    args+=(-chardev "$chardev" -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues$packed")
+elif [[ -n "$drive" ]]; then
     [[ -f "$drive" ]] || die "$drive is not a file"
     # QEMU option values escape ',' by doubling it
     args+=(-drive "file=${drive//,/,,},if=none,id=d0,format=raw,cache=none"
-           -device "virtio-blk-pci,drive=d0,num-queues=$queues")
+           -device "virtio-blk-pci,drive=d0,num-queues=$queues$packed")
 fi
+# NICs.  vectors=0 (legacy INTx, no MSI-X): QEMU 7.2 under TCG crashes when a
+# virtio-net-pci with a vhost-user backend uses MSI-X, and QEMU's own tap NICs
+# get the same setting so the self-test runs the guest driver the same way.
+mq=""
+[[ "$net_queues" == 1 ]] || mq=",mq=on"
+for i in "${!nets[@]}"; do
+    kind="${nets[$i]%%:*}" val="${nets[$i]#*:}"
+    case "$kind" in
+        vu)
+            chardev="$(vu_chardev "cn$i" "$val")"
+            args+=(-chardev "$chardev" -netdev "vhost-user,id=n$i,chardev=cn$i,queues=$net_queues") ;;
+        tap)
+            [[ "$val" =~ ^[A-Za-z0-9_.-]{1,15}$ ]] || die "bad interface name: $val"
+            netdev="tap,id=n$i,ifname=$val,script=no,downscript=no"
+            [[ "$net_queues" == 1 ]] || netdev+=",queues=$net_queues"
+            args+=(-netdev "$netdev") ;;
+    esac
+    args+=(-device "virtio-net-pci,netdev=n$i,vectors=0${macs[$i]:+,mac=${macs[$i]}}$mq$packed")
+done
 # shellcheck disable=SC2206 # QEMU_EXTRA is split on purpose
 [[ -z "${QEMU_EXTRA:-}" ]] || args+=(${QEMU_EXTRA})
 
