@@ -8,8 +8,9 @@ use crate::config::{DeviceEntry, SizeValue};
 pub enum Cmd {
     /// `mgmtdev show`
     MgmtdevShow,
-    /// `dev add name NAME mgmtdev blk [ATTR VALUE | FLAG]...`
-    DevAdd(Box<DeviceEntryArgs>),
+    /// `dev add name NAME mgmtdev blk|net [ATTR VALUE | FLAG]...`: the attributes as a
+    /// config-file entry, validated by the daemon with the same code as the file.
+    DevAdd(Box<DeviceEntry>),
     /// `dev del NAME`
     DevDel(String),
     /// `dev show [NAME]`
@@ -50,101 +51,48 @@ pub enum Cmd {
     },
 }
 
-/// The attributes of `dev add`, as they will be validated by the daemon.
-#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
-pub struct DeviceEntryArgs {
-    /// Device name.
-    pub name: Option<String>,
-    /// mgmtdev.
-    pub mgmtdev: Option<String>,
-    /// Backend.
-    pub backend: Option<String>,
-    /// Size text ("64M").
-    pub size: Option<String>,
-    /// File path.
-    pub path: Option<String>,
-    /// O_DIRECT.
-    pub direct: bool,
-    /// Read-only.
-    pub ro: bool,
-    /// Queues.
-    pub queues: Option<u16>,
-    /// Queue size.
-    pub queue_size: Option<u16>,
-    /// Serial.
-    pub serial: Option<String>,
-    /// Logical block size.
-    pub logical_block_size: Option<u32>,
-    /// Busy-poll window in µs.
-    pub poll_us: Option<u32>,
-    /// Mandated features by name.
-    pub mandate: Option<Vec<String>>,
-    /// Initial coalescing, µs.
-    pub coalesce_usecs: Option<u32>,
-    /// Initial coalescing, batches.
-    pub coalesce_frames: Option<u32>,
-}
-
-impl DeviceEntryArgs {
-    /// The config-file entry these attributes stand for (validated by the same code).
-    pub fn to_entry(&self) -> DeviceEntry {
-        DeviceEntry {
-            name: self.name.clone(),
-            mgmtdev: self.mgmtdev.clone(),
-            backend: self.backend.clone(),
-            size: self.size.clone().map(SizeValue::Text),
-            path: self.path.clone().map(Into::into),
-            direct: Some(self.direct),
-            queues: self.queues,
-            queue_size: self.queue_size,
-            read_only: Some(self.ro),
-            serial: self.serial.clone(),
-            logical_block_size: self.logical_block_size,
-            poll_us: self.poll_us,
-            mandate: self.mandate.clone(),
-            coalesce_usecs: self.coalesce_usecs,
-            coalesce_frames: self.coalesce_frames,
-        }
-    }
-}
-
 fn number<T: std::str::FromStr>(attr: &str, v: &str) -> Result<T, String> {
     v.parse()
         .map_err(|_| format!("Attribute {attr}: {v:?} is not a valid number"))
 }
 
+/// Parses the attributes of `dev add` into the config-file entry they stand for. Blk:
+/// `backend size path direct ro queues queue_size serial logical_block_size`; net:
+/// `backend mac mtu max_vqp (or queue_pairs) queue_size tap switch frame_len`; both:
+/// `poll_us mandate coalesce_usecs coalesce_frames`. Which attributes fit which mgmtdev
+/// and their ranges are checked by [`DeviceEntry::validate`].
 fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
-    let mut a = DeviceEntryArgs::default();
+    let mut e = DeviceEntry::default();
     let mut it = args.iter();
     while let Some(key) = it.next() {
-        let mut value = |k: &str| {
+        let k = key.as_str();
+        let mut value = || {
             it.next()
                 .cloned()
                 .ok_or_else(|| format!("Attribute {k} needs a value"))
         };
-        match key.as_str() {
-            "name" => a.name = Some(value("name")?),
-            "mgmtdev" => a.mgmtdev = Some(value("mgmtdev")?),
-            "backend" => a.backend = Some(value("backend")?),
-            "size" => a.size = Some(value("size")?),
-            "path" => a.path = Some(value("path")?),
-            "serial" => a.serial = Some(value("serial")?),
-            "queues" => a.queues = Some(number("queues", &value("queues")?)?),
-            "queue_size" => a.queue_size = Some(number("queue_size", &value("queue_size")?)?),
-            "logical_block_size" => {
-                a.logical_block_size =
-                    Some(number("logical_block_size", &value("logical_block_size")?)?)
-            }
-            "poll_us" => a.poll_us = Some(number("poll_us", &value("poll_us")?)?),
-            "mandate" => a.mandate = Some(value("mandate")?.split(',').map(String::from).collect()),
-            "coalesce_usecs" => {
-                a.coalesce_usecs = Some(number("coalesce_usecs", &value("coalesce_usecs")?)?)
-            }
-            "coalesce_frames" => {
-                a.coalesce_frames = Some(number("coalesce_frames", &value("coalesce_frames")?)?)
-            }
-            "ro" => a.ro = true,
-            "direct" => a.direct = true,
+        match k {
+            "name" => e.name = Some(value()?),
+            "mgmtdev" => e.mgmtdev = Some(value()?),
+            "backend" => e.backend = Some(value()?),
+            "size" => e.size = Some(SizeValue::Text(value()?)),
+            "path" => e.path = Some(value()?.into()),
+            "serial" => e.serial = Some(value()?),
+            "queues" => e.queues = Some(number(k, &value()?)?),
+            "queue_size" => e.queue_size = Some(number(k, &value()?)?),
+            "logical_block_size" => e.logical_block_size = Some(number(k, &value()?)?),
+            "mac" => e.mac = Some(value()?),
+            "mtu" => e.mtu = Some(number(k, &value()?)?),
+            "max_vqp" | "queue_pairs" => e.queue_pairs = Some(number(k, &value()?)?),
+            "tap" => e.tap = Some(value()?),
+            "switch" => e.switch = Some(value()?),
+            "frame_len" => e.frame_len = Some(number(k, &value()?)?),
+            "poll_us" => e.poll_us = Some(number(k, &value()?)?),
+            "mandate" => e.mandate = Some(value()?.split(',').map(String::from).collect()),
+            "coalesce_usecs" => e.coalesce_usecs = Some(number(k, &value()?)?),
+            "coalesce_frames" => e.coalesce_frames = Some(number(k, &value()?)?),
+            "ro" => e.read_only = Some(true),
+            "direct" => e.direct = Some(true),
             other => {
                 return Err(format!(
                     "Unknown attribute {other:?} (see `uvdpa mgmtdev show` for the attributes)"
@@ -152,13 +100,13 @@ fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
             }
         }
     }
-    if a.name.is_none() {
+    if e.name.is_none() {
         return Err("dev add needs `name NAME`".into());
     }
-    if a.mgmtdev.is_none() {
+    if e.mgmtdev.is_none() {
         return Err("dev add needs `mgmtdev MGMTDEV`".into());
     }
-    Ok(Cmd::DevAdd(Box::new(a)))
+    Ok(Cmd::DevAdd(Box::new(e)))
 }
 
 /// Parses `OBJECT COMMAND ARGS...`.
@@ -276,11 +224,42 @@ mod tests {
             panic!("dev add did not parse")
         };
         assert_eq!(a.name.as_deref(), Some("d1"));
-        assert_eq!(a.size.as_deref(), Some("64M"));
-        assert!(a.ro && !a.direct);
+        assert_eq!(a.size, Some(SizeValue::Text("64M".into())));
+        assert_eq!((a.read_only, a.direct), (Some(true), None));
         assert_eq!((a.queues, a.queue_size), (Some(2), Some(128)));
-        let spec = a.to_entry().validate(0).unwrap();
-        assert!(spec.blk.read_only);
+        let spec = a.validate(0).unwrap();
+        assert!(spec.blk().unwrap().read_only);
+    }
+
+    #[test]
+    fn net_dev_add_parses_into_the_config_entry() {
+        let Ok(Cmd::DevAdd(a)) = p(
+            "dev",
+            "add name n1 mgmtdev net backend switch switch sw0 mac 02:00:00:00:00:07 mtu 9000 \
+             max_vqp 4 queue_size 1024 poll_us 10 mandate VIRTIO_NET_F_MQ",
+        ) else {
+            panic!("dev add did not parse")
+        };
+        assert_eq!(a.queue_pairs, Some(4));
+        assert_eq!(a.mtu, Some(9000));
+        assert_eq!(a.switch.as_deref(), Some("sw0"));
+        assert_eq!(a.read_only, None, "no blk attribute set by default");
+        let spec = a.validate(0).unwrap();
+        let n = spec.net().unwrap();
+        assert_eq!(n.config.mac, [2, 0, 0, 0, 0, 7]);
+        assert_eq!((n.config.max_queue_pairs, n.queue_size), (4, 1024));
+        assert_eq!(spec.num_queues(), 9);
+        let Ok(Cmd::DevAdd(b)) = p(
+            "dev",
+            "add name n2 mgmtdev net queue_pairs 2 backend source frame_len 128",
+        ) else {
+            panic!("dev add did not parse")
+        };
+        assert_eq!((b.queue_pairs, b.frame_len), (Some(2), Some(128)));
+        // The same entry goes over the control socket as JSON.
+        let json = serde_json::to_value(&*a).unwrap();
+        let back: DeviceEntry = serde_json::from_value(json).unwrap();
+        assert_eq!(back, *a);
     }
 
     #[test]
@@ -291,6 +270,8 @@ mod tests {
         assert!(e("dev", "add name d1 mgmtdev blk colour red").contains("colour"));
         assert!(e("dev", "add name d1 mgmtdev blk queues").contains("queues needs a value"));
         assert!(e("dev", "add name d1 mgmtdev blk queues two").contains("queues"));
+        assert!(e("dev", "add name n1 mgmtdev net max_vqp x").contains("max_vqp"));
+        assert!(e("dev", "add name n1 mgmtdev net mac").contains("mac needs a value"));
         assert!(e("dev", "vstats show d1 qidx x").contains("qidx"));
         assert!(e("dev", "vstats show d1").contains("usage"));
         assert!(e("dev", "frobnicate").contains("frobnicate"));

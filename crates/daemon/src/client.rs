@@ -159,25 +159,37 @@ pub fn render_text(out: &mut impl Write, cmd: &Cmd, v: &Value) -> std::io::Resul
                 .into_iter()
                 .flatten()
                 .filter(|(k, _)| *k != "name")
-                .map(|(k, val)| vec![format!("  {k}"), val.to_string()])
+                .map(|(k, _)| vec![format!("  {k}"), s(c, k)])
                 .collect();
             table(out, &rows)?;
         }
         Cmd::DevVstatsShow { .. } => {
             let q = &v["vstats"];
-            writeln!(out, "{} qidx {}:", s(q, "name"), s(q, "qidx"))?;
-            let rows: Vec<Vec<String>> = [
-                "requests",
-                "bytes_read",
-                "bytes_written",
-                "kicks",
-                "calls",
-                "calls_suppressed",
-                "errors",
-            ]
-            .iter()
-            .map(|k| vec![format!("  {k}"), s(q, k)])
-            .collect();
+            let keys: &[&str] = if q.get("queue_type").is_some() {
+                writeln!(
+                    out,
+                    "{} qidx {} {}:",
+                    s(q, "name"),
+                    s(q, "qidx"),
+                    s(q, "queue_type")
+                )?;
+                &["packets", "bytes", "drops", "kicks", "calls", "errors"]
+            } else {
+                writeln!(out, "{} qidx {}:", s(q, "name"), s(q, "qidx"))?;
+                &[
+                    "requests",
+                    "bytes_read",
+                    "bytes_written",
+                    "kicks",
+                    "calls",
+                    "calls_suppressed",
+                    "errors",
+                ]
+            };
+            let rows: Vec<Vec<String>> = keys
+                .iter()
+                .map(|k| vec![format!("  {k}"), s(q, k)])
+                .collect();
             table(out, &rows)?;
         }
         Cmd::ResShow(None) => {
@@ -221,29 +233,46 @@ pub fn render_text(out: &mut impl Write, cmd: &Cmd, v: &Value) -> std::io::Resul
 }
 
 fn render_dev(out: &mut impl Write, d: &Value) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{}: mgmtdev {} backend {} state {} capacity {} queues {} queue_size {}{}",
+    let head = format!(
+        "{}: mgmtdev {} backend {} state {}",
         s(d, "name"),
         s(d, "mgmtdev"),
         s(d, "backend"),
         s(d, "state"),
-        s(d, "capacity"),
-        s(d, "queues"),
-        s(d, "queue_size"),
-        if d["read_only"] == json!(true) {
-            " ro"
-        } else {
-            ""
-        }
-    )?;
-    let rows = vec![
+    );
+    if d["mgmtdev"] == json!("net") {
+        writeln!(
+            out,
+            "{head} mac {} mtu {} max_vqp {} queue_size {}",
+            s(d, "mac"),
+            s(d, "mtu"),
+            s(d, "max_vqp"),
+            s(d, "queue_size"),
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{head} capacity {} queues {} queue_size {}{}",
+            s(d, "capacity"),
+            s(d, "queues"),
+            s(d, "queue_size"),
+            if d["read_only"] == json!(true) {
+                " ro"
+            } else {
+                ""
+            }
+        )?;
+    }
+    let mut rows = vec![
         vec!["  socket".to_string(), s(d, "socket")],
         vec!["  status".to_string(), s(d, "status")],
         vec!["  features".to_string(), s(d, "features")],
         vec!["  frontend_pid".to_string(), s(d, "frontend_pid")],
         vec!["  qemu".to_string(), s(d, "qemu")],
     ];
+    if d.get("testpmd").is_some() {
+        rows.push(vec!["  testpmd".to_string(), s(d, "testpmd")]);
+    }
     table(out, &rows)
 }
 

@@ -4,7 +4,7 @@
 //! ```toml
 //! [[device]]
 //! name = "blk0"            # 1..=32 of [A-Za-z0-9_.-], unique
-//! mgmtdev = "blk"          # device type; only "blk" today
+//! mgmtdev = "blk"          # device type: "blk" or "net"
 //! backend = "ram"          # ram | file | null
 //! size = "256M"            # bytes, or with K/M/G/T (binary) suffix; ram and null
 //! path = "/var/lib/disk.img"  # file backend
@@ -18,13 +18,34 @@
 //! mandate = ["VIRTIO_BLK_F_FLUSH"]  # features the driver must accept (FEATURES_OK)
 //! coalesce_usecs = 0       # interrupt coalescing per queue vector (0 = off)
 //! coalesce_frames = 0
+//!
+//! [[device]]
+//! name = "net0"
+//! mgmtdev = "net"
+//! backend = "loopback"     # loopback | tap | switch | sink | source
+//! mac = "02:00:00:00:00:01"  # unicast; default: generated from the name (locally administered)
+//! mtu = 1500               # 68..=65535 bytes
+//! queue_pairs = 1          # 1..=16 (rx/tx pairs; `max_vqp` on the command line)
+//! queue_size = 256         # 1..=32768
+//! tap = "uvdpa-net0"       # tap backend: interface name, at most 15 bytes
+//! switch = "sw0"           # switch backend (required there): in-daemon L2 switch name
+//! frame_len = 64           # source backend: 60..=mtu+14 bytes
+//! poll_us = 0              # as for blk, like mandate and coalesce_*
+//! mandate = ["VIRTIO_NET_F_MRG_RXBUF"]
 //! ```
+//!
+//! A field of the other device type (`size` on a net device, `mac` on a blk device) is an
+//! error naming it.
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uvdpa_devices::blk::{BackendSpec, BlkConfig};
+use uvdpa_devices::net::config::{
+    generate_mac, parse_mac, NetConfig, NetConfigError, DEFAULT_MTU, MAX_MTU, MIN_MTU,
+};
+use uvdpa_devices::net::device::{NetBackendSpec, MAX_NET_QUEUE_SIZE};
 
 /// Configuration errors.
 #[derive(Debug, Error)]
@@ -58,7 +79,7 @@ pub enum ConfigError {
 }
 
 /// A size given as a number of bytes or a string with a binary suffix.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum SizeValue {
     /// Bytes.
@@ -67,8 +88,9 @@ pub enum SizeValue {
     Text(String),
 }
 
-/// One `[[device]]` table as written.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// One `[[device]]` table as written, or the attributes of `uvdpa dev add` (the CLI builds
+/// one and sends it to the daemon, which validates it with the same code as the file).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceEntry {
     /// Device name.
@@ -77,22 +99,34 @@ pub struct DeviceEntry {
     pub mgmtdev: Option<String>,
     /// Backend kind.
     pub backend: Option<String>,
-    /// Capacity (ram, null).
+    /// Capacity (blk: ram, null).
     pub size: Option<SizeValue>,
-    /// Backing file (file).
+    /// Backing file (blk: file).
     pub path: Option<PathBuf>,
-    /// O_DIRECT (file).
+    /// O_DIRECT (blk: file).
     pub direct: Option<bool>,
-    /// Number of virtqueues.
+    /// Number of virtqueues (blk).
     pub queues: Option<u16>,
     /// Queue size.
     pub queue_size: Option<u16>,
-    /// Read-only.
+    /// Read-only (blk).
     pub read_only: Option<bool>,
-    /// Serial (GET_ID).
+    /// Serial (blk: GET_ID).
     pub serial: Option<String>,
-    /// Logical block size in bytes.
+    /// Logical block size in bytes (blk).
     pub logical_block_size: Option<u32>,
+    /// MAC address, `aa:bb:cc:dd:ee:ff` (net).
+    pub mac: Option<String>,
+    /// MTU in bytes (net).
+    pub mtu: Option<u32>,
+    /// Receive/transmit queue pairs (net; `max_vqp` on the command line).
+    pub queue_pairs: Option<u16>,
+    /// TAP interface name (net: tap).
+    pub tap: Option<String>,
+    /// In-daemon switch name (net: switch).
+    pub switch: Option<String>,
+    /// Length of the generated frames (net: source).
+    pub frame_len: Option<u16>,
     /// Busy-poll window of each queue worker after its ring runs empty, in µs (0 = off).
     pub poll_us: Option<u32>,
     /// Features the driver must accept, by spec name (seed 004: mandated at creation).
@@ -110,13 +144,38 @@ struct ConfigFile {
     device: Vec<DeviceEntry>,
 }
 
+/// Default length of the frames of a `source` net backend.
+pub const NET_DEFAULT_FRAME_LEN: u16 = 64;
+/// Shortest frame of a `source` net backend (an Ethernet minimum frame without its FCS).
+pub const NET_MIN_FRAME_LEN: u16 = 60;
+
+/// A validated virtio-net device.
+#[derive(Debug, Clone)]
+pub struct NetSpec {
+    /// MAC, MTU, queue pairs, link.
+    pub config: NetConfig,
+    /// Largest queue size, 1..=32768.
+    pub queue_size: u16,
+    /// Where the frames go.
+    pub backend: NetBackendSpec,
+}
+
+/// The device type of a [`DeviceSpec`] and its type-specific configuration.
+#[derive(Debug, Clone)]
+pub enum DeviceKind {
+    /// virtio-blk (mgmtdev `blk`).
+    Blk(BlkConfig),
+    /// virtio-net (mgmtdev `net`).
+    Net(NetSpec),
+}
+
 /// A validated device to create.
 #[derive(Debug, Clone)]
 pub struct DeviceSpec {
     /// Device name; its socket is `<run-dir>/<name>.sock`.
     pub name: String,
-    /// virtio-blk configuration.
-    pub blk: BlkConfig,
+    /// Device type and its configuration.
+    pub kind: DeviceKind,
     /// Busy-poll window per queue worker, in µs (0 = off).
     pub poll_us: u32,
     /// Mandated feature bits (beyond VIRTIO_F_VERSION_1).
@@ -125,11 +184,65 @@ pub struct DeviceSpec {
     pub coalesce: (u32, u32),
 }
 
-/// The bit of a feature given by its spec name (`VIRTIO_F_VERSION_1`, `VIRTIO_BLK_F_FLUSH`).
-pub fn feature_bit(name: &str) -> Option<u64> {
-    uvdpa_virtio::VirtioFeatures::from_name(name)
+impl DeviceSpec {
+    /// The mgmtdev name: `blk` or `net`.
+    pub fn mgmtdev(&self) -> &'static str {
+        match self.kind {
+            DeviceKind::Blk(_) => "blk",
+            DeviceKind::Net(_) => "net",
+        }
+    }
+
+    /// Number of virtqueues (net: a receive and a transmit queue per pair, and the
+    /// control queue).
+    pub fn num_queues(&self) -> u16 {
+        match &self.kind {
+            DeviceKind::Blk(b) => b.num_queues,
+            DeviceKind::Net(n) => n.config.num_queues(),
+        }
+    }
+
+    /// Largest queue size.
+    pub fn queue_size(&self) -> u16 {
+        match &self.kind {
+            DeviceKind::Blk(b) => b.queue_size,
+            DeviceKind::Net(n) => n.queue_size,
+        }
+    }
+}
+
+#[cfg(test)]
+impl DeviceSpec {
+    /// The virtio-blk configuration, for a blk device.
+    pub fn blk(&self) -> Option<&BlkConfig> {
+        match &self.kind {
+            DeviceKind::Blk(b) => Some(b),
+            DeviceKind::Net(_) => None,
+        }
+    }
+
+    /// The virtio-net configuration, for a net device.
+    pub fn net(&self) -> Option<&NetSpec> {
+        match &self.kind {
+            DeviceKind::Net(n) => Some(n),
+            DeviceKind::Blk(_) => None,
+        }
+    }
+}
+
+/// The bit of a feature of a `mgmtdev` device given by its spec name: device-independent
+/// names (`VIRTIO_F_VERSION_1`) for every type, and the type's own (`VIRTIO_BLK_F_FLUSH`,
+/// `VIRTIO_NET_F_MRG_RXBUF`). Device-specific bits overlap (bit 13 is both
+/// VIRTIO_BLK_F_DISCARD and VIRTIO_NET_F_HOST_ECN), so a name of another type is `None`.
+pub fn feature_bit(mgmtdev: &str, name: &str) -> Option<u64> {
+    use uvdpa_virtio::VirtioFeatures;
+    VirtioFeatures::from_name(name)
         .map(|f| f.bits())
-        .or_else(|| uvdpa_devices::blk::BlkFeatures::from_name(name).map(|f| f.bits()))
+        .or_else(|| match mgmtdev {
+            "blk" => uvdpa_devices::blk::BlkFeatures::from_name(name).map(|f| f.bits()),
+            "net" => VirtioFeatures::from_net_name(name).map(|f| f.bits()),
+            _ => None,
+        })
 }
 
 /// Parses "256M"-style sizes: digits with an optional K, M, G or T (powers of 1024).
@@ -145,7 +258,64 @@ pub fn parse_size(s: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(mult)
 }
 
+/// Whether `s` is a valid Linux interface name (`dev_valid_name`): 1..=15 bytes, not `.`
+/// or `..`, no `/`, `:` or whitespace.
+fn valid_ifname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() < 16
+        && s != "."
+        && s != ".."
+        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+/// Whether `s` is a valid device (or switch) name: 1..=32 of [A-Za-z0-9_.-], not starting
+/// with `.`.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        && !s.starts_with('.')
+}
+
+/// Fields only a blk device has.
+const BLK_FIELDS: [&str; 7] = [
+    "size",
+    "path",
+    "direct",
+    "queues",
+    "read_only",
+    "serial",
+    "logical_block_size",
+];
+/// Fields only a net device has.
+const NET_FIELDS: [&str; 6] = ["mac", "mtu", "queue_pairs", "tap", "switch", "frame_len"];
+
+type FieldErr<'a> = &'a dyn Fn(&'static str, String) -> ConfigError;
+
 impl DeviceEntry {
+    /// The type-specific fields that are set, by name.
+    fn present(&self) -> Vec<&'static str> {
+        [
+            ("size", self.size.is_some()),
+            ("path", self.path.is_some()),
+            ("direct", self.direct.is_some()),
+            ("queues", self.queues.is_some()),
+            ("read_only", self.read_only.is_some()),
+            ("serial", self.serial.is_some()),
+            ("logical_block_size", self.logical_block_size.is_some()),
+            ("mac", self.mac.is_some()),
+            ("mtu", self.mtu.is_some()),
+            ("queue_pairs", self.queue_pairs.is_some()),
+            ("tap", self.tap.is_some()),
+            ("switch", self.switch.is_some()),
+            ("frame_len", self.frame_len.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(n, set)| set.then_some(n))
+        .collect()
+    }
+
     /// Validates one entry (index `i` in the file) into a [`DeviceSpec`].
     ///
     /// # Errors
@@ -162,22 +332,81 @@ impl DeviceEntry {
             field,
             reason,
         };
-        if name.is_empty()
-            || name.len() > 32
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-            || name.starts_with('.')
-        {
+        if !valid_name(&name) {
             return Err(err(
                 "name",
                 format!("{name:?}: 1 to 32 characters of A-Z a-z 0-9 _ - . (not starting with .)"),
             ));
         }
-        match self.mgmtdev.as_deref() {
-            Some("blk") => {}
-            other => return Err(err("mgmtdev", format!("{other:?}: must be \"blk\""))),
+        let mgmtdev = match self.mgmtdev.as_deref() {
+            Some(m @ ("blk" | "net")) => m,
+            other => {
+                return Err(err(
+                    "mgmtdev",
+                    format!("{other:?}: one of \"blk\", \"net\""),
+                ))
+            }
+        };
+        let (foreign, owner) = if mgmtdev == "blk" {
+            (&NET_FIELDS[..], "net")
+        } else {
+            (&BLK_FIELDS[..], "blk")
+        };
+        if let Some(f) = self.present().into_iter().find(|f| foreign.contains(f)) {
+            let hint = match f {
+                "queues" => " (a net device has `queue_pairs`)",
+                "queue_pairs" => " (a blk device has `queues`)",
+                _ => "",
+            };
+            return Err(err(f, format!("only valid with mgmtdev {owner}{hint}")));
         }
+        let kind = if mgmtdev == "blk" {
+            DeviceKind::Blk(self.validate_blk(&name, &err)?)
+        } else {
+            DeviceKind::Net(self.validate_net(&name, &err)?)
+        };
+        let poll_us = self.poll_us.unwrap_or(0);
+        if poll_us > 1_000_000 {
+            return Err(err(
+                "poll_us",
+                format!("{poll_us}: 0..=1000000 microseconds"),
+            ));
+        }
+        let mut mandate = 0u64;
+        let example = if mgmtdev == "blk" {
+            "VIRTIO_BLK_F_FLUSH"
+        } else {
+            "VIRTIO_NET_F_MRG_RXBUF"
+        };
+        for f in self.mandate.iter().flatten() {
+            let bit = feature_bit(mgmtdev, f).ok_or_else(|| {
+                err(
+                    "mandate",
+                    format!("{f:?}: not a feature name (e.g. {example})"),
+                )
+            })?;
+            mandate |= bit;
+        }
+        let coalesce = (
+            self.coalesce_usecs.unwrap_or(0),
+            self.coalesce_frames.unwrap_or(0),
+        );
+        if coalesce.0 > 1_000_000 {
+            return Err(err(
+                "coalesce_usecs",
+                format!("{}: 0..=1000000 microseconds", coalesce.0),
+            ));
+        }
+        Ok(DeviceSpec {
+            coalesce,
+            mandate,
+            poll_us,
+            name,
+            kind,
+        })
+    }
+
+    fn validate_blk(&self, name: &str, err: FieldErr<'_>) -> Result<BlkConfig, ConfigError> {
         let size = match &self.size {
             None => None,
             Some(SizeValue::Bytes(b)) => Some(*b),
@@ -235,23 +464,6 @@ impl DeviceEntry {
                 format!("{lbs}: 512, 1024, 2048 or 4096"),
             ));
         }
-        let poll_us = self.poll_us.unwrap_or(0);
-        if poll_us > 1_000_000 {
-            return Err(err(
-                "poll_us",
-                format!("{poll_us}: 0..=1000000 microseconds"),
-            ));
-        }
-        let mut mandate = 0u64;
-        for f in self.mandate.iter().flatten() {
-            let bit = feature_bit(f).ok_or_else(|| {
-                err(
-                    "mandate",
-                    format!("{f:?}: not a feature name (e.g. VIRTIO_BLK_F_FLUSH)"),
-                )
-            })?;
-            mandate |= bit;
-        }
         let serial = self
             .serial
             .clone()
@@ -259,29 +471,117 @@ impl DeviceEntry {
         if serial.len() > 20 {
             return Err(err("serial", format!("{serial:?}: at most 20 bytes")));
         }
-        let coalesce = (
-            self.coalesce_usecs.unwrap_or(0),
-            self.coalesce_frames.unwrap_or(0),
-        );
-        if coalesce.0 > 1_000_000 {
+        Ok(BlkConfig {
+            backend,
+            read_only: self.read_only.unwrap_or(false),
+            num_queues: queues,
+            queue_size,
+            serial,
+            logical_block_size: lbs,
+        })
+    }
+
+    fn validate_net(&self, name: &str, err: FieldErr<'_>) -> Result<NetSpec, ConfigError> {
+        let backend_name = self.backend.as_deref().unwrap_or("loopback");
+        let only = |field: &'static str, set: bool, backend: &str| {
+            if set && backend_name != backend {
+                Err(err(field, format!("only valid with backend {backend}")))
+            } else {
+                Ok(())
+            }
+        };
+        only("tap", self.tap.is_some(), "tap")?;
+        only("switch", self.switch.is_some(), "switch")?;
+        only("frame_len", self.frame_len.is_some(), "source")?;
+        let mac = match &self.mac {
+            None => generate_mac(name),
+            Some(text) => parse_mac(text).map_err(|e| err("mac", e.to_string()))?,
+        };
+        let mtu = self.mtu.unwrap_or(u32::from(DEFAULT_MTU));
+        let mtu = u16::try_from(mtu).map_err(|_| {
+            err(
+                "mtu",
+                format!("Invalid mtu {mtu}: must be in {MIN_MTU}..={MAX_MTU}"),
+            )
+        })?;
+        let config = NetConfig {
+            mac,
+            mtu,
+            max_queue_pairs: self.queue_pairs.unwrap_or(1),
+            link_up: true,
+        };
+        config.validate().map_err(|e| {
+            let field = match e {
+                NetConfigError::Mtu { .. } => "mtu",
+                NetConfigError::QueuePairs { .. } => "queue_pairs",
+                NetConfigError::MacSyntax { .. }
+                | NetConfigError::MacMulticast { .. }
+                | NetConfigError::MacZero => "mac",
+            };
+            err(field, e.to_string())
+        })?;
+        let queue_size = self.queue_size.unwrap_or(256);
+        if !(1..=MAX_NET_QUEUE_SIZE).contains(&queue_size) {
             return Err(err(
-                "coalesce_usecs",
-                format!("{}: 0..=1000000 microseconds", coalesce.0),
+                "queue_size",
+                format!("{queue_size}: 1..={MAX_NET_QUEUE_SIZE}"),
             ));
         }
-        Ok(DeviceSpec {
-            coalesce,
-            mandate,
-            poll_us,
-            name: name.clone(),
-            blk: BlkConfig {
-                backend,
-                read_only: self.read_only.unwrap_or(false),
-                num_queues: queues,
-                queue_size,
-                serial,
-                logical_block_size: lbs,
-            },
+        let backend = match backend_name {
+            "loopback" => NetBackendSpec::Loopback,
+            "sink" => NetBackendSpec::Sink,
+            "source" => {
+                let frame_len = self.frame_len.unwrap_or(NET_DEFAULT_FRAME_LEN);
+                let max = u32::from(mtu) + 14;
+                if frame_len < NET_MIN_FRAME_LEN || u32::from(frame_len) > max {
+                    return Err(err(
+                        "frame_len",
+                        format!("{frame_len}: {NET_MIN_FRAME_LEN}..={max} bytes (mtu + 14)"),
+                    ));
+                }
+                NetBackendSpec::Source { frame_len }
+            }
+            "tap" => {
+                if let Some(t) = &self.tap {
+                    if !valid_ifname(t) {
+                        return Err(err(
+                            "tap",
+                            format!(
+                                "{t:?}: an interface name of 1..=15 bytes without / : or spaces"
+                            ),
+                        ));
+                    }
+                }
+                NetBackendSpec::Tap {
+                    ifname: self.tap.clone(),
+                }
+            }
+            "switch" => {
+                let sw = self
+                    .switch
+                    .clone()
+                    .ok_or_else(|| err("switch", "required for backend switch".into()))?;
+                if !valid_name(&sw) {
+                    return Err(err(
+                        "switch",
+                        format!(
+                            "{sw:?}: 1 to 32 characters of A-Z a-z 0-9 _ - . (not starting with .)"
+                        ),
+                    ));
+                }
+                NetBackendSpec::Switch { name: sw }
+            }
+            other => {
+                return Err(err(
+                    "backend",
+                    format!("{other:?}: one of loopback, tap, switch, sink, source"),
+                ))
+            }
+        };
+        Ok(NetSpec {
+            config,
+            queue_size,
+            backend,
         })
     }
 }
@@ -352,8 +652,9 @@ mod tests {
         let d = default_devices();
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].name, "blk0");
-        assert!(matches!(d[0].blk.backend, BackendSpec::Ram { size } if size == 256 << 20));
-        assert_eq!(d[0].blk.num_queues, 1);
+        let blk = d[0].blk().unwrap();
+        assert!(matches!(blk.backend, BackendSpec::Ram { size } if size == 256 << 20));
+        assert_eq!(blk.num_queues, 1);
     }
 
     #[test]
@@ -382,12 +683,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.len(), 2);
-        assert!(matches!(d[0].blk.backend, BackendSpec::Null { size } if size == 1 << 30));
-        assert_eq!((d[0].blk.num_queues, d[0].blk.queue_size), (4, 128));
-        assert!(d[0].blk.read_only);
+        let a = d[0].blk().unwrap();
+        assert!(matches!(a.backend, BackendSpec::Null { size } if size == 1 << 30));
+        assert_eq!((a.num_queues, a.queue_size), (4, 128));
+        assert!(a.read_only);
         assert_eq!(d[0].mandate, (1 << 9) | (1 << 29));
         assert!(matches!(
-            &d[1].blk.backend,
+            &d[1].blk().unwrap().backend,
             BackendSpec::File { direct: true, .. }
         ));
     }
@@ -426,7 +728,7 @@ mod tests {
             "name"
         );
         assert_eq!(
-            field_of("[[device]]\nname = \"a\"\nmgmtdev = \"net\"\nsize = 512\n").0,
+            field_of("[[device]]\nname = \"a\"\nmgmtdev = \"gpu\"\nsize = 512\n").0,
             "mgmtdev"
         );
         assert_eq!(
@@ -435,6 +737,136 @@ mod tests {
         );
         let dup = format!("{base}{base}");
         assert_eq!(field_of(&dup), ("name", "duplicate device name".into()));
+    }
+
+    #[test]
+    fn net_entry_parses_with_defaults() {
+        let d = parse_config(
+            Path::new("t"),
+            "[[device]]\nname = \"n0\"\nmgmtdev = \"net\"\n",
+        )
+        .unwrap();
+        assert_eq!(d[0].mgmtdev(), "net");
+        let n = d[0].net().unwrap();
+        assert_eq!(n.backend, NetBackendSpec::Loopback);
+        assert_eq!(n.config.mac, generate_mac("n0"));
+        assert_eq!(n.config.mac[0] & 3, 2, "locally administered unicast");
+        assert_eq!((n.config.mtu, n.config.max_queue_pairs), (1500, 1));
+        assert_eq!(n.queue_size, 256);
+        assert_eq!(d[0].num_queues(), 3);
+    }
+
+    #[test]
+    fn full_net_entries_parse() {
+        let d = parse_config(
+            Path::new("t"),
+            r#"
+            [[device]]
+            name = "n1"
+            mgmtdev = "net"
+            backend = "source"
+            mac = "02:00:00:00:00:01"
+            mtu = 9000
+            queue_pairs = 4
+            queue_size = 1000
+            frame_len = 1518
+            mandate = ["VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_F_VERSION_1"]
+            poll_us = 50
+            [[device]]
+            name = "n2"
+            mgmtdev = "net"
+            backend = "switch"
+            switch = "sw0"
+            [[device]]
+            name = "n3"
+            mgmtdev = "net"
+            backend = "tap"
+            tap = "tap-n3"
+            [[device]]
+            name = "n4"
+            mgmtdev = "net"
+            backend = "sink"
+            "#,
+        )
+        .unwrap();
+        let n1 = d[0].net().unwrap();
+        assert_eq!(n1.config.mac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!((n1.config.mtu, n1.config.max_queue_pairs), (9000, 4));
+        assert_eq!(n1.queue_size, 1000);
+        assert_eq!(n1.backend, NetBackendSpec::Source { frame_len: 1518 });
+        assert_eq!(d[0].mandate, (1 << 15) | (1 << 32));
+        assert_eq!(d[0].num_queues(), 9);
+        assert_eq!(
+            d[1].net().unwrap().backend,
+            NetBackendSpec::Switch { name: "sw0".into() }
+        );
+        assert_eq!(
+            d[2].net().unwrap().backend,
+            NetBackendSpec::Tap {
+                ifname: Some("tap-n3".into())
+            }
+        );
+        assert_eq!(d[3].net().unwrap().backend, NetBackendSpec::Sink);
+    }
+
+    #[test]
+    fn each_invalid_net_field_is_named() {
+        let base = "[[device]]\nname = \"n\"\nmgmtdev = \"net\"\n";
+        for (extra, field) in [
+            ("mac = \"02:00:00:00:00\"", "mac"),
+            ("mac = \"zz:00:00:00:00:01\"", "mac"),
+            ("mac = \"01:00:5e:00:00:01\"", "mac"),
+            ("mac = \"00:00:00:00:00:00\"", "mac"),
+            ("mtu = 67", "mtu"),
+            ("mtu = 65536", "mtu"),
+            ("queue_pairs = 0", "queue_pairs"),
+            ("queue_pairs = 17", "queue_pairs"),
+            ("queue_size = 0", "queue_size"),
+            ("backend = \"switch\"", "switch"),
+            ("backend = \"switch\"\nswitch = \"a b\"", "switch"),
+            ("backend = \"tap\"\ntap = \"sixteen-bytes-xx\"", "tap"),
+            ("tap = \"t0\"", "tap"),
+            ("switch = \"sw\"", "switch"),
+            ("frame_len = 64", "frame_len"),
+            ("backend = \"source\"\nframe_len = 59", "frame_len"),
+            (
+                "backend = \"source\"\nmtu = 100\nframe_len = 115",
+                "frame_len",
+            ),
+            ("backend = \"ram\"", "backend"),
+            ("mandate = [\"VIRTIO_BLK_F_FLUSH\"]", "mandate"),
+            ("size = \"1M\"", "size"),
+            ("path = \"/x\"", "path"),
+            ("serial = \"s\"", "serial"),
+            ("read_only = true", "read_only"),
+            ("queues = 2", "queues"),
+            ("logical_block_size = 512", "logical_block_size"),
+            ("direct = true", "direct"),
+        ] {
+            assert_eq!(field_of(&format!("{base}{extra}\n")).0, field, "{extra}");
+        }
+        let (_, reason) = field_of(&format!("{base}size = 512\n"));
+        assert_eq!(reason, "only valid with mgmtdev blk");
+        let blk = "[[device]]\nname = \"b\"\nmgmtdev = \"blk\"\nsize = \"1M\"\n";
+        for f in [
+            "mac = \"02:00:00:00:00:01\"",
+            "mtu = 1500",
+            "queue_pairs = 2",
+            "tap = \"t\"",
+            "switch = \"s\"",
+            "frame_len = 64",
+        ] {
+            let (field, reason) = field_of(&format!("{blk}{f}\n"));
+            assert!(f.starts_with(field), "{f}: {field}");
+            assert!(
+                reason.starts_with("only valid with mgmtdev net"),
+                "{reason}"
+            );
+        }
+        assert_eq!(
+            field_of(&format!("{blk}mandate = [\"VIRTIO_NET_F_MRG_RXBUF\"]\n")).0,
+            "mandate"
+        );
     }
 
     #[test]
@@ -449,6 +881,19 @@ mod tests {
                 Err(ConfigError::Parse { .. })
             ));
         }
+    }
+
+    #[test]
+    fn feature_names_are_per_device_type() {
+        assert_eq!(feature_bit("net", "VIRTIO_F_VERSION_1"), Some(1 << 32));
+        assert_eq!(feature_bit("net", "VIRTIO_NET_F_HOST_ECN"), Some(1 << 13));
+        assert_eq!(feature_bit("blk", "VIRTIO_BLK_F_DISCARD"), Some(1 << 13));
+        assert_eq!(
+            feature_bit("net", "VIRTIO_NET_F_SPEED_DUPLEX"),
+            Some(1 << 63)
+        );
+        assert_eq!(feature_bit("blk", "VIRTIO_NET_F_MQ"), None);
+        assert_eq!(feature_bit("net", "VIRTIO_BLK_F_MQ"), None);
     }
 
     #[test]

@@ -4,11 +4,11 @@
 //! | action | request payload | reply payload (fds) |
 //! |---|---|---|
 //! | `mgmtdev.show` | — | `{"mgmtdev": [MgmtdevView]}` |
-//! | `dev.add` | `DeviceEntryArgs` | `{"dev": DeviceView}` |
+//! | `dev.add` | `DeviceEntry` (a config-file `[[device]]` table as JSON) | `{"dev": DeviceView}` |
 //! | `dev.del` | `{"name"}` | `{}` |
 //! | `dev.show` | `{"name": null or NAME}` | `{"dev": [DeviceView]}` |
-//! | `dev.config.show` | `{"name"}` | `{"config": BlkConfigView}` |
-//! | `dev.vstats.show` | `{"name", "qidx"}` | `{"vstats": VstatsView, "queues": N}` (+ the stats memfd) |
+//! | `dev.config.show` | `{"name"}` | `{"config": BlkConfigView or NetConfigView}` |
+//! | `dev.vstats.show` | `{"name", "qidx"}` | `{"vstats": VstatsView or NetVstatsView, "queues": N}` (+ the stats memfd) |
 //! | `dev.irq.show` | `{"name"}` | `{"name", "vectors": [VectorView]}` |
 //! | `dev.irq.trigger` | `{"name", "vec"}` | `{"name", "vec", "sent"}` |
 //! | `dev.set` | `{"name", "qidx", "usecs", "frames"}` | `{}` |
@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use uvdpa_ipc::{code, IpcError, Primary, Reply, Request};
 use uvdpa_restrack::{Owner, ResHandle, ResType};
 
-use crate::cli::DeviceEntryArgs;
+use crate::config::DeviceEntry;
 use crate::registry::{mgmtdevs, Registry, RegistryError};
 
 /// The control socket's file name inside the run directory.
@@ -124,9 +124,8 @@ pub fn serve(run_dir: &Path, registry: Arc<Registry>) -> Result<Primary, IpcErro
 
     let r = registry.clone();
     primary.register("dev.add", move |req, _| {
-        let args: DeviceEntryArgs = payload(req)?;
-        let spec = args
-            .to_entry()
+        let entry: DeviceEntry = payload(req)?;
+        let spec = entry
             .validate(0)
             .map_err(|e| IpcError::rejected(code::EINVAL, e.to_string()))?;
         let view = r.add(spec).map_err(from_registry)?;

@@ -2,7 +2,8 @@
 //! that manages it (iproute2 `vdpa` grammar, plus `res` from `rdma`).
 //!
 //! `uvdpa daemon` with no arguments serves the embedded default device (`blk0`, a 256 MiB
-//! RAM disk) at `<run-dir>/blk0.sock` and prints the QEMU command line that attaches it.
+//! RAM disk) at `<run-dir>/blk0.sock` and prints the QEMU command line that attaches it
+//! (and, for a net device, the `dpdk-testpmd --vdev` argument).
 //! `uvdpa [-j] [-p] [--ctl PATH] OBJECT COMMAND ...` talks to a running daemon over its
 //! control socket `<run-dir>/uvdpa.ctl`.
 
@@ -21,7 +22,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use tracing::info;
 
 use crate::config::{default_devices, load_config};
-use crate::registry::{Prepared, Registry};
+use crate::registry::Registry;
 
 /// uvdpa: vDPA devices in userspace.
 #[derive(Debug, Parser)]
@@ -89,12 +90,13 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
     if specs.is_empty() {
         info!("no devices configured: add them with `uvdpa dev add`");
     }
+    let run_dir = run_dir.unwrap_or_else(default_run_dir);
+    let registry = Arc::new(Registry::new(&run_dir, uvdpa_restrack::Tracker::new()));
     // Set up every backend before serving any device, so a bad one fails the start cleanly.
     let prepared = specs
         .into_iter()
-        .map(|s| Prepared::new(s).map_err(|e| e.to_string()))
+        .map(|s| registry.prepare(s).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
-    let run_dir = run_dir.unwrap_or_else(default_run_dir);
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| format!("Cannot create run directory {}: {e}", run_dir.display()))?;
 
@@ -102,7 +104,6 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("Cannot install signal handlers: {e}"))?;
 
-    let registry = Arc::new(Registry::new(&run_dir, uvdpa_restrack::Tracker::new()));
     let primary = ctl::serve(&run_dir, registry.clone()).map_err(|e| {
         format!(
             "Cannot open the control socket in {}: {e}",
@@ -113,8 +114,11 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
         let name = p.name().to_string();
         match registry.install(p) {
             Ok(v) => {
-                println!("{}: vhost-user-blk at {}", v.name, v.socket);
+                println!("{}: vhost-user-{} at {}", v.name, v.mgmtdev, v.socket);
                 println!("  attach with: {}", v.qemu);
+                if let Some(vdev) = &v.testpmd {
+                    println!("  or: dpdk-testpmd --vdev '{vdev}' ...");
+                }
             }
             Err(e) => {
                 primary.shutdown();

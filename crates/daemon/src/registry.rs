@@ -11,12 +11,18 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
-use uvdpa_devices::blk::{BackendSpec, BlkDevice, BlkFeatures};
+use uvdpa_devices::blk::{BackendSpec, BlkConfig, BlkDevice, BlkFeatures};
+use uvdpa_devices::net::config::{
+    MacDisplay, QueueRole, VirtioNetConfig, MAX_QUEUE_PAIRS, VIRTIO_NET_S_LINK_UP,
+};
+use uvdpa_devices::net::device::{NetBackendSpec, NetDevice, MAX_NET_QUEUE_SIZE};
+use uvdpa_devices::net::switch::SwitchRegistry;
 use uvdpa_restrack::{Owner, ResHandle, ResType, Tracker};
 use uvdpa_vhost_user::{ResCtx, ServerOptions, VhostUserServer};
+use uvdpa_virtio::stats::QueueStats;
 use uvdpa_virtio::{DeviceStatus, VirtioDevice, VirtioFeatures};
 
-use crate::config::DeviceSpec;
+use crate::config::{DeviceKind, DeviceSpec, NetSpec, NET_DEFAULT_FRAME_LEN, NET_MIN_FRAME_LEN};
 
 /// Registry errors; each maps to an errno-like code for IPC replies.
 #[derive(Debug, Error)]
@@ -100,31 +106,66 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
         range: range.into(),
         default: default.into(),
     };
-    vec![MgmtdevView {
-        name: "blk".into(),
-        device_id: 2,
-        transports: vec!["vhost-user".into()],
-        attributes: vec![
-            a("backend", "ram|file|null", "ram"),
-            a(
-                "size",
-                "512..=2^47 bytes, multiple of 512; K/M/G/T suffixes (ram, null)",
-                "-",
-            ),
-            a("path", "file path (file)", "-"),
-            a("direct", "flag: O_DIRECT (file)", "off"),
-            a("ro", "flag: read-only", "off"),
-            a("queues", "1..=64", "1"),
-            a("queue_size", "power of two 1..=32768", "256"),
-            a("serial", "at most 20 bytes", "uvdpa-NAME"),
-            a("logical_block_size", "512|1024|2048|4096", "512"),
-            a(
-                "poll_us",
-                "0..=1000000 (busy-poll window after the ring empties, µs)",
-                "0",
-            ),
-        ],
-    }]
+    let poll_us = a(
+        "poll_us",
+        "0..=1000000 (busy-poll window after the ring empties, µs)",
+        "0",
+    );
+    vec![
+        MgmtdevView {
+            name: "blk".into(),
+            device_id: 2,
+            transports: vec!["vhost-user".into()],
+            attributes: vec![
+                a("backend", "ram|file|null", "ram"),
+                a(
+                    "size",
+                    "512..=2^47 bytes, multiple of 512; K/M/G/T suffixes (ram, null)",
+                    "-",
+                ),
+                a("path", "file path (file)", "-"),
+                a("direct", "flag: O_DIRECT (file)", "off"),
+                a("ro", "flag: read-only", "off"),
+                a("queues", "1..=64", "1"),
+                a("queue_size", "power of two 1..=32768", "256"),
+                a("serial", "at most 20 bytes", "uvdpa-NAME"),
+                a("logical_block_size", "512|1024|2048|4096", "512"),
+                poll_us.clone(),
+            ],
+        },
+        MgmtdevView {
+            name: "net".into(),
+            device_id: 1,
+            transports: vec!["vhost-user".into()],
+            attributes: vec![
+                a("backend", "loopback|tap|switch|sink|source", "loopback"),
+                a(
+                    "mac",
+                    "unicast address aa:bb:cc:dd:ee:ff",
+                    "02:... generated from NAME",
+                ),
+                a("mtu", "68..=65535 bytes", "1500"),
+                a(
+                    "max_vqp",
+                    &format!("1..={MAX_QUEUE_PAIRS} (queue pairs)"),
+                    "1",
+                ),
+                a("queue_size", &format!("1..={MAX_NET_QUEUE_SIZE}"), "256"),
+                a(
+                    "tap",
+                    "interface name, at most 15 bytes (tap)",
+                    "uvdpa-NAME",
+                ),
+                a("switch", "in-daemon switch name (switch, required)", "-"),
+                a(
+                    "frame_len",
+                    &format!("{NET_MIN_FRAME_LEN}..=mtu+14 bytes (source)"),
+                    &NET_DEFAULT_FRAME_LEN.to_string(),
+                ),
+                poll_us,
+            ],
+        },
+    ]
 }
 
 /// `uvdpa dev show` for one device.
@@ -146,16 +187,30 @@ pub struct DeviceView {
     pub features: Vec<String>,
     /// Frontend pid, when connected.
     pub frontend_pid: Option<u32>,
-    /// Number of virtqueues.
+    /// Number of virtqueues (net: two per queue pair and the control queue).
     pub queues: u16,
     /// Queue size.
     pub queue_size: u16,
-    /// Capacity in bytes.
-    pub capacity: u64,
-    /// Read-only.
-    pub read_only: bool,
+    /// Capacity in bytes (blk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u64>,
+    /// Read-only (blk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    /// MAC address (net).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// MTU in bytes (net).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// Queue pairs (net).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vqp: Option<u16>,
     /// QEMU options that attach it.
     pub qemu: String,
+    /// The `dpdk-testpmd --vdev` argument that attaches it (net).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub testpmd: Option<String>,
 }
 
 /// `uvdpa dev config show`: the decoded virtio_blk_config (virtio 1.2 §5.2.4).
@@ -187,6 +242,82 @@ pub struct BlkConfigView {
     pub write_zeroes_may_unmap: bool,
 }
 
+/// `uvdpa dev config show` for a net device: the decoded virtio_net_config (virtio 1.2
+/// §5.1.4) as the driver reads it, the backend, and the features the driver negotiated.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetConfigView {
+    /// Device name.
+    pub name: String,
+    /// MAC address.
+    pub mac: String,
+    /// MTU in bytes.
+    pub mtu: u16,
+    /// Queue pairs (`max_virtqueue_pairs`).
+    pub max_vqp: u16,
+    /// Link status: `up` or `down`.
+    pub link: String,
+    /// Backend kind.
+    pub backend: String,
+    /// TAP interface name (tap backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// Switch name (switch backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<String>,
+    /// Generated frame length (source backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_len: Option<u16>,
+    /// Features the driver negotiated, by name (empty until a driver set them).
+    pub negotiated_features: Vec<String>,
+}
+
+/// `uvdpa dev config show`: the config of a blk or a net device (JSON: the object itself,
+/// without a tag).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ConfigView {
+    /// virtio-blk.
+    Blk(BlkConfigView),
+    /// virtio-net.
+    Net(NetConfigView),
+}
+
+/// `uvdpa dev vstats show` for a net device: one queue's role and its counters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetVstatsView {
+    /// Device name.
+    pub name: String,
+    /// Queue index.
+    pub qidx: u32,
+    /// `rx` (even index below 2 × pairs), `tx` (odd), `cq` (the control queue), or
+    /// `unused` (past the control queue of a driver that did not negotiate MQ).
+    pub queue_type: String,
+    /// Frames received by the driver (rx) or sent by it (tx); control commands (cq).
+    pub packets: u64,
+    /// Bytes of those frames (Ethernet header and payload; the virtio-net header is not
+    /// counted), the stats table's `bytes_written` for rx and `bytes_read` for tx; for cq,
+    /// the bytes of the commands read.
+    pub bytes: u64,
+    /// Frames dropped: no receive buffer space (rx), malformed or oversized (tx).
+    pub drops: u64,
+    /// Kicks received.
+    pub kicks: u64,
+    /// Calls sent.
+    pub calls: u64,
+    /// Errors that stopped the queue.
+    pub errors: u64,
+}
+
+/// `uvdpa dev vstats show`: a blk or a net queue (JSON: the object itself, untagged).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum QueueStatsView {
+    /// A virtio-blk queue.
+    Blk(VstatsView),
+    /// A virtio-net queue.
+    Net(NetVstatsView),
+}
+
 /// `uvdpa dev vstats show`: counters of one queue.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VstatsView {
@@ -210,39 +341,30 @@ pub struct VstatsView {
     pub errors: u64,
 }
 
+/// A created device with its type's configuration (a copy of its spec's kind).
+enum Dev {
+    Blk(BlkConfig, Arc<BlkDevice>),
+    Net(NetSpec, Arc<NetDevice>),
+}
+
+impl Dev {
+    /// The device as the transport serves it.
+    fn virtio(&self) -> Arc<dyn VirtioDevice> {
+        match self {
+            Dev::Blk(_, b) => b.clone(),
+            Dev::Net(_, n) => n.clone(),
+        }
+    }
+}
+
 /// A device whose backend is set up but not yet served (so the daemon can check every
-/// configured device before serving any).
+/// configured device before serving any). Made by [`Registry::prepare`].
 pub struct Prepared {
     spec: DeviceSpec,
-    blk: Arc<BlkDevice>,
+    dev: Dev,
 }
 
 impl Prepared {
-    /// Sets up the backend of `spec`.
-    ///
-    /// # Errors
-    /// [`RegistryError::Create`] with the backend's reason.
-    pub fn new(spec: DeviceSpec) -> Result<Self, RegistryError> {
-        let blk = BlkDevice::new(spec.blk.clone()).map_err(|e| RegistryError::Create {
-            name: spec.name.clone(),
-            reason: e.to_string(),
-        })?;
-        let unoffered = spec.mandate & !blk.features().bits();
-        if unoffered != 0 {
-            return Err(RegistryError::Create {
-                name: spec.name.clone(),
-                reason: format!(
-                    "mandate: {} not offered by this device",
-                    feature_names(unoffered).join(",")
-                ),
-            });
-        }
-        Ok(Self {
-            spec,
-            blk: Arc::new(blk),
-        })
-    }
-
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.spec.name
@@ -251,7 +373,7 @@ impl Prepared {
 
 struct Managed {
     spec: DeviceSpec,
-    blk: Arc<BlkDevice>,
+    dev: Dev,
     server: VhostUserServer,
     entry: ResHandle,
 }
@@ -264,9 +386,13 @@ pub struct Registry {
     run_dir: PathBuf,
     devices: Mutex<BTreeMap<String, Managed>>,
     tracker: Tracker,
+    /// The in-daemon L2 switches net devices with the `switch` backend join.
+    switches: SwitchRegistry,
 }
 
-fn feature_names(bits: u64) -> Vec<String> {
+/// Names of the set bits of a feature word of a `blk` or `net` device (unknown bits as
+/// `bitN`).
+fn feature_names(bits: u64, mgmtdev: &str) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     for i in 0..64 {
         let bit = 1u64 << i;
@@ -275,9 +401,13 @@ fn feature_names(bits: u64) -> Vec<String> {
         }
         let name = VirtioFeatures::from_bits(bit)
             .and_then(|f| f.iter_names().next().map(|(n, _)| n.to_string()))
-            .or_else(|| {
-                BlkFeatures::from_bits(bit)
-                    .and_then(|f| f.iter_names().next().map(|(n, _)| n.to_string()))
+            .or_else(|| match mgmtdev {
+                "net" => VirtioFeatures::from_raw(bit)
+                    .net_names()
+                    .first()
+                    .map(|n| n.to_string()),
+                _ => BlkFeatures::from_bits(bit)
+                    .and_then(|f| f.iter_names().next().map(|(n, _)| n.to_string())),
             })
             .unwrap_or_else(|| format!("bit{i}"));
         names.push(name);
@@ -295,6 +425,39 @@ pub fn qemu_command_line(name: &str, queues: u16, sock: &Path) -> String {
     )
 }
 
+/// The QEMU options that attach a vhost-user net device with `pairs` queue pairs and
+/// address `mac` served at `sock` (`vectors=0`: QEMU 7.2 under TCG crashes with MSI-X on a
+/// vhost-user virtio-net-pci; see tests/guest/run-guest.sh).
+pub fn qemu_net_command_line(pairs: u16, mac: &str, sock: &Path) -> String {
+    let (queues, mq) = if pairs > 1 {
+        (format!(",queues={pairs}"), ",mq=on")
+    } else {
+        (String::new(), "")
+    };
+    format!(
+        "qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on \
+         -numa node,memdev=mem -chardev socket,id=c0,path={sock} \
+         -netdev vhost-user,id=n0,chardev=c0{queues} \
+         -device virtio-net-pci,netdev=n0,mac={mac}{mq},vectors=0 ...",
+        sock = sock.display(),
+    )
+}
+
+/// The `dpdk-testpmd --vdev` argument that attaches a net device served at `sock`.
+pub fn testpmd_vdev(pairs: u16, sock: &Path) -> String {
+    format!("net_virtio_user0,path={},queues={pairs}", sock.display())
+}
+
+fn net_backend_name(b: &NetBackendSpec) -> &'static str {
+    match b {
+        NetBackendSpec::Loopback => "loopback",
+        NetBackendSpec::Sink => "sink",
+        NetBackendSpec::Source { .. } => "source",
+        NetBackendSpec::Tap { .. } => "tap",
+        NetBackendSpec::Switch { .. } => "switch",
+    }
+}
+
 impl Registry {
     /// An empty registry whose sockets go in `run_dir`.
     pub fn new(run_dir: &Path, tracker: Tracker) -> Self {
@@ -302,6 +465,7 @@ impl Registry {
             run_dir: run_dir.to_path_buf(),
             devices: Mutex::new(BTreeMap::new()),
             tracker,
+            switches: SwitchRegistry::new(),
         }
     }
 
@@ -320,8 +484,53 @@ impl Registry {
     /// [`RegistryError::Exists`] for a taken name, [`RegistryError::Create`] when the
     /// backend or socket cannot be set up.
     pub fn add(&self, spec: DeviceSpec) -> Result<DeviceView, RegistryError> {
-        let p = Prepared::new(spec)?;
+        // Before the backend is set up: a second TAP open would attach queues to the
+        // existing device's interface, a second switch join would add a port.
+        if self.lock().contains_key(&spec.name) {
+            return Err(RegistryError::Exists(spec.name));
+        }
+        let p = self.prepare(spec)?;
         self.install(p)
+    }
+
+    /// Sets up the backend of `spec` (net devices of the switch backend join this
+    /// registry's switch of that name).
+    ///
+    /// # Errors
+    /// [`RegistryError::Create`] with the backend's reason, or naming mandated features the
+    /// device does not offer.
+    pub fn prepare(&self, spec: DeviceSpec) -> Result<Prepared, RegistryError> {
+        let create = |reason: String| RegistryError::Create {
+            name: spec.name.clone(),
+            reason,
+        };
+        let dev = match &spec.kind {
+            DeviceKind::Blk(cfg) => Dev::Blk(
+                cfg.clone(),
+                Arc::new(BlkDevice::new(cfg.clone()).map_err(|e| create(e.to_string()))?),
+            ),
+            DeviceKind::Net(n) => Dev::Net(
+                n.clone(),
+                Arc::new(
+                    NetDevice::new(
+                        &spec.name,
+                        n.config,
+                        n.queue_size,
+                        &n.backend,
+                        &self.switches,
+                    )
+                    .map_err(|e| create(e.to_string()))?,
+                ),
+            ),
+        };
+        let unoffered = spec.mandate & !dev.virtio().features().bits();
+        if unoffered != 0 {
+            return Err(create(format!(
+                "mandate: {} not offered by this device",
+                feature_names(unoffered, spec.mgmtdev()).join(",")
+            )));
+        }
+        Ok(Prepared { spec, dev })
     }
 
     /// Starts serving a device whose backend is already set up.
@@ -329,7 +538,7 @@ impl Registry {
     /// # Errors
     /// As [`Registry::add`].
     pub fn install(&self, p: Prepared) -> Result<DeviceView, RegistryError> {
-        let Prepared { spec, blk } = p;
+        let Prepared { spec, dev } = p;
         let mut devs = self.lock();
         if devs.contains_key(&spec.name) {
             return Err(RegistryError::Exists(spec.name));
@@ -349,7 +558,7 @@ impl Registry {
             mandated: VirtioFeatures::from_raw(spec.mandate),
         };
         let server =
-            VhostUserServer::start_with(&spec.name, &sock, blk.clone(), opts).map_err(|e| {
+            VhostUserServer::start_with(&spec.name, &sock, dev.virtio(), opts).map_err(|e| {
                 RegistryError::Create {
                     name: spec.name.clone(),
                     reason: format!("cannot serve on {}: {e}", sock.display()),
@@ -357,14 +566,14 @@ impl Registry {
             })?;
         let (usecs, frames) = spec.coalesce;
         if usecs != 0 || frames != 0 {
-            for q in 0..spec.blk.num_queues {
+            for q in 0..spec.num_queues() {
                 let _ = server.vectors().set_coalesce(q, usecs, frames);
             }
         }
         info!(device = %spec.name, socket = %sock.display(), "device added");
         let m = Managed {
             spec,
-            blk,
+            dev,
             server,
             entry,
         };
@@ -386,7 +595,7 @@ impl Registry {
         // Disconnect the frontend: its workers finish their in-flight requests, hand their
         // rings back and drop their references to the device.
         m.server.shutdown();
-        if let Err(e) = m.blk.flush() {
+        if let Err(e) = m.dev.virtio().flush() {
             warn!(device = name, "Flush on delete failed: {}", e.0);
         }
         let res = m.entry.del(DEL_TIMEOUT);
@@ -420,26 +629,50 @@ impl Registry {
         } else {
             "connected"
         };
-        let backend = match &m.spec.blk.backend {
-            BackendSpec::Ram { .. } => "ram",
-            BackendSpec::File { .. } => "file",
-            BackendSpec::Null { .. } => "null",
-        };
-        DeviceView {
+        let sock = m.server.path();
+        let mut v = DeviceView {
             name: m.spec.name.clone(),
-            mgmtdev: "blk".into(),
-            backend: backend.into(),
-            socket: m.server.path().display().to_string(),
+            mgmtdev: m.spec.mgmtdev().into(),
+            backend: String::new(),
+            socket: sock.display().to_string(),
             state: state.into(),
             status: status.names().into_iter().map(String::from).collect(),
-            features: feature_names(st.features),
+            features: feature_names(st.features, m.spec.mgmtdev()),
             frontend_pid: st.frontend_pid,
-            queues: m.spec.blk.num_queues,
-            queue_size: m.spec.blk.queue_size,
-            capacity: m.blk.capacity_bytes(),
-            read_only: m.spec.blk.read_only,
-            qemu: qemu_command_line(&m.spec.name, m.spec.blk.num_queues, m.server.path()),
+            queues: m.spec.num_queues(),
+            queue_size: m.spec.queue_size(),
+            capacity: None,
+            read_only: None,
+            mac: None,
+            mtu: None,
+            max_vqp: None,
+            qemu: String::new(),
+            testpmd: None,
+        };
+        match &m.dev {
+            Dev::Blk(cfg, blk) => {
+                v.backend = match &cfg.backend {
+                    BackendSpec::Ram { .. } => "ram",
+                    BackendSpec::File { .. } => "file",
+                    BackendSpec::Null { .. } => "null",
+                }
+                .into();
+                v.capacity = Some(blk.capacity_bytes());
+                v.read_only = Some(cfg.read_only);
+                v.qemu = qemu_command_line(&m.spec.name, cfg.num_queues, sock);
+            }
+            Dev::Net(n, _) => {
+                let mac = MacDisplay(n.config.mac).to_string();
+                let pairs = n.config.max_queue_pairs;
+                v.backend = net_backend_name(&n.backend).into();
+                v.qemu = qemu_net_command_line(pairs, &mac, sock);
+                v.testpmd = Some(testpmd_vdev(pairs, sock));
+                v.mac = Some(mac);
+                v.mtu = Some(n.config.mtu);
+                v.max_vqp = Some(pairs);
+            }
         }
+        v
     }
 
     /// Views of one device or of all, sorted by name.
@@ -457,30 +690,65 @@ impl Registry {
         }
     }
 
-    /// The decoded config space of a device.
+    /// The decoded config space of a device (net: with its backend and the features the
+    /// driver negotiated).
     ///
     /// # Errors
     /// [`RegistryError::NotFound`].
-    pub fn config(&self, name: &str) -> Result<BlkConfigView, RegistryError> {
+    pub fn config(&self, name: &str) -> Result<ConfigView, RegistryError> {
         let devs = self.lock();
         let m = devs
             .get(name)
             .ok_or_else(|| RegistryError::NotFound(name.into()))?;
-        let c = m.blk.config_space();
-        Ok(BlkConfigView {
-            name: name.into(),
-            capacity: c.capacity,
-            size_max: c.size_max,
-            seg_max: c.seg_max,
-            blk_size: c.blk_size,
-            num_queues: c.num_queues,
-            max_discard_sectors: c.max_discard_sectors,
-            max_discard_seg: c.max_discard_seg,
-            discard_sector_alignment: c.discard_sector_alignment,
-            max_write_zeroes_sectors: c.max_write_zeroes_sectors,
-            max_write_zeroes_seg: c.max_write_zeroes_seg,
-            write_zeroes_may_unmap: c.write_zeroes_may_unmap != 0,
-        })
+        match &m.dev {
+            Dev::Blk(_, blk) => {
+                let c = blk.config_space();
+                Ok(ConfigView::Blk(BlkConfigView {
+                    name: name.into(),
+                    capacity: c.capacity,
+                    size_max: c.size_max,
+                    seg_max: c.seg_max,
+                    blk_size: c.blk_size,
+                    num_queues: c.num_queues,
+                    max_discard_sectors: c.max_discard_sectors,
+                    max_discard_seg: c.max_discard_seg,
+                    discard_sector_alignment: c.discard_sector_alignment,
+                    max_write_zeroes_sectors: c.max_write_zeroes_sectors,
+                    max_write_zeroes_seg: c.max_write_zeroes_seg,
+                    write_zeroes_may_unmap: c.write_zeroes_may_unmap != 0,
+                }))
+            }
+            Dev::Net(spec, net) => {
+                // What the driver reads (the MAC may have been changed on the control
+                // queue); the configured values if the space cannot be decoded.
+                let c = VirtioNetConfig::from_le_bytes(&net.config())
+                    .unwrap_or_else(|| spec.config.virtio_config());
+                let st = m.server.session_state();
+                let (tap, switch, frame_len) = match &spec.backend {
+                    NetBackendSpec::Tap { .. } => (net.tap_name().map(String::from), None, None),
+                    NetBackendSpec::Switch { name } => (None, Some(name.clone()), None),
+                    NetBackendSpec::Source { frame_len } => (None, None, Some(*frame_len)),
+                    NetBackendSpec::Loopback | NetBackendSpec::Sink => (None, None, None),
+                };
+                Ok(ConfigView::Net(NetConfigView {
+                    name: name.into(),
+                    mac: MacDisplay(c.mac).to_string(),
+                    mtu: c.mtu,
+                    max_vqp: c.max_virtqueue_pairs,
+                    link: if c.status & VIRTIO_NET_S_LINK_UP != 0 {
+                        "up"
+                    } else {
+                        "down"
+                    }
+                    .into(),
+                    backend: net_backend_name(&spec.backend).into(),
+                    tap,
+                    switch,
+                    frame_len,
+                    negotiated_features: feature_names(st.features, "net"),
+                }))
+            }
+        }
     }
 
     fn with_server<T>(
@@ -535,7 +803,7 @@ impl Registry {
                 .map_err(|_| RegistryError::NoQueue {
                     name: name.into(),
                     qidx: vec,
-                    queues: m.spec.blk.num_queues,
+                    queues: m.spec.num_queues(),
                 })
         })
     }
@@ -559,7 +827,7 @@ impl Registry {
                 .map_err(|_| RegistryError::NoQueue {
                     name: name.into(),
                     qidx,
-                    queues: m.spec.blk.num_queues,
+                    queues: m.spec.num_queues(),
                 })
         })
     }
@@ -573,7 +841,7 @@ impl Registry {
         &self,
         name: &str,
         qidx: u32,
-    ) -> Result<(VstatsView, Option<std::os::fd::OwnedFd>, usize), RegistryError> {
+    ) -> Result<(QueueStatsView, Option<std::os::fd::OwnedFd>, usize), RegistryError> {
         let devs = self.lock();
         let m = devs
             .get(name)
@@ -582,9 +850,24 @@ impl Registry {
         let q = table.queue(qidx as usize).ok_or(RegistryError::NoQueue {
             name: name.into(),
             qidx,
-            queues: m.spec.blk.num_queues,
+            queues: m.spec.num_queues(),
         })?;
-        let view = vstats_view(name, qidx, q);
+        let view = match &m.dev {
+            Dev::Blk(..) => QueueStatsView::Blk(vstats_view(name, qidx, q)),
+            Dev::Net(n, _) => {
+                // Before a driver negotiated features, the layout of a device with MQ.
+                let st = m.server.session_state();
+                let negotiated = if st.features == 0 {
+                    VirtioFeatures::VIRTIO_NET_F_MQ
+                } else {
+                    VirtioFeatures::from_raw(st.features)
+                };
+                let role = u16::try_from(qidx)
+                    .ok()
+                    .and_then(|i| QueueRole::of(i, n.config.max_queue_pairs, negotiated));
+                QueueStatsView::Net(net_vstats_view(name, qidx, role, q))
+            }
+        };
         Ok((view, table.fd().try_clone_to_owned().ok(), table.queues()))
     }
 }
@@ -615,7 +898,7 @@ pub struct VectorView {
 }
 
 /// Reads one queue's counters into a view.
-pub fn vstats_view(name: &str, qidx: u32, q: &uvdpa_virtio::stats::QueueStats) -> VstatsView {
+pub fn vstats_view(name: &str, qidx: u32, q: &QueueStats) -> VstatsView {
     VstatsView {
         name: name.into(),
         qidx,
@@ -625,6 +908,33 @@ pub fn vstats_view(name: &str, qidx: u32, q: &uvdpa_virtio::stats::QueueStats) -
         kicks: q.kicks.load(Ordering::Relaxed),
         calls: q.calls.load(Ordering::Relaxed),
         calls_suppressed: q.calls_suppressed.load(Ordering::Relaxed),
+        errors: q.errors.load(Ordering::Relaxed),
+    }
+}
+
+/// Reads one net queue's counters into a view; `role` is what the queue is (`None`: not
+/// in use with the negotiated features).
+pub fn net_vstats_view(
+    name: &str,
+    qidx: u32,
+    role: Option<QueueRole>,
+    q: &QueueStats,
+) -> NetVstatsView {
+    let (queue_type, bytes) = match role {
+        Some(QueueRole::Rx(_)) => ("rx", &q.bytes_written),
+        Some(QueueRole::Tx(_)) => ("tx", &q.bytes_read),
+        Some(QueueRole::Ctrl) => ("cq", &q.bytes_read),
+        None => ("unused", &q.bytes_read),
+    };
+    NetVstatsView {
+        name: name.into(),
+        qidx,
+        queue_type: queue_type.into(),
+        packets: q.requests.load(Ordering::Relaxed),
+        bytes: bytes.load(Ordering::Relaxed),
+        drops: q.drops.load(Ordering::Relaxed),
+        kicks: q.kicks.load(Ordering::Relaxed),
+        calls: q.calls.load(Ordering::Relaxed),
         errors: q.errors.load(Ordering::Relaxed),
     }
 }

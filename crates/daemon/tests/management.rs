@@ -1,6 +1,7 @@
 //! The management plane end to end: the `uvdpa` CLI (a secondary) against a running
-//! daemon (the primary) — golden JSON for every `show`, error messages, run-time device
-//! lifecycle under libblkio I/O, and the resource tracker's accounting.
+//! daemon (the primary) — golden JSON for every `show` of blk and net devices, error
+//! messages, run-time device lifecycle under libblkio I/O, a frame through a loopback net
+//! device counted per queue, and the resource tracker's accounting.
 
 mod common;
 
@@ -11,6 +12,11 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
+
+/// Config text for one net device.
+fn net_config(name: &str, extra: &str) -> String {
+    format!("[[device]]\nname = \"{name}\"\nmgmtdev = \"net\"\n{extra}\n")
+}
 
 fn golden_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -164,7 +170,7 @@ fn cli_errors_name_the_problem() {
         ],
         "1..=64",
     );
-    fails(&["dev", "add", "name", "e1", "mgmtdev", "net"], "mgmtdev");
+    fails(&["dev", "add", "name", "e1", "mgmtdev", "scsi"], "mgmtdev");
     fails(
         &[
             "dev",
@@ -467,5 +473,307 @@ fn irq_table_shows_triggers_fires_by_hand_and_coalesces() {
     std::thread::sleep(Duration::from_millis(100));
     let v = d.cli_json(&["dev", "irq", "show", "i0"]);
     assert_eq!(v["vectors"][0]["trigger"], false, "{v}");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn net_device_from_the_config_file_and_at_run_time() {
+    // A loopback net device with every default (its MAC generated from its name).
+    let d = Daemon::start("net", &net_config("net0", ""), &["net0"]);
+    let dir = d.dir.display().to_string();
+    golden(
+        "dev_show_net.json",
+        &normalize(d.cli_json(&["dev", "show", "net0"]), &dir),
+    );
+    golden(
+        "dev_config_show_net.json",
+        &d.cli_json(&["dev", "config", "show", "net0"]),
+    );
+    golden(
+        "dev_vstats_show_net.json",
+        &d.cli_json(&["dev", "vstats", "show", "net0", "qidx", "0"]),
+    );
+    let qtype = |name: &str, q: &str| {
+        d.cli_json(&["dev", "vstats", "show", name, "qidx", q])["vstats"]["queue_type"].clone()
+    };
+    assert_eq!(qtype("net0", "1"), "tx");
+    assert_eq!(qtype("net0", "2"), "cq");
+    let (ok, _, err) = d.cli(&["dev", "vstats", "show", "net0", "qidx", "3"]);
+    assert!(!ok && err.contains("no queue 3"), "{err}");
+
+    // Added at run time: two queue pairs, jumbo MTU, iproute2's `max_vqp`.
+    let (ok, out, err) = d.cli(&[
+        "dev",
+        "add",
+        "name",
+        "net1",
+        "mgmtdev",
+        "net",
+        "max_vqp",
+        "2",
+        "mtu",
+        "9000",
+        "mac",
+        "02:00:00:00:00:01",
+        "queue_size",
+        "1000",
+        "poll_us",
+        "20",
+    ]);
+    assert!(ok, "dev add net1: {err}");
+    assert!(
+        out.contains("net1: mgmtdev net backend loopback state ready mac 02:00:00:00:00:01 mtu 9000 max_vqp 2"),
+        "{out}"
+    );
+    let v = &d.cli_json(&["dev", "show", "net1"])["dev"][0];
+    assert_eq!(v["queues"], 5);
+    assert_eq!(v["queue_size"], 1000);
+    let sock = d.sock_str("net1");
+    assert_eq!(
+        v["qemu"].as_str().unwrap(),
+        format!(
+            "qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on \
+             -numa node,memdev=mem -chardev socket,id=c0,path={sock} \
+             -netdev vhost-user,id=n0,chardev=c0,queues=2 \
+             -device virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01,mq=on,vectors=0 ..."
+        )
+    );
+    assert_eq!(
+        v["testpmd"].as_str().unwrap(),
+        format!("net_virtio_user0,path={sock},queues=2")
+    );
+    assert!(
+        v.get("capacity").is_none() && v.get("read_only").is_none(),
+        "{v}"
+    );
+    let c = &d.cli_json(&["dev", "config", "show", "net1"])["config"];
+    assert_eq!(
+        (c["mtu"].clone(), c["max_vqp"].clone()),
+        (9000.into(), 2.into())
+    );
+    assert_eq!(c["link"], "up");
+    // Queues 0..4 are rx/tx of two pairs, 4 the control queue.
+    assert_eq!(qtype("net1", "2"), "rx");
+    assert_eq!(qtype("net1", "3"), "tx");
+    assert_eq!(qtype("net1", "4"), "cq");
+    // Text output of the same commands.
+    let (ok, out, _) = d.cli(&["dev", "config", "show", "net1"]);
+    assert!(
+        ok && out.contains("mac") && out.contains("02:00:00:00:00:01"),
+        "{out}"
+    );
+    assert!(!out.contains('"'), "strings are printed bare: {out}");
+    let (ok, out, _) = d.cli(&["dev", "vstats", "show", "net1", "qidx", "4"]);
+    assert!(ok && out.starts_with("net1 qidx 4 cq:"), "{out}");
+    assert!(out.contains("drops"), "{out}");
+    let (ok, out, _) = d.cli(&["dev", "show", "net1"]);
+    assert!(
+        ok && out.contains("testpmd") && out.contains("net_virtio_user0"),
+        "{out}"
+    );
+    // The other backends come up too (no TAP: that needs CAP_NET_ADMIN).
+    for (n, extra) in [
+        ("sw-a", &["backend", "switch", "switch", "sw0"][..]),
+        ("sw-b", &["backend", "switch", "switch", "sw0"][..]),
+        ("sink0", &["backend", "sink"][..]),
+        ("src0", &["backend", "source", "frame_len", "1514"][..]),
+    ] {
+        let mut args = vec!["dev", "add", "name", n, "mgmtdev", "net"];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = d.cli(&args);
+        assert!(ok, "dev add {n}: {err}");
+    }
+    let c = &d.cli_json(&["dev", "config", "show", "sw-b"])["config"];
+    assert_eq!(
+        (c["backend"].clone(), c["switch"].clone()),
+        ("switch".into(), "sw0".into())
+    );
+    let c = &d.cli_json(&["dev", "config", "show", "src0"])["config"];
+    assert_eq!(c["frame_len"], 1514);
+    let all = d.cli_json(&["dev", "show"])["dev"].clone();
+    let mgmtdevs: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["mgmtdev"].as_str().unwrap())
+        .collect();
+    assert_eq!(mgmtdevs, ["net", "net", "net", "net", "net", "net"]);
+    for n in ["net1", "sw-a", "sw-b", "sink0", "src0"] {
+        let (ok, _, err) = d.cli(&["dev", "del", n]);
+        assert!(ok, "dev del {n}: {err}");
+        assert!(!d.sock(n).exists());
+    }
+    let (ok, _, err) = d.cli(&["dev", "show", "net1"]);
+    assert!(!ok && err.contains("No device named \"net1\""), "{err}");
+    assert_eq!(d.cli_json(&["res", "show"])["counts"]["dev"], 1);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn net_errors_name_the_attribute() {
+    let d = Daemon::start("neterr", &net_config("n0", ""), &["n0"]);
+    let fails = |extra: &[&str], needle: &str| {
+        let mut args = vec!["dev", "add", "name", "n1", "mgmtdev", "net"];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = d.cli(&args);
+        assert!(!ok, "{args:?} succeeded: {out}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: stderr {err:?} lacks {needle:?}"
+        );
+    };
+    fails(&["mac", "02:00:00:00:00"], "field `mac`");
+    fails(&["mac", "01:00:5e:00:00:01"], "multicast");
+    fails(
+        &["mtu", "67"],
+        "field `mtu`: Invalid mtu 67: must be in 68..=65535",
+    );
+    fails(&["mtu", "70000"], "field `mtu`");
+    fails(&["max_vqp", "17"], "field `queue_pairs`");
+    fails(&["queue_size", "0"], "field `queue_size`");
+    fails(
+        &["backend", "switch"],
+        "field `switch`: required for backend switch",
+    );
+    fails(
+        &["switch", "sw0"],
+        "field `switch`: only valid with backend switch",
+    );
+    fails(
+        &["backend", "source", "frame_len", "20"],
+        "field `frame_len`",
+    );
+    fails(&["backend", "wire"], "field `backend`");
+    fails(&["size", "1M"], "field `size`: only valid with mgmtdev blk");
+    fails(&["ro"], "field `read_only`: only valid with mgmtdev blk");
+    fails(&["queues", "2"], "field `queues`");
+    fails(&["mandate", "VIRTIO_BLK_F_FLUSH"], "field `mandate`");
+    // A net feature this device does not offer (one queue pair: no MQ).
+    fails(
+        &["mandate", "VIRTIO_NET_F_MQ"],
+        "mandate: VIRTIO_NET_F_MQ not offered by this device",
+    );
+    fails(&["colour", "red"], "colour");
+    // And net attributes on a blk device.
+    let (ok, _, err) = d.cli(&[
+        "dev",
+        "add",
+        "name",
+        "b1",
+        "mgmtdev",
+        "blk",
+        "size",
+        "1M",
+        "mac",
+        "02:00:00:00:00:01",
+    ]);
+    assert!(
+        !ok && err.contains("field `mac`: only valid with mgmtdev net"),
+        "{err}"
+    );
+    assert_eq!(
+        d.cli_json(&["dev", "show"])["dev"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(d.stop().success());
+    // An invalid net device in the config file stops the daemon before anything is served.
+    let out = std::process::Command::new(uvdpa_bin())
+        .args(["daemon", "--run-dir"])
+        .arg(unique_dir("netbad"))
+        .arg("--config")
+        .arg({
+            let dir = unique_dir("netbadcfg");
+            let p = dir.join("bad.toml");
+            std::fs::write(&p, net_config("bad", "backend = \"switch\"")).unwrap();
+            p
+        })
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("device bad: field `switch`: required for backend switch"),
+        "{err}"
+    );
+}
+
+#[test]
+fn net_loopback_frame_is_counted_on_tx_and_rx() {
+    use common::vu::VuGuest;
+
+    let d = Daemon::start("netio", &net_config("lo0", ""), &["lo0"]);
+    let mut g = VuGuest::connect(&d.sock("lo0"), 3, 1 << 20, 0).unwrap();
+    let mut rx = g.ring(0, 0x1_0000, 64).unwrap();
+    let mut tx = g.ring(1, 0x2_0000, 64).unwrap();
+    let (rx_buf, tx_buf) = (0x4_0000u64, 0x5_0000u64);
+    // A receive buffer first: loopback drops a frame that finds none.
+    let rx_head = rx.dq.add_chain(&[(rx_buf, 12 + 1514, true)]);
+    rx.dq.publish();
+    rx.kick();
+    // A 60-byte broadcast frame after a zeroed 12-byte virtio_net_hdr.
+    let mut frame = vec![0xffu8; 6];
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99, 0x88, 0xb5]);
+    frame.extend((0..46).map(|i| i as u8));
+    let mut pkt = vec![0u8; 12];
+    pkt.extend_from_slice(&frame);
+    tx.dq.mem.write(tx_buf, &pkt).unwrap();
+    let tx_head = tx.dq.add_chain(&[(tx_buf, pkt.len() as u32, false)]);
+    tx.dq.publish();
+    tx.kick();
+    let t = Duration::from_secs(10);
+    assert_eq!(tx.wait_used(t).map(|u| u.0), Some(u32::from(tx_head)));
+    assert_eq!(rx.wait_used(t), Some((u32::from(rx_head), 72)));
+    let mut back = vec![0u8; frame.len()];
+    rx.dq.mem.read(rx_buf + 12, &mut back).unwrap();
+    assert_eq!(back, frame, "the frame came back as sent");
+
+    let vstats =
+        |q: &str| d.cli_json(&["dev", "vstats", "show", "lo0", "qidx", q])["vstats"].clone();
+    // The counters are added just after the used entries are published: wait (bounded).
+    let t0 = std::time::Instant::now();
+    let (mut vrx, mut vtx) = (vstats("0"), vstats("1"));
+    while (vrx["packets"] != 1 || vtx["packets"] != 1) && t0.elapsed() < t {
+        std::thread::sleep(Duration::from_millis(20));
+        (vrx, vtx) = (vstats("0"), vstats("1"));
+    }
+    // Frame bytes: the 12-byte virtio-net header is not counted.
+    assert_eq!(
+        (
+            vrx["queue_type"].clone(),
+            vrx["packets"].clone(),
+            vrx["bytes"].clone()
+        ),
+        ("rx".into(), 1.into(), 60.into()),
+        "{vrx}"
+    );
+    assert_eq!(
+        (
+            vtx["queue_type"].clone(),
+            vtx["packets"].clone(),
+            vtx["bytes"].clone()
+        ),
+        ("tx".into(), 1.into(), 60.into()),
+        "{vtx}"
+    );
+    assert_eq!(
+        (vrx["drops"].clone(), vtx["drops"].clone()),
+        (0.into(), 0.into())
+    );
+    assert!(vtx["kicks"].as_u64().unwrap() >= 1, "{vtx}");
+    let c = &d.cli_json(&["dev", "config", "show", "lo0"])["config"];
+    assert!(
+        c["negotiated_features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "VIRTIO_F_VERSION_1"),
+        "{c}"
+    );
+    let v = &d.cli_json(&["dev", "show", "lo0"])["dev"][0];
+    assert_eq!(v["frontend_pid"], std::process::id());
+    drop((rx, tx, g));
     assert!(d.stop().success());
 }
