@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use uvdpa_virtio::packed::testing::DriverQueue as PackedDriverQueue;
+use uvdpa_virtio::packed::{RING_EVENT_FLAGS_DESC, WRAP_BIT};
 use uvdpa_virtio::split::testing::DriverQueue;
 use uvdpa_virtio::{GuestMemory, MemoryRegion};
 use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
@@ -431,6 +433,287 @@ fn broken_ring_sets_needs_reset_and_notifies_the_frontend_over_its_channel() {
     );
     let dev = d.cli_json(&["dev", "show", "nr"]);
     assert_eq!(dev["dev"][0]["state"], "needs-reset", "{dev}");
+    drop(fe);
+    assert!(d.stop().success());
+}
+
+/// A virtio-blk request on a packed ring: header at `0x20_0000 + slot * 0x100`, status byte
+/// 0x80 after it (preset to 0xff), optional data buffer; as one chain of consecutive ring
+/// descriptors, or with `indirect` as one INDIRECT descriptor whose table is at
+/// `0x28_0000 + slot * 0x100`. Returns (buffer id, status address).
+fn packed_blk_request(
+    dq: &mut PackedDriverQueue,
+    t: u32,
+    sector: u64,
+    data: Option<(u64, u32, bool)>,
+    slot: u64,
+    indirect: bool,
+) -> (u16, u64) {
+    let hdr = 0x20_0000 + slot * 0x100;
+    let status = hdr + 0x80;
+    let mut h = t.to_le_bytes().to_vec();
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&sector.to_le_bytes());
+    dq.mem.write(hdr, &h).unwrap();
+    dq.mem.write(status, &[0xff]).unwrap();
+    let mut bufs = vec![(hdr, 16, false)];
+    bufs.extend(data);
+    bufs.push((status, 1, true));
+    let id = if indirect {
+        dq.add_indirect(0x28_0000 + slot * 0x100, &bufs)
+    } else {
+        dq.add_chain(&bufs)
+    };
+    (id, status)
+}
+
+/// The status byte at guest address `at`.
+fn packed_status(dq: &PackedDriverQueue, at: u64) -> u8 {
+    let mut b = [0u8];
+    dq.mem.read(at, &mut b).unwrap();
+    b[0]
+}
+
+/// Checks a packed vring base from GET_VRING_BASE against the driver's view of the ring
+/// (every request completed): bits 0..15 are the next avail slot and its wrap counter.
+/// Bits 16..31 may carry the next used slot and its wrap counter (the vhost-user spec's
+/// layout; equal to the avail ones after an in-order stop) or be 0 (what uvdpa sends, as
+/// DPDK does).
+fn check_packed_base(base: u32, dq: &PackedDriverQueue) {
+    assert_eq!(
+        base & 0xffff,
+        u32::from(dq.avail_base()),
+        "vring base {base:#x}"
+    );
+    let used = base >> 16;
+    assert!(
+        used == 0 || used == u32::from(dq.used_off_wrap()),
+        "used half of vring base {base:#x}"
+    );
+}
+
+/// Waits (bounded) until the device has re-armed kicks in its event suppression area at
+/// the driver's next avail position (EVENT_IDX: RING_EVENT_FLAGS_DESC with that
+/// `off_wrap`), which it does each time its worker goes idle.
+fn wait_kick_armed_at(dq: &PackedDriverQueue, what: &str) {
+    let t0 = std::time::Instant::now();
+    while (dq.device_event_flags(), dq.device_event_off_wrap())
+        != (RING_EVENT_FLAGS_DESC, dq.avail_base())
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{what}: device event area flags {} off_wrap {:#x}, want DESC at {:#x}",
+            dq.device_event_flags(),
+            dq.device_event_off_wrap(),
+            dq.avail_base()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Makes `reqs` (type, sector, data) available at once, kicks, and checks that each
+/// completes with VIRTIO_BLK_S_OK and the used length of its writable part. Requests
+/// alternate between plain chains and indirect tables from `*n` on.
+fn packed_batch(
+    dq: &mut PackedDriverQueue,
+    call: &EventFd,
+    kick: &EventFd,
+    n: &mut u64,
+    reqs: &[(u32, u64, (u64, u32, bool))],
+) {
+    let mut want = Vec::new();
+    for &(t, sector, data) in reqs {
+        let slot = *n % 16;
+        let (id, st) = packed_blk_request(dq, t, sector, Some(data), slot, *n % 3 == 1);
+        let used = if data.2 { data.1 + 1 } else { 1 };
+        want.push((id, used, st));
+        *n += 1;
+    }
+    // Ask for a notification when the first of them is used (EVENT_IDX: DESC), and insist
+    // on it.
+    dq.set_driver_event(RING_EVENT_FLAGS_DESC, dq.used_off_wrap());
+    common::vu::wait_event(call, Duration::ZERO);
+    kick.write(1).unwrap();
+    wait_call(call);
+    for (id, used, st) in want {
+        let t0 = std::time::Instant::now();
+        let got = loop {
+            if let Some(u) = dq.pop_used() {
+                break u;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "request {id} not completed"
+            );
+            common::vu::wait_event(call, Duration::from_millis(100));
+        };
+        assert_eq!(got, (id, used), "used descriptor (id, len)");
+        assert_eq!(packed_status(dq, st), 0, "request {id}: VIRTIO_BLK_S_OK");
+    }
+}
+
+/// Writes a 4 KiB pattern at `sector` and reads it back, in one batch of two.
+fn packed_write_read(
+    dq: &mut PackedDriverQueue,
+    call: &EventFd,
+    kick: &EventFd,
+    n: &mut u64,
+    sector: u64,
+) {
+    let data = pattern(sector, 4096);
+    let (w, r) = (0x32_0000 + (*n % 8) * 0x2000, 0x34_0000 + (*n % 8) * 0x2000);
+    dq.mem.write(w, &data).unwrap();
+    dq.mem.write(r, &[0u8; 4096]).unwrap();
+    packed_batch(
+        dq,
+        call,
+        kick,
+        n,
+        &[(1, sector, (w, 4096, false)), (0, sector, (r, 4096, true))],
+    );
+    let mut back = vec![0u8; 4096];
+    dq.mem.read(r, &mut back).unwrap();
+    assert!(back == data, "sector {sector}: data read back differs");
+}
+
+#[test]
+fn packed_ring_blk_requests_and_vring_base_carry_the_wrap_counter() {
+    const RING_PACKED: u64 = 1 << 34;
+    const EVENT_IDX: u64 = 1 << 29;
+    const SIZE: u16 = 16;
+    let d = Daemon::start(
+        "fepk",
+        &blk_config("pk", "backend = \"ram\"\nsize = \"16M\""),
+        &["pk"],
+    );
+    let mut fe = Frontend::connect(d.sock("pk"), 1).unwrap();
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    assert!(offered & RING_PACKED != 0, "VIRTIO_F_RING_PACKED offered");
+    fe.set_features((1 << 32) | (1 << 30) | (1 << 28) | EVENT_IDX | RING_PACKED)
+        .unwrap();
+    fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(P::MQ | P::REPLY_ACK | P::CONFIG)
+        .unwrap();
+    fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    let (_fd, mem) = share_memory(&fe);
+
+    // The ring: descriptors at 0x1000, then the driver and device event suppression areas
+    // where a split ring has its avail and used rings.
+    let mut dq = PackedDriverQueue::new(mem.clone(), 0x1000, SIZE);
+    let (call, kick) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    fe.set_vring_num(0, SIZE).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: SIZE,
+            queue_size: SIZE,
+            flags: 0,
+            desc_table_addr: UADDR + dq.desc,
+            avail_ring_addr: UADDR + dq.driver_area,
+            used_ring_addr: UADDR + dq.device_area,
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    // A fresh packed ring: slot 0, wrap counter 1.
+    fe.set_vring_base(0, WRAP_BIT).unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    let names = d.cli_json(&["dev", "show", "pk"])["dev"][0]["features"].clone();
+    assert!(
+        names
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "VIRTIO_F_RING_PACKED"),
+        "{names}"
+    );
+
+    // One OUT (a 3-descriptor chain: header, data, status) and one IN (indirect).
+    let mut n = 0u64;
+    let data = pattern(9, 4096);
+    mem.write(0x30_0000, &data).unwrap();
+    let (id, st) = packed_blk_request(&mut dq, 1, 8, Some((0x30_0000, 4096, false)), 0, false);
+    kick.write(1).unwrap();
+    wait_call(&call);
+    assert_eq!(dq.pop_used(), Some((id, 1)));
+    assert_eq!(packed_status(&dq, st), 0, "VIRTIO_BLK_S_OK");
+    let (id, st) = packed_blk_request(&mut dq, 0, 8, Some((0x31_0000, 4096, true)), 1, true);
+    kick.write(1).unwrap();
+    wait_call(&call);
+    assert_eq!(dq.pop_used(), Some((id, 4097)));
+    assert_eq!(packed_status(&dq, st), 0);
+    let mut back = vec![0u8; 4096];
+    mem.read(0x31_0000, &mut back).unwrap();
+    assert!(back == data);
+    assert_eq!(
+        dq.avail_base(),
+        WRAP_BIT | 4,
+        "3 + 1 slots on the first lap"
+    );
+    wait_kick_armed_at(&dq, "after the first requests");
+
+    // Write/read pairs (1 to 6 slots each) until the ring has wrapped at least twice and the
+    // driver is on a lap with wrap counter 0, part-way through the ring.
+    let mut sector = 64;
+    while n < 24 || dq.avail_wrap || dq.next_avail == 0 {
+        packed_write_read(&mut dq, &call, &kick, &mut n, sector);
+        sector += 8;
+    }
+    wait_kick_armed_at(&dq, "after the laps");
+
+    // GET_VRING_BASE stops the ring and returns the next avail slot with its wrap counter
+    // (0 here) in bit 15.
+    let base = fe.get_vring_base(0).unwrap();
+    check_packed_base(base, &dq);
+    assert_eq!(base & u32::from(WRAP_BIT), 0, "wrap counter 0 in bit 15");
+    assert!(base & 0xffff > 0, "stopped part-way through the ring");
+    let base = (base & 0xffff) as u16;
+
+    // While the ring is stopped, the driver makes a write available (no kick). Restarting
+    // from the base (SET_VRING_BASE, then a kick fd) finds it at once.
+    let later = pattern(77, 4096);
+    mem.write(0x36_0000, &later).unwrap();
+    let (id, st) = packed_blk_request(&mut dq, 1, 1000, Some((0x36_0000, 4096, false)), 15, false);
+    dq.set_driver_event(RING_EVENT_FLAGS_DESC, dq.used_off_wrap());
+    common::vu::wait_event(&call, Duration::ZERO);
+    fe.set_vring_base(0, base).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    wait_call(&call);
+    assert_eq!(dq.pop_used(), Some((id, 1)), "first request after restart");
+    assert_eq!(packed_status(&dq, st), 0);
+    // The ring goes on over the wrap back to counter 1, and the data is all there.
+    let wrap_at_restart = dq.avail_wrap;
+    let mut more = 0;
+    while more < 12 || dq.avail_wrap == wrap_at_restart {
+        packed_write_read(&mut dq, &call, &kick, &mut n, sector);
+        sector += 8;
+        more += 1;
+    }
+    mem.write(0x37_0000, &[0u8; 4096]).unwrap();
+    packed_batch(
+        &mut dq,
+        &call,
+        &kick,
+        &mut n,
+        &[
+            (0, 1000, (0x37_0000, 4096, true)),
+            (0, 8, (0x31_0000, 4096, true)),
+        ],
+    );
+    mem.read(0x37_0000, &mut back).unwrap();
+    assert!(back == later, "the write made before the restart");
+    mem.read(0x31_0000, &mut back).unwrap();
+    assert!(back == data, "the first write");
+    wait_kick_armed_at(&dq, "after the restart");
+    let base = fe.get_vring_base(0).unwrap();
+    check_packed_base(base, &dq);
+    assert_ne!(base & u32::from(WRAP_BIT), 0, "wrap counter back at 1");
+    let vs = d.cli_json(&["dev", "vstats", "show", "pk", "qidx", "0"]);
+    assert_eq!(vs["vstats"]["requests"], n + 3, "{vs}");
+    assert_eq!(vs["vstats"]["errors"], 0, "{vs}");
     drop(fe);
     assert!(d.stop().success());
 }

@@ -1,13 +1,22 @@
 //! Device-level tests: requests built in real guest memory (`MemoryRegion::anonymous`),
 //! handed to the device as descriptor chains, results read back from guest memory.
+//!
+//! The request tests run twice: with chains built directly from the buffers, and (module
+//! [`packed_ring`]) with every request made available on a packed virtqueue and taken off
+//! it by the device side of the ring, as the queue worker does.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use uvdpa_virtio::packed::testing::DriverQueue as PackedDriverQueue;
 use uvdpa_virtio::split::testing::DriverQueue;
 use uvdpa_virtio::worker::QueueHandler;
-use uvdpa_virtio::{DescriptorChain, GuestMemory, MemoryRegion, Segment, SplitQueue};
+use uvdpa_virtio::{
+    DescriptorChain, GuestMemory, MemoryRegion, Segment, SplitQueue, Virtqueue, VringConfig,
+};
 
 use super::*;
 
@@ -67,6 +76,8 @@ struct Io {
     chain: DescriptorChain,
     readable: Vec<(u64, usize)>,
     writable: Vec<(u64, usize)>,
+    /// The guest memory the buffers are in.
+    mem: Arc<GuestMemory>,
 }
 
 impl Io {
@@ -113,6 +124,7 @@ fn build_at(g: &mut Guest, readable: &[&[u8]], writable: &[usize], misalign: u64
         chain: unsafe { DescriptorChain::from_segments(0, rs, ws) },
         readable: r,
         writable: w,
+        mem: g.mem.clone(),
     }
 }
 
@@ -169,7 +181,11 @@ struct TempFile(PathBuf);
 
 impl TempFile {
     fn new(name: &str, len: u64) -> Self {
-        let path = std::env::temp_dir().join(format!("uvdpa-blk-{}-{name}", std::process::id()));
+        // Unique per call: a test and its packed-ring twin may run at the same time.
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("uvdpa-blk-{}-{n}-{name}", std::process::id()));
         let f = std::fs::File::create(&path).unwrap();
         f.set_len(len).unwrap();
         Self(path)
@@ -213,16 +229,129 @@ fn file(path: &Path, direct: bool) -> BlkDevice {
 struct Disk {
     dev: BlkDevice,
     q: Box<dyn QueueHandler>,
+    /// The packed ring requests go through, under [`over_packed_ring`] (made on first use,
+    /// in the memory of the request's guest).
+    ring: Option<PackedRing>,
+}
+
+thread_local! {
+    /// Whether [`Disk::run`] passes requests through a packed ring (this thread's test).
+    static OVER_PACKED_RING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `test` with every request of its [`Disk`]s going through a packed ring.
+fn over_packed_ring(test: fn()) {
+    OVER_PACKED_RING.with(|p| p.set(true));
+    test();
+}
+
+/// Slots of the packed ring of [`Disk::run`]: not a power of two (packed rings need not
+/// be), small so that rings wrap and chains straddle the ring end often, and enough for
+/// the longest chain of the tests that use it.
+const PACKED_RING_SIZE: u16 = 19;
+
+/// A packed virtqueue in guest memory (ring at 0x1000, indirect tables at 0x2000, both in
+/// the pages [`Guest`] leaves free), driver and device side. It starts two slots before the
+/// ring end (a vring base of `0x8000 | 17`), so the first chain of three or more
+/// descriptors already crosses the end, where the wrap counter toggles.
+struct PackedRing {
+    dq: PackedDriverQueue,
+    q: Virtqueue,
+    chain: DescriptorChain,
+    requests: u64,
+}
+
+impl PackedRing {
+    fn new(mem: Arc<GuestMemory>) -> Self {
+        let mut dq = PackedDriverQueue::new(mem.clone(), 0x1000, PACKED_RING_SIZE);
+        let start = PACKED_RING_SIZE - 2;
+        (dq.next_avail, dq.next_used) = (start, start);
+        let cfg = VringConfig {
+            next_avail: dq.avail_base(),
+            ..dq.config(true, true)
+        };
+        let q = Virtqueue::new(&cfg, mem, true).unwrap();
+        Self {
+            dq,
+            q,
+            chain: DescriptorChain::default(),
+            requests: 0,
+        }
+    }
+
+    /// Makes `io` available (every third request as an indirect table), has the device pop
+    /// it and `h` handle it, publishes the used descriptor and checks what the driver sees.
+    /// Returns the used length.
+    fn run(&mut self, h: &mut dyn QueueHandler, io: &Io) -> u32 {
+        let mut bufs: Vec<(u64, u32, bool)> = io
+            .readable
+            .iter()
+            .map(|&(gpa, len)| (gpa, len as u32, false))
+            .chain(
+                io.writable
+                    .iter()
+                    .map(|&(gpa, len)| (gpa, len as u32, true)),
+            )
+            .collect();
+        if bufs.is_empty() {
+            // A ring chain has at least one descriptor: an empty readable one is the same
+            // request (no header, no status byte).
+            bufs.push((0x10000, 0, false));
+        }
+        assert!(
+            bufs.len() <= usize::from(PACKED_RING_SIZE),
+            "a chain of {} buffers does not fit the test's packed ring",
+            bufs.len()
+        );
+        let id = if self.requests % 3 == 2 {
+            self.dq.add_indirect(0x2000, &bufs)
+        } else {
+            self.dq.add_chain(&bufs)
+        };
+        self.requests += 1;
+        assert!(self.q.has_available().unwrap());
+        assert!(self.q.pop(&mut self.chain).unwrap(), "chain not available");
+        assert_eq!(self.chain.head(), id, "buffer id");
+        let sum = |v: &[(u64, usize)]| v.iter().map(|&(_, l)| l as u32).sum::<u32>();
+        assert_eq!(self.chain.readable_len(), sum(&io.readable));
+        assert_eq!(self.chain.writable_len(), sum(&io.writable));
+        assert!(
+            !self.q.pop(&mut self.chain).unwrap(),
+            "one chain per request"
+        );
+        let len = h.handle(&self.chain).unwrap();
+        h.end_batch().unwrap();
+        self.q.add_used(&self.chain, len);
+        self.q.publish_used();
+        assert!(
+            self.q.needs_notification(),
+            "the driver asked for every one"
+        );
+        assert_eq!(self.dq.pop_used(), Some((id, len)), "used descriptor");
+        assert_eq!(
+            self.q.next_avail(),
+            self.dq.avail_base(),
+            "device and driver agree"
+        );
+        len
+    }
 }
 
 impl Disk {
     fn new(dev: BlkDevice) -> Self {
         let q = dev.queue_handler(0, dev.features()).unwrap();
-        Self { dev, q }
+        Self { dev, q, ring: None }
     }
 
     fn run(&mut self, io: &Io) -> u32 {
-        self.q.handle(&io.chain).unwrap()
+        if !OVER_PACKED_RING.with(Cell::get) {
+            return self.q.handle(&io.chain).unwrap();
+        }
+        let ring = match &mut self.ring {
+            Some(r) if Arc::ptr_eq(&r.dq.mem, &io.mem) => r,
+            slot => slot.insert(PackedRing::new(io.mem.clone())),
+        };
+        ring.run(&mut *self.q, io)
     }
 
     /// Writes `data` at `sector` from `pieces` guest buffers; returns (status, used len).
@@ -313,6 +442,7 @@ fn features_depend_on_read_only() {
     let common = VirtioFeatures::VIRTIO_F_VERSION_1
         | VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC
         | VirtioFeatures::VIRTIO_RING_F_EVENT_IDX
+        | VirtioFeatures::VIRTIO_F_RING_PACKED
         | VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES;
     let base = BlkFeatures::VIRTIO_BLK_F_SIZE_MAX
         | BlkFeatures::VIRTIO_BLK_F_SEG_MAX
@@ -1134,4 +1264,48 @@ proptest! {
             prop_assert_eq!(&g.read(gpa, len)[..], readable[i]);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The request tests again, over a packed ring.
+
+/// The request tests with every request made available on a packed virtqueue (virtio 1.2
+/// §2.8) of [`PACKED_RING_SIZE`] slots, plain chains and indirect tables in turn, popped,
+/// handled and completed by the ring's device side, the used descriptor checked from the
+/// driver's side (see [`PackedRing::run`]). Left out: `file_reads_and_writes_use_many_iovecs`
+/// (chains of 1500 buffers).
+mod packed_ring {
+    macro_rules! over_packed_ring {
+        ($($test:ident),* $(,)?) => {
+            $(
+                #[test]
+                fn $test() {
+                    super::over_packed_ring(super::$test)
+                }
+            )*
+        };
+    }
+
+    over_packed_ring!(
+        ram_write_then_read_back_across_segments,
+        zero_length_read_and_write_succeed,
+        ram_data_survives_new_queue_handlers,
+        file_write_then_read_back_and_reach_the_file,
+        file_direct_io_with_aligned_and_unaligned_buffers,
+        null_backend_reads_zeroes_and_swallows_writes,
+        flush_succeeds_on_every_backend,
+        get_id_returns_the_serial_nul_padded,
+        ram_discard_and_write_zeroes_read_back_zeroes,
+        file_discard_and_write_zeroes_read_back_zeroes,
+        zeroing_flags_the_device_does_not_know_are_unsupported,
+        zeroing_requests_are_checked_whole_before_any_range_is_zeroed,
+        read_only_device_refuses_writes,
+        read_only_file_is_opened_read_only,
+        sectors_past_the_end_are_ioerr,
+        partial_sector_lengths_are_ioerr,
+        short_header_is_ioerr_and_split_header_is_fine,
+        unknown_request_types_are_unsupported,
+        request_without_status_byte_is_dropped,
+        arbitrary_requests_complete_or_drop_without_panicking,
+    );
 }
