@@ -157,6 +157,9 @@ pub struct Session {
     conn: Connection,
     device: Arc<dyn VirtioDevice>,
     protocol: VhostUserProtocolFeatures,
+    /// SET_PROTOCOL_FEATURES was received: the frontend uses the protocol features
+    /// (VHOST_USER_F_PROTOCOL_FEATURES is in effect even before SET_FEATURES acks it).
+    protocol_negotiated: bool,
     acked: VirtioFeatures,
     status: StatusMachine,
     needs_reset: Arc<AtomicBool>,
@@ -263,6 +266,7 @@ impl Session {
             conn,
             device,
             protocol: VhostUserProtocolFeatures::empty(),
+            protocol_negotiated: false,
             acked: VirtioFeatures::empty(),
             status,
             needs_reset: Arc::new(AtomicBool::new(false)),
@@ -472,6 +476,7 @@ impl Session {
                     });
                 }
                 self.protocol = VhostUserProtocolFeatures::from_bits_truncate(v.value);
+                self.protocol_negotiated = true;
                 Ok(None)
             }
             R::GET_QUEUE_NUM => {
@@ -593,9 +598,13 @@ impl Session {
             }
             R::SET_VRING_ENABLE => {
                 expect_fds("SET_VRING_ENABLE", req, 0)?;
-                if !self
-                    .acked
-                    .contains(VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES)
+                // QEMU's vhost-user-net enables its rings before SET_FEATURES: protocol
+                // features are in effect once they were negotiated with
+                // SET_PROTOCOL_FEATURES (or acked in SET_FEATURES).
+                if !self.protocol_negotiated
+                    && !self
+                        .acked
+                        .contains(VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES)
                 {
                     return Err(Error::InvalidParam {
                         request: "SET_VRING_ENABLE",
