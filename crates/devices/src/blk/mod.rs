@@ -295,6 +295,7 @@ fn offered_features(read_only: bool) -> VirtioFeatures {
     VirtioFeatures::VIRTIO_F_VERSION_1
         | VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC
         | VirtioFeatures::VIRTIO_RING_F_EVENT_IDX
+        | VirtioFeatures::VIRTIO_F_RING_PACKED
         | VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES
         | VirtioFeatures::from_raw(blk.bits())
 }
