@@ -93,7 +93,9 @@ struct ResArg {
 /// # Errors
 /// Binding failed (another daemon owns the run directory, permissions).
 pub fn serve(run_dir: &Path, registry: Arc<Registry>) -> Result<Primary, IpcError> {
-    let primary = Primary::bind(run_dir.join(CTL_NAME))?;
+    // Actions are registered before anyone is served (a CLI started right after the
+    // daemon would otherwise race the registrations).
+    let primary = Primary::bind_unstarted(run_dir.join(CTL_NAME))?;
 
     // Every IPC client is a tracked resource while it is connected.
     let clients: Arc<Mutex<HashMap<u64, ResHandle>>> = Arc::default();
@@ -207,5 +209,6 @@ pub fn serve(run_dir: &Path, registry: Arc<Registry>) -> Result<Primary, IpcErro
             "entries": to_json(&tracker.snapshot(filter))?,
         })))
     })?;
+    primary.start()?;
     Ok(primary)
 }

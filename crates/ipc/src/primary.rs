@@ -56,6 +56,8 @@ pub fn check_peer_uid(peer_uid: u32, own_uid: u32) -> Result<(), IpcError> {
 pub struct Primary {
     shared: Arc<Shared>,
     acceptor: Mutex<Option<JoinHandle<()>>>,
+    /// The listening socket until [`Primary::start`] hands it to the accept thread.
+    listener: Mutex<Option<OwnedFd>>,
 }
 
 impl std::fmt::Debug for Primary {
@@ -115,6 +117,19 @@ impl Primary {
     /// [`IpcError::AddressInUse`] if something answers on `path` or it is not a socket,
     /// [`IpcError::Bind`] if the socket cannot be created, bound or listened on.
     pub fn bind(path: impl AsRef<Path>) -> Result<Self, IpcError> {
+        let p = Self::bind_unstarted(path)?;
+        p.start()?;
+        Ok(p)
+    }
+
+    /// As [`Primary::bind`], but secondaries are not served before [`Primary::start`]:
+    /// register the actions in between, so a secondary that connects as soon as the socket
+    /// file appears never meets an "unknown action" (its connection waits in the listen
+    /// backlog meanwhile).
+    ///
+    /// # Errors
+    /// As [`Primary::bind`].
+    pub fn bind_unstarted(path: impl AsRef<Path>) -> Result<Self, IpcError> {
         let path = path.as_ref().to_path_buf();
         let bind_err = |source: io::Error| IpcError::Bind {
             path: path.clone(),
@@ -151,24 +166,41 @@ impl Primary {
             on_connect: RwLock::default(),
             on_disconnect: RwLock::default(),
         });
-        let acceptor = {
-            let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("uvdpa-ipc-accept".into())
-                .spawn(move || shared.accept_loop(listener))
-        };
-        let acceptor = match acceptor {
-            Ok(t) => t,
-            Err(e) => {
-                shared.remove_socket_file();
-                return Err(bind_err(e));
-            }
-        };
         info!(path = %path.display(), "IPC primary listening");
         Ok(Self {
             shared,
-            acceptor: Mutex::new(Some(acceptor)),
+            acceptor: Mutex::new(None),
+            listener: Mutex::new(Some(listener)),
         })
+    }
+
+    /// Starts serving secondaries (after [`Primary::bind_unstarted`]; a second call does
+    /// nothing).
+    ///
+    /// # Errors
+    /// [`IpcError::Bind`] if the accept thread cannot be started (the socket file is
+    /// removed then).
+    pub fn start(&self) -> Result<(), IpcError> {
+        let Some(listener) = lock(&self.listener).take() else {
+            return Ok(());
+        };
+        let shared = Arc::clone(&self.shared);
+        let acceptor = std::thread::Builder::new()
+            .name("uvdpa-ipc-accept".into())
+            .spawn(move || shared.accept_loop(listener));
+        match acceptor {
+            Ok(t) => {
+                *lock(&self.acceptor) = Some(t);
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.remove_socket_file();
+                Err(IpcError::Bind {
+                    path: self.shared.path.clone(),
+                    source: e,
+                })
+            }
+        }
     }
 
     /// The socket path.

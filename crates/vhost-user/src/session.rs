@@ -86,6 +86,8 @@ struct Vring {
     size: u16,
     addr: Option<(u64, u64, u64)>,
     base: u16,
+    /// SET_VRING_BASE was received (or a worker handed a base back).
+    base_set: bool,
     kick: Option<Arc<OwnedFd>>,
     err: Option<Arc<OwnedFd>>,
     started: bool,
@@ -532,10 +534,12 @@ impl Session {
                 let i = self.vring_index(s.index)?;
                 let max = self.device.max_queue_size();
                 let num = s.num;
-                if num == 0 || !num.is_power_of_two() || num > u32::from(max) {
+                // Packed rings may have any size (virtio 1.2 §2.8); split rings a power of two.
+                let packed = self.acked.contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
+                if num == 0 || (!packed && !num.is_power_of_two()) || num > u32::from(max) {
                     return Err(Error::InvalidParam {
                         request: "SET_VRING_NUM",
-                        reason: format!("size {num} (a power of two, 1..={max})"),
+                        reason: format!("size {num} (1..={max}, a power of two for split rings)"),
                     });
                 }
                 self.reconfigure(i, |v| v.size = num as u16)?;
@@ -576,7 +580,10 @@ impl Session {
                         })
                     }
                 };
-                self.reconfigure(i, |v| v.base = base)?;
+                self.reconfigure(i, |v| {
+                    v.base = base;
+                    v.base_set = true;
+                })?;
                 Ok(None)
             }
             R::GET_VRING_BASE => {
@@ -587,7 +594,15 @@ impl Session {
                 let v = &mut self.vrings[i];
                 v.started = false;
                 v.kick = None;
-                let reply = VhostUserVringState::new(s.index, u32::from(v.base));
+                // Packed: the used slot and its wrap counter go in bits 16..31; the device
+                // completes in order, so they equal the avail ones.
+                let num = if self.acked.contains(VirtioFeatures::VIRTIO_F_RING_PACKED) {
+                    let base = if v.base_set { v.base } else { 0x8000 };
+                    u32::from(base) | u32::from(base) << 16
+                } else {
+                    u32::from(v.base)
+                };
+                let reply = VhostUserVringState::new(s.index, num);
                 // The other vrings of its group keep running.
                 self.update_vring(i)?;
                 Ok(Some(reply.as_slice().to_vec()))
@@ -1098,6 +1113,7 @@ impl Session {
                 for q in &exit.queues {
                     if let Some(v) = self.vrings.get_mut(usize::from(q.index)) {
                         v.base = q.queue.next_avail();
+                        v.base_set = true;
                     }
                 }
                 self.groups[g].handler = Some(exit.handler);
@@ -1177,7 +1193,12 @@ impl Session {
                 desc_addr: desc,
                 avail_addr: avail,
                 used_addr: used,
-                next_avail: v.base,
+                // A packed ring nobody set a base for starts at slot 0 with wrap counter 1.
+                next_avail: if packed && !v.base_set {
+                    0x8000
+                } else {
+                    v.base
+                },
                 event_idx: features.contains(VirtioFeatures::VIRTIO_RING_F_EVENT_IDX),
                 indirect: features.contains(VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC),
                 addrs_are_uaddr: true,
