@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite and benchmarks need, when they are missing:
 # QEMU (the guest tests and qemu-storage-daemon, the benchmark peer), Debian's kernel for the
-# guest, and busybox for its initramfs.
+# guest, busybox for its initramfs, and DPDK (dpdk-testpmd: the virtio-net driver and the
+# reference vhost-user backend of the net tests and benches/net.sh).
 set -euo pipefail
 
 need=()
@@ -9,6 +10,11 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx dd || need+=(busybox-static)
+# DPDK 22.11 (Debian 12): dpdk-testpmd is in dpdk-dev; the virtio-user and vhost PMDs it
+# loads are only recommended by the dpdk package, so they are named here.
+command -v dpdk-testpmd >/dev/null || need+=(dpdk dpdk-dev)
+ls /usr/lib/*/dpdk/pmds-*/librte_net_virtio.so >/dev/null 2>&1 || need+=(librte-net-virtio23)
+ls /usr/lib/*/dpdk/pmds-*/librte_net_vhost.so >/dev/null 2>&1 || need+=(librte-net-vhost23)
 
 if [ ${#need[@]} -eq 0 ]; then
     echo "install-deps: all present"
