@@ -354,6 +354,8 @@ pub fn exists(p: &Path) -> bool {
 /// rust-vmm's vhost-user frontend (`vhost` crate) with the test acting as the virtio driver
 /// on a memfd it shares with the device: guest physical addresses start at 0 and the
 /// frontend's "virtual" addresses at [`vu::UADDR`] (only the device translates those).
+pub mod testpmd;
+
 pub mod vu {
     use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
     use std::path::Path;
