@@ -100,6 +100,9 @@ pub struct PackedQueue {
     unsignalled: u32,
     event_idx: bool,
     indirect: bool,
+    /// The device event suppression flags last written (only the device writes them):
+    /// rewriting an unchanged value would still pull the driver's cache line.
+    event_flags: Option<u16>,
 }
 
 // SAFETY: the raw pointers point into `mem`, which the queue keeps alive through its Arc;
@@ -165,6 +168,7 @@ impl PackedQueue {
             unsignalled: 0,
             event_idx: cfg.event_idx,
             indirect: cfg.indirect,
+            event_flags: None,
         })
     }
 
@@ -379,15 +383,20 @@ impl PackedQueue {
     pub fn set_notification(&mut self, enable: bool) -> Result<bool, QueueError> {
         let flags = self.u16_at(self.device, EVENT_FLAGS);
         if !enable {
-            flags.store(RING_EVENT_FLAGS_DISABLE.to_le(), Ordering::Relaxed);
+            if self.event_flags != Some(RING_EVENT_FLAGS_DISABLE) {
+                flags.store(RING_EVENT_FLAGS_DISABLE.to_le(), Ordering::Relaxed);
+                self.event_flags = Some(RING_EVENT_FLAGS_DISABLE);
+            }
             return Ok(false);
         }
         if self.event_idx {
             self.u16_at(self.device, EVENT_OFF_WRAP)
                 .store(self.next_avail().to_le(), Ordering::Relaxed);
             flags.store(RING_EVENT_FLAGS_DESC.to_le(), Ordering::Release);
+            self.event_flags = Some(RING_EVENT_FLAGS_DESC);
         } else {
             flags.store(RING_EVENT_FLAGS_ENABLE.to_le(), Ordering::Relaxed);
+            self.event_flags = Some(RING_EVENT_FLAGS_ENABLE);
         }
         fence(Ordering::SeqCst);
         Ok(self.available()? > 0)

@@ -114,6 +114,12 @@ pub struct SplitQueue {
     pending_signal: bool,
     event_idx: bool,
     indirect: bool,
+    /// used->flags as last written (only the device writes it): rewriting an unchanged
+    /// value would still pull the driver's cache line (it shares used->idx's).
+    used_flags: Option<u16>,
+    /// avail->idx as last read: entries up to it are popped without reading the driver's
+    /// cache line again.
+    avail_shadow: u16,
     /// Inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), when the frontend set it up.
     inflight: Option<InflightQueue>,
     /// Heads found in flight at start, processed before new avail entries.
@@ -172,6 +178,8 @@ impl SplitQueue {
             pending_signal: false,
             event_idx: cfg.event_idx,
             indirect: cfg.indirect,
+            used_flags: None,
+            avail_shadow: cfg.next_avail,
             inflight: None,
             resubmit: std::collections::VecDeque::new(),
         };
@@ -188,6 +196,7 @@ impl SplitQueue {
         let heads = t.recover(self.next_used);
         if !heads.is_empty() {
             self.next_avail = self.next_used.wrapping_add(heads.len() as u16);
+            self.avail_shadow = self.next_avail;
             tracing::info!(
                 resubmitted = heads.len(),
                 next_avail = self.next_avail,
@@ -212,6 +221,11 @@ impl SplitQueue {
     /// use with inflight tracking (the entries would stay marked).
     pub fn rewind(&mut self, base: u16) {
         self.next_avail = base;
+        // Entries between `base` and the shadow index are known available already; a
+        // rewind past the shadow (never done by callers) re-reads avail->idx.
+        if self.avail_shadow.wrapping_sub(base) > self.size {
+            self.avail_shadow = base;
+        }
     }
 
     /// The next used ring index the device will fill.
@@ -269,8 +283,12 @@ impl SplitQueue {
                 .map_err(|error| QueueError::Chain { head, error })?;
             return Ok(true);
         }
-        if self.available()? == 0 {
-            return Ok(false);
+        if self.avail_shadow == self.next_avail {
+            let n = self.available()?;
+            if n == 0 {
+                return Ok(false);
+            }
+            self.avail_shadow = self.next_avail.wrapping_add(n);
         }
         // Order the ring entry read after the idx read (the Acquire load above).
         let slot = 4 + 2 * usize::from(self.next_avail % self.size);
@@ -360,9 +378,12 @@ impl SplitQueue {
                     .store(self.next_avail.to_le(), Ordering::Relaxed);
             }
         } else {
-            let flags = self.u16_at(self.used, 0);
             let v = if enable { 0 } else { VRING_USED_F_NO_NOTIFY };
-            flags.store(v.to_le(), Ordering::Relaxed);
+            if self.used_flags != Some(v) {
+                self.u16_at(self.used, 0)
+                    .store(v.to_le(), Ordering::Relaxed);
+                self.used_flags = Some(v);
+            }
         }
         if !enable {
             return Ok(false);

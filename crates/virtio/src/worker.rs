@@ -56,8 +56,11 @@ pub trait QueueHandler: Send {
 ///
 /// # Contract
 /// `queues` holds the group's queues that are ready, in index order; any subset of the
-/// group may be present (a driver configures queues one at a time). [`GroupHandler::process`]
-/// returns only when no work is left *with notifications enabled*, so the worker may sleep.
+/// group may be present (a driver configures queues one at a time).
+/// [`GroupHandler::process`] suppresses driver notifications while it works and leaves
+/// them suppressed: a busy-polling worker keeps them off (so the driver neither kicks nor
+/// has its ring cache lines written for nothing), and a worker about to sleep calls
+/// [`GroupHandler::arm`] first.
 pub trait GroupHandler: Send {
     /// Processes everything available, publishing used entries and signalling the driver
     /// (see [`WorkerQueue::finish_batch`]). Must check [`WorkerCtl::abandoned`] after any
@@ -80,6 +83,20 @@ pub trait GroupHandler: Send {
             }
         }
         Ok(false)
+    }
+
+    /// Enables the driver notifications the handler needs to be woken for, before the
+    /// worker sleeps, and returns whether work arrived meanwhile (then the worker processes
+    /// it instead of sleeping). The default enables every queue's.
+    ///
+    /// # Errors
+    /// As [`GroupHandler::process`].
+    fn arm(&mut self, queues: &mut [WorkerQueue]) -> Result<bool, WorkerError> {
+        let mut work = false;
+        for q in queues.iter_mut() {
+            work |= q.queue.set_notification(true)?;
+        }
+        Ok(work)
     }
 
     /// An extra fd to wake on (edge-triggered), e.g. a backend's receive readiness.
@@ -399,8 +416,8 @@ impl GroupHandler for ChainGroup {
     fn process(&mut self, queues: &mut [WorkerQueue], ctl: &WorkerCtl) -> Result<(), WorkerError> {
         for q in queues.iter_mut() {
             let budget = usize::from(q.queue.size());
+            q.queue.set_notification(false)?;
             loop {
-                q.queue.set_notification(false)?;
                 let mut batch = Batch::default();
                 // A failure part-way still publishes what the batch completed before it,
                 // so well-formed requests ahead of a hostile chain are answered.
@@ -415,10 +432,7 @@ impl GroupHandler for ChainGroup {
                     ended?;
                 }
                 outcome?;
-                if batch.done == budget {
-                    continue;
-                }
-                if !q.queue.set_notification(true)? {
+                if batch.done < budget {
                     break;
                 }
             }
@@ -427,15 +441,11 @@ impl GroupHandler for ChainGroup {
     }
 }
 
-/// Spins on the rings for up to `p.poll` with kicks suppressed; returns whether work
-/// arrived. Notifications are re-enabled before returning (`process` suppresses them
-/// again while it works).
+/// Spins on the rings for up to `p.poll` with kicks suppressed (as `process` left them);
+/// returns whether work arrived.
 fn poll_for_work(p: &mut WorkerParams, flags: &WorkerCtl) -> Result<bool, WorkerError> {
     if flags.abandoned() {
         return Ok(false);
-    }
-    for q in p.queues.iter_mut() {
-        q.queue.set_notification(false)?;
     }
     let deadline = Instant::now() + p.poll;
     let mut spins = 0u32;
@@ -450,11 +460,7 @@ fn poll_for_work(p: &mut WorkerParams, flags: &WorkerCtl) -> Result<bool, Worker
         }
         std::hint::spin_loop();
     }
-    let mut work = false;
-    for q in p.queues.iter_mut() {
-        work |= q.queue.set_notification(true)?;
-    }
-    Ok(work || p.handler.has_work(&mut p.queues)?)
+    Ok(false)
 }
 
 fn fail(p: &mut WorkerParams, error: &mut Option<WorkerError>, e: WorkerError) {
@@ -495,6 +501,18 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &WorkerCtl, _stop: &OwnedFd) -> 
         }
         if flags.stopping() {
             break;
+        }
+        // About to sleep: ask for kicks, and look once more (closing the race with a
+        // driver that added work before it saw them enabled).
+        if error.is_none() {
+            match p.handler.arm(&mut p.queues) {
+                Ok(true) => {
+                    work = true;
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => fail(&mut p, &mut error, e),
+            }
         }
         // Going idle: deliver a signal that coalescing held back.
         for q in &p.queues {

@@ -479,39 +479,47 @@ impl GroupHandler for PairHandler {
                     busy |= self.receive(r, budget, &mut counts)? == budget;
                 }
             }
-            if let Some(t) = tx.as_deref_mut() {
+            if let Some(t) = tx {
                 let budget = usize::from(t.queue.size());
                 busy |= self.transmit(t, rx.as_deref_mut(), budget, &mut counts)? == budget;
                 if counts.tx + counts.tx_drops > 0 {
-                    t.stats.drops.fetch_add(counts.tx_drops, Ordering::Relaxed);
+                    if counts.tx_drops > 0 {
+                        t.stats.drops.fetch_add(counts.tx_drops, Ordering::Relaxed);
+                    }
                     t.finish_batch(counts.tx, counts.tx_bytes, 0);
                 }
             }
-            if let Some(r) = rx.as_deref_mut() {
+            if let Some(r) = rx {
                 if counts.rx + counts.rx_drops > 0 {
-                    r.stats.drops.fetch_add(counts.rx_drops, Ordering::Relaxed);
+                    if counts.rx_drops > 0 {
+                        r.stats.drops.fetch_add(counts.rx_drops, Ordering::Relaxed);
+                    }
                     r.finish_batch(counts.rx, 0, counts.rx_bytes);
                 }
             }
-            if busy {
-                continue;
-            }
-            // Sleep only with kicks enabled and nothing left: transmit chains always wake
-            // us; receive buffers matter only while an inbound frame waits for them.
-            let mut more = false;
-            if let Some(t) = tx {
-                more |= t.queue.set_notification(true)?;
-            }
-            if let Some(r) = rx {
-                if inbound {
-                    let room = r.queue.set_notification(true)?;
-                    more |= room && self.fill_inbound();
-                }
-            }
-            if !more {
+            if !busy {
                 return Ok(());
             }
         }
+    }
+
+    /// Before sleeping: transmit chains always wake the worker; receive buffers only
+    /// matter while an inbound frame (TAP, switch, source) waits for them, so receive
+    /// kicks stay off otherwise (a loopback's driver refilling its ring does not kick).
+    fn arm(&mut self, queues: &mut [WorkerQueue]) -> Result<bool, WorkerError> {
+        let inbound = self.has_inbound();
+        let (rx, tx) = split_queues(queues);
+        let mut more = false;
+        if let Some(t) = tx {
+            more |= t.queue.set_notification(true)?;
+        }
+        if let Some(r) = rx {
+            if inbound {
+                let room = r.queue.set_notification(true)?;
+                more |= room && self.fill_inbound();
+            }
+        }
+        Ok(more)
     }
 
     fn has_work(&mut self, queues: &mut [WorkerQueue]) -> Result<bool, WorkerError> {
