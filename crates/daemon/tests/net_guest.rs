@@ -367,6 +367,37 @@ fn guest_pings_the_host_through_a_uvdpa_tap_device() {
     );
 }
 
+/// Two queue pairs: a multi-queue TAP (one fd per pair), VIRTIO_NET_F_MQ negotiated by the
+/// guest's driver, which with 2 vCPUs brings both pairs up.
+#[test]
+fn guest_pings_over_two_queue_pairs_on_a_multiqueue_uvdpa_tap() {
+    let _g = one_guest();
+    let t0 = Instant::now();
+    let (code, console, d, net) = ping_over_uvdpa_tap(
+        "queue_pairs = 2",
+        &["--net-queues", "2", "--smp", "2"],
+        "uvdpa.count=5",
+        None,
+    );
+    let line = result_line(&console);
+    let tx: u64 = [1, 3].iter().map(|&q| vstats_packets(&d, "n0", q)).sum();
+    teardown(d, net);
+    assert_eq!(code, 0, "guest failed: {line}\n{console}");
+    assert_eq!(num(&line, "received"), 5, "{line}");
+    assert_eq!(num(&line, "queues"), 2, "{line}");
+    let info = info_line(&console);
+    let features = field(&info, "features").unwrap_or("");
+    assert!(
+        features.split(',').any(|f| f == "mq"),
+        "mq not negotiated: {info}"
+    );
+    assert!(tx >= 5, "device transmit counters {tx}");
+    eprintln!(
+        "uvdpa 2-pair tap ping: {line} ({:.1}s)",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
 /// Big frames over packed rings: MTU 9000 on the device, the guest and the host side,
 /// 8000-byte pings (each frame spread over mergeable receive buffers), a MAC set on the
 /// device and checked in the guest.
