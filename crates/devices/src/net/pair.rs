@@ -324,6 +324,7 @@ impl PairHandler {
             let len = self.pending;
             let mut hdr = [0u8; VIRTIO_NET_HDR_LEN];
             hdr.copy_from_slice(&self.bounce[..VIRTIO_NET_HDR_LEN]);
+            let before = rx.queue.next_avail();
             let r = Self::deliver(
                 rx,
                 &mut self.rx_chains,
@@ -337,7 +338,16 @@ impl PairHandler {
                     counts.rx += 1;
                     counts.rx_bytes += (len - VIRTIO_NET_HDR_LEN) as u64;
                 }
-                Delivered::Dropped => counts.rx_drops += 1,
+                Delivered::Dropped => {
+                    counts.rx_drops += 1;
+                    if matches!(self.backend, PairBackend::Source(_))
+                        && rx.queue.next_avail() == before
+                    {
+                        // A ring's worth of buffers that cannot hold a source's frame,
+                        // none taken: the same frame would be dropped again forever.
+                        break;
+                    }
+                }
                 // Keep it for when the driver adds buffers.
                 Delivered::NoSpace => break,
             }
@@ -348,6 +358,33 @@ impl PairHandler {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Whether an inbound frame waits and the receive buffers available now let `receive`
+    /// take it (or drop it): not while mergeable buffers fall short of it, so a frame
+    /// starved of buffers is no work that keeps the worker from sleeping (the driver
+    /// kicks when it adds buffers). Pops and rewinds: the ring is left as it was.
+    fn inbound_ready(&mut self, rx: &mut WorkerQueue) -> Result<bool, WorkerError> {
+        if !self.fill_inbound() {
+            return Ok(false);
+        }
+        if self.rx_chains.is_empty() {
+            self.rx_chains.push(DescriptorChain::default());
+        }
+        let start = rx.queue.next_avail();
+        let (mut space, mut popped, mut ready) = (0usize, 0u16, false);
+        while rx.queue.pop(&mut self.rx_chains[0])? {
+            popped += 1;
+            let w = self.rx_chains[0].writable_len() as usize;
+            space += w;
+            if !self.mrg_rxbuf || w < VIRTIO_NET_HDR_LEN || space >= self.pending {
+                ready = true;
+                break;
+            }
+        }
+        rx.queue.rewind(start);
+        // A whole ring too small: `deliver` drops the frame, for good unless from a source.
+        Ok(ready || (popped >= rx.queue.size() && !matches!(self.backend, PairBackend::Source(_))))
     }
 }
 
@@ -516,7 +553,7 @@ impl GroupHandler for PairHandler {
         if let Some(r) = rx {
             if inbound {
                 let room = r.queue.set_notification(true)?;
-                more |= room && self.fill_inbound();
+                more |= room && self.inbound_ready(r)?;
             }
         }
         Ok(more)
@@ -531,7 +568,7 @@ impl GroupHandler for PairHandler {
             }
         }
         if let Some(r) = rx {
-            if inbound && r.queue.has_available()? && self.fill_inbound() {
+            if inbound && r.queue.has_available()? && self.inbound_ready(r)? {
                 return Ok(true);
             }
         }
