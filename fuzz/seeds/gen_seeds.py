@@ -193,6 +193,129 @@ write("ipc_message", "echo", ipc_structured(0, 7, b'{"a":[1,2,{"b":null}]}', fds
 write("ipc_message", "unknown", ipc_structured(1, 8, b"") + ipc_structured(0, 9, b'"x"', fds=1))
 write("ipc_message", "json", u8(0) + u8(2 << 3) + u8(0) + u8(0) + u8(4) + u8(3) + u8(2) + u64(5) + u8(1) + u64(11) + u8(0) + u64(12))
 
+# ---------------------------------------------------------------- packed_chain
+P_WRITE, P_INDIRECT, P_FLIP_NEXT, P_BREAK = 1, 2, 4, 8
+OP_POP, OP_USED, OP_PUBLISH, OP_NEED, OP_SETN, OP_REWIND, OP_PUSH = 0, 2, 4, 5, 6, 7, 8
+OP_RAW, OP_FILL, OP_EVENT, OP_AREA = 10, 11, 12, 13
+
+
+def pdesc(addr, ln, id_, flags):
+    return u64(addr) + u32(ln) + u16(id_) + u16(flags)
+
+
+def p_desc(addr, ln, f=0, id_=0):
+    """A driver-made descriptor operand: addr multiple of 16 below 1 MiB, len < 64 KiB."""
+    assert addr % 16 == 0 and addr < (1 << 20) and ln < (1 << 16)
+    return u8(f) + u16(addr >> 4) + u16(ln) + u16(id_)
+
+
+def p_push(*descs):
+    return u8(OP_PUSH) + u8(len(descs) - 1) + b"".join(descs)
+
+
+def p_used(k=0, mode=1):
+    return u8(OP_USED) + u8(k) + u8(mode)
+
+
+def packed_seed(cfg, size, base, ops, area=b"", off_wrap=0, ev_flags=0):
+    return u8(cfg) + u16(size - 1) + u16(base) + u16(off_wrap) + u16(ev_flags) + u16(len(area)) + area + b"".join(ops)
+
+
+round_ = [p_push(p_desc(0x8000, 16), p_desc(0x9000, 512, P_WRITE, 7)), u8(OP_POP), p_used(),
+          u8(OP_PUBLISH), u8(OP_NEED)]
+# Indirect table (area follows the ring: size 16 -> 0x108) plus direct chains, event idx.
+area = pdesc(0x8000, 16, 0, 0) + pdesc(0x9000, 4096, 0, P_WRITE) + pdesc(0xb000, 1, 0, P_WRITE)
+write("packed_chain", "plain", packed_seed(3, 16, 0x8000, [
+    u8(OP_SETN) + u8(1),
+    p_push(p_desc(0x8000, 16), p_desc(0x9000, 513, P_WRITE, 1)),
+    p_push(p_desc(0, 3, P_INDIRECT, 2)),
+    u8(OP_POP), u8(OP_POP), u8(OP_POP), p_used(), p_used(), u8(OP_PUBLISH), u8(OP_NEED),
+    u8(OP_SETN) + u8(0), u8(OP_SETN) + u8(1),
+], area=area))
+# Non-power-of-two ring, starting mid-ring with wrap counter 0; rounds over several wraps.
+write("packed_chain", "wraps5", packed_seed(1, 5, 3, round_ * 8, ev_flags=2, off_wrap=0x8001))
+# Pops then a rewind to where they started, then completions out of order.
+write("packed_chain", "rewind", packed_seed(0, 8, 0x8000, [
+    p_push(p_desc(0x8000, 100)), p_push(p_desc(0x8100, 100, P_WRITE, 3)), u8(OP_POP), u8(OP_POP),
+    u8(OP_REWIND) + u8(0), u8(OP_POP), u8(OP_POP), p_used(1), p_used(0, 0), u8(OP_PUBLISH),
+    u8(OP_NEED)]))
+# Three regions: a buffer crossing the boundary at 0x20000 and one into the hole.
+write("packed_chain", "cross", packed_seed(1 << 2, 64, 0x8000, [
+    p_push(p_desc(0x1ff00, 0x200), p_desc(0x2ffe0, 0x20, P_WRITE)), u8(OP_POP), p_used(),
+    p_push(p_desc(0x30000, 16)), u8(OP_POP), u8(OP_PUBLISH), u8(OP_NEED)]))
+# A ring-long chain (fill with NEXT), popped whole.
+write("packed_chain", "fill", packed_seed(1, 300, 0x8000, [
+    u8(OP_FILL) + u16(299) + u8(2) + u16(0x1000) + u8(64), u8(OP_POP), p_used(), u8(OP_PUBLISH),
+    u8(OP_NEED), u8(OP_FILL) + u16(99) + u8(1) + u16(0x2000) + u8(8)] + [u8(OP_POP)] * 4))
+
+# ---------------------------------------------------------------- net_pair
+F_MRG, F_CSUM, F_GUEST_CSUM, F_MTU, F_PACKED, F_EVENT_IDX, F_TSO4 = 1, 2, 4, 8, 16, 32, 64
+N_TX, N_RX, N_PROCESS, N_REAP, N_SUPPRESS, N_CTRL = 0, 2, 4, 5, 6, 7
+BUF_OFF = lambda off: u16(off >> 2)  # buffer at BUF + off
+
+
+def n_tx(frame_len, hdr=b"", hdr_mode=0, seed=1, cuts=(), flags=0, at=0x20000, extra=b""):
+    """hdr_mode 0 zero header, 1 raw (hdr = 12 bytes), 2 NEEDS_CSUM (hdr = start u16 + off u16)."""
+    mode = hdr_mode | (1 << 2)  # length: u16
+    return (u8(N_TX) + u8(mode) + hdr + u16(frame_len) + u8(seed) + u8(len(cuts) | flags)
+            + b"".join(u16(c) for c in cuts) + BUF_OFF(at) + extra)
+
+
+def n_rx(copies, lens, at):
+    """`copies` chains of writable buffers of `lens` (raw u16 lengths), side by side from `at`."""
+    body = u8(len(lens) - 1)
+    for i, ln in enumerate(lens):
+        body += u8(2) + u16(ln) + BUF_OFF(at + sum((n + 3) & ~3 for n in lens[:i]))
+    return u8(N_RX | ((copies - 1) << 3)) + body
+
+
+def net_seed(features, backend, rx_size_sel, tx_size_sel, steps, ctrl=0, mtu=1500, source=b""):
+    return u16(features) + u8(ctrl) + u8(backend) + u16(mtu) + u8(rx_size_sel) + u8(tx_size_sel) + source + b"".join(steps)
+
+
+def udp_frame_hdr():
+    # NEEDS_CSUM: csum_start 34 (IPv4 header end), csum_offset 6 (UDP checksum).
+    return u16(34) + u16(6)
+
+
+P, R = u8(N_PROCESS), u8(N_REAP)
+# Buffers never overlap in these, so the target also checks what arrives byte for byte.
+write("net_pair", "loopback_split", net_seed(F_CSUM, 0, 4, 4, [
+    n_rx(4, [2048], 0), n_tx(60), n_tx(1514, cuts=(5, 12, 700), at=0x21000), P, R,
+    n_tx(1514, hdr=udp_frame_hdr(), hdr_mode=2, at=0x22000), P]))
+write("net_pair", "loopback_csum_guest", net_seed(F_CSUM | F_GUEST_CSUM | F_EVENT_IDX, 0, 3, 3, [
+    n_rx(2, [1526], 0x8000), n_tx(200, hdr=udp_frame_hdr(), hdr_mode=2), P, R,
+    n_tx(300, hdr=u16(60000) + u16(6), hdr_mode=2, at=0x21000), P]))
+write("net_pair", "loopback_mrg_packed", net_seed(F_MRG | F_PACKED | F_EVENT_IDX | F_CSUM, 0, 15, 7, [
+    n_rx(8, [64], 0), n_rx(1, [5, 100], 0x1000), n_tx(1514, hdr=udp_frame_hdr(), hdr_mode=2, cuts=(3, 40)), P, R,
+    n_tx(9000, at=0x21000), P, n_rx(2, [12, 4096], 0x2000), n_tx(600, at=0x24000), P, R]))
+write("net_pair", "source_packed", net_seed(F_PACKED | F_MRG, 2, 9, 9, [n_rx(6, [2048], 0), P, R, n_rx(3, [100], 0x10000), P],
+                                            source=u16(1000) + u8(7)))
+# Sink with a GSO frame (TSO4 negotiated, MTU bound): header flags NEEDS_CSUM, gso TCPV4,
+# hdr_len 54, gso_size 1448, csum 34/16.
+gso = u8(1) + u8(1) + u16(54) + u16(1448) + u8(34) + u8(16)
+write("net_pair", "sink_gso", net_seed(F_CSUM | F_TSO4 | F_MTU, 1, 4, 4, [
+    u8(N_TX) + u8(3 | (1 << 2)) + gso + u16(20000) + u8(3) + u8(0) + BUF_OFF(0x20000), n_tx(1520, at=0x28000),
+    n_tx(1519, at=0x29000), P, R]))
+
+
+def ctrl_req(class_, cmd, data, wsel=1):
+    return u8(N_CTRL) + u8(0) + u8(class_) + u8(cmd) + u8(len(data)) + data + u8(wsel) + u8(0) + u8(0)
+
+
+def mac_tables(uni, multi):
+    out = u8(N_CTRL) + u8(1) + u8(1) + u8(0)
+    for n, first in ((uni, 0x02), (multi, 0x01)):
+        out += u8(n) + u8(1) + u8(first)
+    return out + u8(1) + u8(0) + u8(0)
+
+
+write("net_pair", "ctrl", net_seed(0, 0, 0, 0, [
+    ctrl_req(0, 0, u8(0)), ctrl_req(0, 3, u8(1)), mac_tables(2, 70), mac_tables(1, 0),
+    ctrl_req(1, 1, bytes([2, 9, 9, 9, 9, 9])), ctrl_req(2, 0, u16(100)), ctrl_req(2, 1, u16(100)),
+    ctrl_req(3, 0, b""), ctrl_req(4, 0, u16(8)), ctrl_req(5, 0, u64(2)), ctrl_req(4, 0, u16(9), wsel=3),
+], ctrl=0xff))
+
 # ---------------------------------------------------------------- regressions
 # Inputs that crashed the library once (fuzz/regressions/TARGET/): scripts/fuzz.sh replays
 # them with the corpus, so a fixed bug stays fixed.
@@ -216,3 +339,13 @@ odd = msg(SET_MEM_TABLE, u32(1) + u32(0) + region(0, 0x8_0000, UADDR, 1), fds=FD
           memfd=memfd_spec(2, []))
 regression("vhost_user_stream", "misaligned_ring_host_address",
            u8(0) + b"".join(negotiate + [odd] + vring_setup() + run))
+
+# A source's frame (1000 bytes) and mergeable receive buffers that fall short of it (one
+# of 100 bytes in a ring of 2): `arm` reported the buffers as work after every `process`,
+# so the worker never slept (fixed: `PairHandler::inbound_ready`).
+regression("net_pair", "source_starved_never_sleeps",
+           net_seed(F_MRG, 2, 1, 0, [n_rx(1, [100], 0), P], source=u16(1000) + u8(7)))
+# The same in a ring of 1: a ring's worth of buffers too small, dropped without taking
+# any, so `receive` dropped the same frame forever and `process` never returned.
+regression("net_pair", "source_dropped_forever",
+           net_seed(F_MRG, 2, 0, 0, [n_rx(1, [100], 0), P], source=u16(1000) + u8(7)))
