@@ -150,18 +150,22 @@ impl PairHandler {
         let start = rx.queue.next_avail();
         let mut used = 0usize;
         let mut space = 0usize;
+        // Ring slots (descriptors of the main table) the popped chains occupy: when they
+        // fill the ring, no buffer the driver could add would make room.
+        let mut slots = 0u32;
         while space < total {
             if used == chains.len() {
                 chains.push(DescriptorChain::default());
             }
             if !rx.queue.pop(&mut chains[used])? {
                 rx.queue.rewind(start);
-                return Ok(if used as u16 >= rx.queue.size() {
+                return Ok(if slots >= u32::from(rx.queue.size()) {
                     Delivered::Dropped
                 } else {
                     Delivered::NoSpace
                 });
             }
+            slots += u32::from(chains[used].desc_count().max(1));
             let w = chains[used].writable_len() as usize;
             used += 1;
             if w < VIRTIO_NET_HDR_LEN || (!mrg && w < total) {
