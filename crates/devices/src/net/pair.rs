@@ -376,9 +376,9 @@ impl PairHandler {
             self.rx_chains.push(DescriptorChain::default());
         }
         let start = rx.queue.next_avail();
-        let (mut space, mut popped, mut ready) = (0usize, 0u16, false);
+        let (mut space, mut slots, mut ready) = (0usize, 0u32, false);
         while rx.queue.pop(&mut self.rx_chains[0])? {
-            popped += 1;
+            slots += u32::from(self.rx_chains[0].desc_count().max(1));
             let w = self.rx_chains[0].writable_len() as usize;
             space += w;
             if !self.mrg_rxbuf || w < VIRTIO_NET_HDR_LEN || space >= self.pending {
@@ -388,7 +388,8 @@ impl PairHandler {
         }
         rx.queue.rewind(start);
         // A whole ring too small: `deliver` drops the frame, for good unless from a source.
-        Ok(ready || (popped >= rx.queue.size() && !matches!(self.backend, PairBackend::Source(_))))
+        let full = slots >= u32::from(rx.queue.size());
+        Ok(ready || (full && !matches!(self.backend, PairBackend::Source(_))))
     }
 }
 
