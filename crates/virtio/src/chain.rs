@@ -126,16 +126,13 @@ pub(crate) struct RawDesc {
 /// # Safety
 /// `table` must point to at least `index + 1` descriptors of mapped memory.
 unsafe fn read_raw(table: *const u8, index: u16) -> [u8; DESC_SIZE as usize] {
-    let mut raw = [0u8; DESC_SIZE as usize];
-    // SAFETY: the caller guarantees the 16 bytes at this offset are mapped; a volatile
-    // byte copy tolerates concurrent writes by the driver and any alignment.
+    // SAFETY: the caller guarantees the 16 bytes at this offset are mapped; one volatile
+    // read of a byte array (alignment 1, so any address) tolerates concurrent writes by
+    // the driver and compiles to one or two loads instead of sixteen.
     unsafe {
         let src = table.add(usize::from(index) * DESC_SIZE as usize);
-        for (i, b) in raw.iter_mut().enumerate() {
-            *b = std::ptr::read_volatile(src.add(i));
-        }
+        std::ptr::read_volatile(src as *const [u8; DESC_SIZE as usize])
     }
-    raw
 }
 
 fn le64(raw: &[u8; DESC_SIZE as usize]) -> u64 {
