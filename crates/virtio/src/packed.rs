@@ -93,6 +93,11 @@ pub struct PackedQueue {
     /// The first used descriptor of the unpublished batch: its slot and the flags that
     /// publish it.
     batch_head: Option<(u16, u16)>,
+    /// Used descriptors of the batch after its first, `(slot, id, len, flags)`, written in
+    /// one go by `publish_used`: the driver writes new descriptors into the same cache
+    /// lines meanwhile, so interleaving our writes with its would bounce them per entry
+    /// (as DPDK's shadow used ring avoids). Capacity `size`, kept.
+    shadow: Vec<(u16, u16, u32, u16)>,
     /// Used position at the last notification decision.
     signalled_used: u16,
     signalled_wrap: bool,
@@ -163,6 +168,7 @@ impl PackedQueue {
             next_used: slot,
             used_wrap: wrap,
             batch_head: None,
+            shadow: Vec::with_capacity(usize::from(cfg.size)),
             signalled_used: slot,
             signalled_wrap: wrap,
             unsignalled: 0,
@@ -292,18 +298,15 @@ impl PackedQueue {
         if len > 0 {
             flags |= VIRTQ_DESC_F_WRITE;
         }
-        let at = usize::from(slot) * DESC_SIZE as usize;
-        // SAFETY: slot < size, so the descriptor's 16 bytes lie inside the ring checked in
-        // `new`, whose host address is 16-byte aligned; `len` and `id` are at 4- and
-        // 2-byte aligned offsets. The driver does not read them before the flags below
-        // mark the slot used.
-        unsafe {
-            std::ptr::write_volatile(self.desc.add(at + LEN_OFF) as *mut u32, len.to_le());
-            std::ptr::write_volatile(self.desc.add(at + ID_OFF) as *mut u16, id.to_le());
-        }
         if self.batch_head.is_none() {
+            self.write_used(slot, id, len);
             self.batch_head = Some((slot, flags));
+        } else if self.shadow.len() < usize::from(self.size) {
+            self.shadow.push((slot, id, len, flags));
         } else {
+            // More entries than slots in one batch (a caller that never publishes): write
+            // through.
+            self.write_used(slot, id, len);
             self.desc_flags(slot)
                 .store(flags.to_le(), Ordering::Release);
         }
@@ -318,10 +321,30 @@ impl PackedQueue {
     /// one with release ordering, so the driver sees the entries and the buffer contents
     /// first.
     pub fn publish_used(&mut self) {
+        for k in 0..self.shadow.len() {
+            let (slot, id, len, flags) = self.shadow[k];
+            self.write_used(slot, id, len);
+            self.desc_flags(slot)
+                .store(flags.to_le(), Ordering::Release);
+        }
+        self.shadow.clear();
         if let Some((slot, flags)) = self.batch_head.take() {
             fence(Ordering::Release);
             self.desc_flags(slot)
                 .store(flags.to_le(), Ordering::Release);
+        }
+    }
+
+    /// Writes a used descriptor's id and length (its flags are written by the caller).
+    fn write_used(&self, slot: u16, id: u16, len: u32) {
+        let at = usize::from(slot) * DESC_SIZE as usize;
+        // SAFETY: slot < size, so the descriptor's 16 bytes lie inside the ring checked in
+        // `new`, whose host address is 16-byte aligned; `len` and `id` are at 4- and
+        // 2-byte aligned offsets. The driver does not read them before the flags mark the
+        // slot used.
+        unsafe {
+            std::ptr::write_volatile(self.desc.add(at + LEN_OFF) as *mut u32, len.to_le());
+            std::ptr::write_volatile(self.desc.add(at + ID_OFF) as *mut u16, id.to_le());
         }
     }
 
