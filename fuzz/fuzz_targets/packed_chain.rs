@@ -17,8 +17,9 @@
 //! - every pop agrees with a reference walk of §2.8.6/§2.8.7 (available or not, accept or
 //!   refuse, buffer ID, ring slots consumed, readable and writable host pieces), and every
 //!   segment lies inside a mapped region;
-//! - `next_avail`/`next_used` follow the model; `add_used` writes len/id (and flags, the
-//!   batch head's only at `publish_used`) at the used slot; `set_notification` writes the
+//! - `next_avail`/`next_used` follow the model; `add_used` writes the batch head's len/id
+//!   at once and its flags at `publish_used`; later entries of the batch are written whole
+//!   at `publish_used` (in order, head flags last), or at once beyond `size` entries; `set_notification` writes the
 //!   device area as documented (flags only when they change, except when enabling) and
 //!   reports the head's availability; `needs_notification`
 //!   follows §2.8.10 with EVENT_IDX;
@@ -375,6 +376,8 @@ struct Model {
     avail: (u16, bool),
     used: (u16, bool),
     batch_head: Option<(u16, u16)>,
+    /// Entries after the head, written at `publish_used`: (slot, id, len, flags).
+    shadow: Vec<(u16, u16, u32, u16)>,
     signalled: (u16, bool),
     unsignalled: u32,
     outstanding: Vec<Outstanding>,
@@ -460,7 +463,6 @@ fn pop(q: &mut PackedQueue, m: &mut Model, g: &Guest, chain: &mut DescriptorChai
 fn add_used(q: &mut PackedQueue, m: &mut Model, g: &mut Guest, id: u16, count: u16, len: u32) {
     q.add_used(id, count, len);
     let slot = m.used.0;
-    let at = m.slot_addr(slot);
     let mut flags = if m.used.1 {
         VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
     } else {
@@ -469,25 +471,34 @@ fn add_used(q: &mut PackedQueue, m: &mut Model, g: &mut Guest, id: u16, count: u
     if len > 0 {
         flags |= VIRTQ_DESC_F_WRITE;
     }
-    // len then id, as the device writes them (they may overlap the event areas).
-    g.mirror(at + 8, &len.to_le_bytes());
-    g.mirror(at + 12, &id.to_le_bytes());
-    assert_eq!(g.read_u32(at + 8), Some(len), "used len at slot {slot}");
-    assert_eq!(g.read_u16(at + 12), Some(id), "used id at slot {slot}");
     if m.batch_head.is_none() {
+        write_used(m, g, slot, id, len, None);
         m.batch_head = Some((slot, flags));
+    } else if m.shadow.len() < usize::from(m.size) {
+        m.shadow.push((slot, id, len, flags));
     } else {
-        g.mirror(at + 14, &flags.to_le_bytes());
-        assert_eq!(
-            g.read_u16(at + 14),
-            Some(flags),
-            "used flags at slot {slot}"
-        );
+        write_used(m, g, slot, id, len, Some(flags));
     }
     let n = count.clamp(1, m.size);
     m.used = advance(m.size, m.used, n);
     m.unsignalled = m.unsignalled.saturating_add(u32::from(n));
     m.rewind_to = None;
+}
+
+/// Mirrors a used descriptor's len then id (and flags) as the device writes them (they may
+/// overlap the event areas) and checks the device wrote them.
+fn write_used(m: &Model, g: &mut Guest, slot: u16, id: u16, len: u32, flags: Option<u16>) {
+    let at = m.slot_addr(slot);
+    g.mirror(at + 8, &len.to_le_bytes());
+    g.mirror(at + 12, &id.to_le_bytes());
+    if let Some(f) = flags {
+        g.mirror(at + 14, &f.to_le_bytes());
+    }
+    assert_eq!(g.read_u32(at + 8), Some(len), "used len at slot {slot}");
+    assert_eq!(g.read_u16(at + 12), Some(id), "used id at slot {slot}");
+    if let Some(f) = flags {
+        assert_eq!(g.read_u16(at + 14), Some(f), "used flags at slot {slot}");
+    }
 }
 
 fn needs_notification(q: &mut PackedQueue, m: &mut Model, g: &Guest) {
@@ -651,6 +662,14 @@ fn run_op(
         }
         4 => {
             q.publish_used();
+            // Later entries first, in order (a later one may land on an earlier one's
+            // bytes when the API is used wrongly), then the head's flags.
+            for (slot, id, len, flags) in std::mem::take(&mut m.shadow) {
+                let at = m.slot_addr(slot);
+                g.mirror(at + 8, &len.to_le_bytes());
+                g.mirror(at + 12, &id.to_le_bytes());
+                g.mirror(at + 14, &flags.to_le_bytes());
+            }
             if let Some((slot, flags)) = m.batch_head.take() {
                 let at = m.slot_addr(slot) + 14;
                 g.mirror(at, &flags.to_le_bytes());
@@ -840,6 +859,7 @@ fuzz_target!(|data: &[u8]| {
         avail: pos,
         used: pos,
         batch_head: None,
+        shadow: Vec::new(),
         signalled: pos,
         unsignalled: 0,
         outstanding: Vec::new(),
