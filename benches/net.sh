@@ -35,8 +35,8 @@
 #   TARGETS ["dpdk uvdpa"]
 #   QUEUE_SIZE [1024]      virtqueue size (virtio_user queue_size=, uvdpa queue_size)
 #   MRG_RXBUF [1]          virtio_user mrg_rxbuf=
-#   IN_ORDER [0]           virtio_user in_order= (uvdpa does not offer VIRTIO_F_IN_ORDER;
-#                          0 keeps the negotiated features alike for both targets)
+#   IN_ORDER [0]           virtio_user in_order= (both backends offer VIRTIO_F_IN_ORDER;
+#                          0 compares the drivers' default paths)
 #   RT_BURSTS [8]          round trip: bursts of 32 frames the client injects first
 #   NOISE_PCT [5]          a run during which a testpmd got less than 100-NOISE_PCT % of
 #                          its CPU (other processes took the rest) is repeated ...
