@@ -95,16 +95,10 @@ impl Virtqueue {
     /// visible to the driver before [`Virtqueue::publish_used`].
     #[inline]
     pub fn add_used(&mut self, chain: &DescriptorChain, len: u32) {
-        self.add_used_raw(chain.head(), chain.desc_count(), len);
-    }
-
-    /// As [`Virtqueue::add_used`] from a chain's head (split) / buffer id (packed) and its
-    /// ring slot count (`desc_count`, used by packed rings only).
-    #[inline]
-    pub fn add_used_raw(&mut self, id: u16, desc_count: u16, len: u32) {
         match self {
-            Self::Split(q) => q.add_used(id, len),
-            Self::Packed(q) => q.add_used(id, desc_count, len),
+            Self::Split(q) => q.add_used(chain.head(), len),
+            // The packed ring skips the chain's ring slots (§2.8.6).
+            Self::Packed(q) => q.add_used(chain.head(), chain.desc_count(), len),
         }
     }
 
