@@ -600,10 +600,6 @@ fn negotiated(d: &Daemon, name: &str) -> Vec<String> {
         .collect()
 }
 
-fn vstats(d: &Daemon, name: &str, q: usize) -> serde_json::Value {
-    d.cli_json(&["dev", "vstats", "show", name, "qidx", &q.to_string()])["vstats"].clone()
-}
-
 /// Descriptor slots a list of ops takes in virtio-driver's ring (header, data, status;
 /// discard/write-zeroes: header, segment, status; flush: header, status).
 fn slots(ops: &[Req]) -> usize {
@@ -694,7 +690,7 @@ fn virtio_driver_packed_ring_with_event_idx_qd1_and_full_ring() {
     drop(lanes);
 
     assert!(laps > 100, "{laps} laps");
-    let vs = vstats(&d, "p1", 0);
+    let vs = d.vstats("p1", 0);
     assert_eq!(vs["requests"], total as u64, "{vs}");
     assert_eq!(vs["errors"], 0, "{vs}");
     assert!(d.log_text().lines().all(|l| !l.contains("WARN")));
@@ -855,7 +851,7 @@ fn virtio_driver_packed_rings_without_event_idx_two_queues_at_once() {
         threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
     for (qi, (n, st)) in stats.iter().enumerate() {
-        let vs = vstats(&d, "p2", qi);
+        let vs = d.vstats("p2", qi);
         assert_eq!(vs["requests"], *n as u64, "queue {qi}: {vs}");
         assert_eq!(vs["errors"], 0, "queue {qi}: {vs}");
         // Without EVENT_IDX the driver's ENABLE asks for a notification after every batch.
@@ -900,7 +896,7 @@ fn virtio_driver_packed_ring_with_a_busy_polling_worker() {
     lane.run("polled deep reads", &r, usize::MAX, 4096);
     let stats = lane.stats;
     drop(lanes);
-    let vs = vstats(&d, "p3", 0);
+    let vs = d.vstats("p3", 0);
     assert_eq!(vs["requests"], 1800, "{vs}");
     assert_eq!(vs["errors"], 0, "{vs}");
     assert!(
@@ -993,7 +989,7 @@ fn linux_guest_verifies_over_packed_rings() {
     );
     // 100 O_DIRECT writes and 100 reads, each at least one slot of the 128-slot ring
     // (Linux puts a multi-buffer request in one indirect descriptor): the ring wrapped.
-    let requests = vstats(&d, "gp", 0)["requests"].as_u64().unwrap_or(0);
+    let requests = d.vstats("gp", 0)["requests"].as_u64().unwrap_or(0);
     assert!(
         requests >= 200,
         "the guest's I/O did not reach the device: {requests} requests"

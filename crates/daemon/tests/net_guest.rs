@@ -281,27 +281,6 @@ fn net_daemon(tag: &str, devices: &[(&str, &str)]) -> Daemon {
     Daemon::start(tag, &cfg, &names)
 }
 
-/// Packets the device counted on queue `qidx` (`uvdpa -j dev vstats show`).
-fn vstats_packets(d: &Daemon, dev: &str, qidx: u32) -> u64 {
-    let v = d.cli_json(&["dev", "vstats", "show", dev, "qidx", &qidx.to_string()]);
-    let s = v.to_string();
-    ["received_packets", "sent_packets", "packets"]
-        .iter()
-        .find_map(|k| find_u64(&v, k))
-        .unwrap_or_else(|| panic!("no packet counter in vstats: {s}"))
-}
-
-fn find_u64(v: &serde_json::Value, key: &str) -> Option<u64> {
-    match v {
-        serde_json::Value::Object(m) => m
-            .get(key)
-            .and_then(serde_json::Value::as_u64)
-            .or_else(|| m.values().find_map(|x| find_u64(x, key))),
-        serde_json::Value::Array(a) => a.iter().find_map(|x| find_u64(x, key)),
-        _ => None,
-    }
-}
-
 /// A guest on uvdpa `tap` device pings the TAP's host side, which sits in a fresh
 /// namespace. Returns (exit code, console, daemon) with the daemon still running.
 fn ping_over_uvdpa_tap(
@@ -350,8 +329,8 @@ fn guest_pings_the_host_through_a_uvdpa_tap_device() {
     let t0 = Instant::now();
     let (code, console, d, net) = ping_over_uvdpa_tap("", &[], "uvdpa.count=5", None);
     let line = result_line(&console);
-    let rx = vstats_packets(&d, "n0", 0);
-    let tx = vstats_packets(&d, "n0", 1);
+    let rx = d.vstat("n0", 0, "packets");
+    let tx = d.vstat("n0", 1, "packets");
     teardown(d, net);
     assert_eq!(code, 0, "guest failed: {line}\n{console}");
     assert!(line.starts_with("UVDPA-GUEST-RESULT: PASS"), "{line}");
@@ -380,7 +359,7 @@ fn guest_pings_over_two_queue_pairs_on_a_multiqueue_uvdpa_tap() {
         None,
     );
     let line = result_line(&console);
-    let tx: u64 = [1, 3].iter().map(|&q| vstats_packets(&d, "n0", q)).sum();
+    let tx: u64 = [1, 3].iter().map(|&q| d.vstat("n0", q, "packets")).sum();
     teardown(d, net);
     assert_eq!(code, 0, "guest failed: {line}\n{console}");
     assert_eq!(num(&line, "received"), 5, "{line}");
@@ -545,8 +524,8 @@ fn guest_and_testpmd_exchange_frames_through_a_uvdpa_switch() {
     let (code, console) = guest.finish(Duration::from_secs(55));
     // testpmd received on p0's transmit queue... from its point of view: p0's device
     // transmitted (qidx 1) the replies, and received (qidx 0) the requests.
-    let p0_rx = vstats_packets(&d, "p0", 0);
-    let p0_tx = vstats_packets(&d, "p0", 1);
+    let p0_rx = d.vstat("p0", 0, "packets");
+    let p0_tx = d.vstat("p0", 1, "packets");
     pmd_log_on_failure(code, pmd);
     drop(d);
     let line = result_line(&console);

@@ -23,23 +23,6 @@ fn loopback_daemon(tag: &str, pairs: u16, extra: &str) -> Daemon {
     Daemon::start(tag, &cfg, &["net0"])
 }
 
-/// A counter of queue `qidx` from `uvdpa -j dev vstats show`.
-fn vstat(d: &Daemon, qidx: u32, key: &str) -> u64 {
-    let v = d.cli_json(&["dev", "vstats", "show", "net0", "qidx", &qidx.to_string()]);
-    let text = v.to_string();
-    fn find(v: &serde_json::Value, key: &str) -> Option<u64> {
-        match v {
-            serde_json::Value::Object(m) => m
-                .get(key)
-                .and_then(serde_json::Value::as_u64)
-                .or_else(|| m.values().find_map(|x| find(x, key))),
-            serde_json::Value::Array(a) => a.iter().find_map(|x| find(x, key)),
-            _ => None,
-        }
-    }
-    find(&v, key).unwrap_or_else(|| panic!("no {key} in vstats: {text}"))
-}
-
 /// Runs one configuration; returns a summary line.
 fn loopback_case(pairs: u16, packed: bool, mrg: bool, in_order: bool, frame: u16) -> String {
     let d = loopback_daemon("ntpmd", pairs, "");
@@ -85,9 +68,9 @@ fn loopback_case(pairs: u16, packed: bool, mrg: bool, in_order: bool, frame: u16
     // queue; with 2 pairs testpmd's `io` forwarding uses both.
     let mut rx = 0;
     let mut tx = 0;
-    for p in 0..u32::from(pairs) {
-        let prx = vstat(&d, 2 * p, "packets");
-        let ptx = vstat(&d, 2 * p + 1, "packets");
+    for p in 0..usize::from(pairs) {
+        let prx = d.vstat("net0", 2 * p, "packets");
+        let ptx = d.vstat("net0", 2 * p + 1, "packets");
         assert!(prx > 0 && ptx > 0, "queue pair {p} idle: rx={prx} tx={ptx}");
         rx += prx;
         tx += ptx;
@@ -101,7 +84,7 @@ fn loopback_case(pairs: u16, packed: bool, mrg: bool, in_order: bool, frame: u16
          testpmd rx={} tx={}, uvdpa rx={rx} tx={tx} drops(rx q0)={}",
         s.rx_packets,
         s.tx_packets,
-        vstat(&d, 0, "drops")
+        d.vstat("net0", 0, "drops")
     )
 }
 
@@ -143,9 +126,9 @@ fn testpmd_txonly_into_a_full_receive_queue_is_dropped_and_counted() {
     pmd.stop().unwrap();
     let s = pmd.stats().unwrap();
     pmd.quit().unwrap();
-    let tx = vstat(&d, 1, "packets");
-    let drops = vstat(&d, 0, "drops");
-    let rx = vstat(&d, 0, "packets");
+    let tx = d.vstat("net0", 1, "packets");
+    let drops = d.vstat("net0", 0, "drops");
+    let rx = d.vstat("net0", 0, "packets");
     assert!(tx >= s.tx_packets, "uvdpa tx {tx} < testpmd tx {s:?}");
     assert!(
         rx <= 1024,

@@ -100,6 +100,21 @@ impl Daemon {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}: {out}"))
     }
 
+    /// The counters of queue `qidx` of device `dev` (`uvdpa -j dev vstats show`: the
+    /// object under `vstats`).
+    pub fn vstats(&self, dev: &str, qidx: usize) -> serde_json::Value {
+        self.cli_json(&["dev", "vstats", "show", dev, "qidx", &qidx.to_string()])["vstats"].clone()
+    }
+
+    /// Counter `key` of queue `qidx` of device `dev`; panics (showing the counters) if it
+    /// is missing.
+    pub fn vstat(&self, dev: &str, qidx: usize, key: &str) -> u64 {
+        let v = self.vstats(dev, qidx);
+        v[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {key} in vstats of {dev} qidx {qidx}: {v}"))
+    }
+
     /// Open fds and threads of the daemon process.
     pub fn fds_and_threads(&self) -> (usize, usize) {
         let pid = self.pid();
