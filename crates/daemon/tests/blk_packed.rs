@@ -914,10 +914,6 @@ fn virtio_driver_packed_ring_with_a_busy_polling_worker() {
 // ---------------------------------------------------------------------------------------
 // A Linux guest with packed=on.
 
-fn guest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/guest")
-}
-
 /// The guest's virtio feature bit string (sysfs `features`, bit 0 first) from its
 /// `uvdpa-guest: disk ... features=...` line.
 fn guest_feature_bit(line: &str, bit: usize) -> Option<bool> {
@@ -936,14 +932,7 @@ fn linux_guest_verifies_over_packed_rings() {
         &blk_config("gp", "backend = \"ram\"\nsize = \"128M\""),
         &["gp"],
     );
-    let build = Command::new("bash")
-        .arg(guest_dir().join("build-initramfs.sh"))
-        .stdout(Stdio::null())
-        .status()
-        .expect(
-            "run build-initramfs.sh (needs qemu-system-x86, linux-image-amd64, busybox-static)",
-        );
-    assert!(build.success(), "building the guest initramfs failed");
+    build_initramfs();
     let mut child = Command::new("bash")
         .arg(guest_dir().join("run-guest.sh"))
         .args(["--vhost-user-blk", &d.sock_str("gp"), "--packed"])

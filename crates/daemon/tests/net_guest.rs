@@ -11,37 +11,19 @@
 
 mod common;
 
-use common::Daemon;
+use common::{build_initramfs, guest_dir, Daemon};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The guest's address and the host side's, in the namespace.
 const GUEST_IP: &str = "10.77.0.2";
 const HOST_IP: &str = "10.77.0.1";
-
-fn guest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/guest")
-}
-
-static BUILD: Once = Once::new();
-
-/// Builds the initramfs once per test process.
-fn build_initramfs() {
-    BUILD.call_once(|| {
-        let st = Command::new("bash")
-            .arg(guest_dir().join("build-initramfs.sh"))
-            .stdout(Stdio::null())
-            .status()
-            .expect("run build-initramfs.sh (needs linux-image-amd64, busybox-static)");
-        assert!(st.success(), "building the guest initramfs failed");
-    });
-}
 
 static ONE_GUEST: Mutex<()> = Mutex::new(());
 

@@ -5,28 +5,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Once;
 
 use common::*;
-
-fn guest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/guest")
-}
-
-static BUILD: Once = Once::new();
-
-/// Builds the initramfs once per test process (the tests run in parallel threads).
-fn build_initramfs() {
-    BUILD.call_once(|| {
-        let st = Command::new("bash")
-            .arg(guest_dir().join("build-initramfs.sh"))
-            .status()
-            .expect("run build-initramfs.sh (needs qemu-system-x86, linux-image-amd64, busybox-static: run .ci/install-deps)");
-        assert!(st.success(), "building the guest initramfs failed");
-    });
-}
 
 /// Boots the guest against `sock`; returns (exit code, console output).
 fn run_guest(sock: &str, queues: u32, smp: u32, extra: &[&str]) -> (i32, String) {

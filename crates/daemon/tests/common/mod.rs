@@ -22,6 +22,25 @@ pub fn unique_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// The guest kit: `tests/guest/` (initramfs builder, QEMU runner, netns helper).
+pub fn guest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/guest")
+}
+
+static BUILD_INITRAMFS: std::sync::Once = std::sync::Once::new();
+
+/// Builds the guest initramfs, once per test process (tests run in parallel threads).
+pub fn build_initramfs() {
+    BUILD_INITRAMFS.call_once(|| {
+        let st = Command::new("bash")
+            .arg(guest_dir().join("build-initramfs.sh"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("run build-initramfs.sh (needs linux-image-amd64, busybox-static: scripts/install-deps.sh)");
+        assert!(st.success(), "building the guest initramfs failed");
+    });
+}
+
 /// The path of the built `uvdpa` binary.
 pub fn uvdpa_bin() -> &'static str {
     env!("CARGO_BIN_EXE_uvdpa")
