@@ -11,11 +11,12 @@
 
 mod common;
 
+use common::testpmd::{Testpmd, TestpmdOpts};
 use common::{build_initramfs, guest_dir, Daemon};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -408,48 +409,11 @@ fn guest_ping_fails_when_the_peer_does_not_answer() {
     );
 }
 
-/// `dpdk-testpmd` forwarding between a vhost-user-net server port and a DPDK TAP.
-/// Dropping it ends testpmd (EOF on its stdin, then SIGKILL).
-struct TestPmd {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    log: Arc<Mutex<String>>,
-    /// DPDK's (empty, with `--no-shconf`) runtime directory for our `--file-prefix`.
-    run_dir: PathBuf,
-}
-
-impl Drop for TestPmd {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.run_dir);
-    }
-}
-
-fn find_in_path(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(bin))
-            .find(|f| f.is_file())
-    })
-}
-
 /// The guest and `dpdk-testpmd` on two net devices of one uvdpa `switch`: testpmd's
 /// `icmpecho` forwarding answers the guest's ARP and ICMP echo requests, so every ping
 /// crosses the switch both ways. No host networking is involved.
 #[test]
 fn guest_and_testpmd_exchange_frames_through_a_uvdpa_switch() {
-    let Some(testpmd) = find_in_path("dpdk-testpmd") else {
-        panic!("no dpdk-testpmd in PATH: scripts/install-deps.sh installs Debian's dpdk");
-    };
     let _g = one_guest();
     let t0 = Instant::now();
     let d = net_daemon(
@@ -459,38 +423,17 @@ fn guest_and_testpmd_exchange_frames_through_a_uvdpa_switch() {
             ("p0", "backend = \"switch\"\nswitch = \"sw0\""),
         ],
     );
-    let prefix = unique_name("uvdpa-sw-");
-    let mut child = Command::new(testpmd)
-        .args(["-l", "0,1", "--no-huge", "-m", "512", "--no-pci"])
-        .args(["--no-shconf", "--file-prefix", &prefix])
-        .arg("--vdev")
-        .arg(format!(
+    let mut pmd = Testpmd::spawn(TestpmdOpts {
+        vdev: format!(
             "net_virtio_user0,path={},queues=1",
             d.dir.join("p0.sock").display()
-        ))
-        .args([
-            "--",
-            "--forward-mode=icmpecho",
-            "--auto-start",
-            "--stats-period",
-            "0",
-            "--total-num-mbufs=16384",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run dpdk-testpmd");
-    let log = Arc::new(Mutex::new(String::new()));
-    collect(child.stdout.take().unwrap(), log.clone());
-    collect(child.stderr.take().unwrap(), log.clone());
-    let stdin = child.stdin.take();
-    let pmd = TestPmd {
-        child,
-        stdin,
-        log,
-        run_dir: Path::new("/var/run/dpdk").join(&prefix),
-    };
+        ),
+        core: 0,
+        fwd_mode: "icmpecho",
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("testpmd did not start: {e}"));
+    pmd.start().unwrap();
     let append = format!("uvdpa.ip={GUEST_IP}/24 uvdpa.peer={HOST_IP} uvdpa.count=10");
     let sock = d.dir.join("g0.sock");
     let guest = Guest::spawn(&[
@@ -504,11 +447,14 @@ fn guest_and_testpmd_exchange_frames_through_a_uvdpa_switch() {
         &append,
     ]);
     let (code, console) = guest.finish(Duration::from_secs(55));
-    // testpmd received on p0's transmit queue... from its point of view: p0's device
-    // transmitted (qidx 1) the replies, and received (qidx 0) the requests.
+    // p0's receive queue (qidx 0) carried the guest's requests to testpmd, its transmit
+    // queue (qidx 1) testpmd's replies.
     let p0_rx = d.vstat("p0", 0, "packets");
     let p0_tx = d.vstat("p0", 1, "packets");
-    pmd_log_on_failure(code, pmd);
+    if code != 0 {
+        eprintln!("dpdk-testpmd log:\n{}", pmd.log_tail(60));
+    }
+    drop(pmd);
     drop(d);
     let line = result_line(&console);
     assert_eq!(code, 0, "guest failed: {line}\n{console}");
@@ -521,13 +467,4 @@ fn guest_and_testpmd_exchange_frames_through_a_uvdpa_switch() {
         "uvdpa switch ping: {line} ({:.1}s)",
         t0.elapsed().as_secs_f64()
     );
-}
-
-/// Ends testpmd; on a guest failure prints its log (the guest's assert comes later).
-fn pmd_log_on_failure(code: i32, pmd: TestPmd) {
-    let log = pmd.log.clone();
-    drop(pmd);
-    if code != 0 {
-        eprintln!("dpdk-testpmd log:\n{}", log.lock().unwrap());
-    }
 }
