@@ -139,7 +139,7 @@ fn reference(
             if d.flags & VIRTQ_DESC_F_NEXT != 0 {
                 return Err("indirect with next");
             }
-            if d.len == 0 || d.len % 16 != 0 || d.len / 16 > u32::from(size) {
+            if d.len == 0 || d.len % 16 != 0 || d.len / 16 > u32::from(size).max(1024) {
                 return Err("indirect length");
             }
             if !in_one_region(mem, d.addr, u64::from(d.len)) {

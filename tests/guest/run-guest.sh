@@ -20,6 +20,8 @@
 #                          i-th NIC; default: QEMU's 52:54:00:12:34:56 + index)
 #   --net-queues Q         queue pairs of every NIC (default 1; Q > 1 adds
 #                          queues=Q to the netdev and mq=on to the device)
+#   --net-host-mtu N       host_mtu=N on every NIC (VIRTIO_NET_F_MTU: the guest
+#                          takes its MTU from QEMU's config space)
 #   --packed               packed virtqueues: packed=on on every virtio device
 #                          (blk and net; used only if the backend offers it)
 #   --smp N                guest vCPUs (default 1)
@@ -46,7 +48,7 @@ die() { echo "run-guest: $*" >&2; exit 3; }
 
 sock="" drive="" queues=1 smp=1 timeout_s=120 initrd_dir="$here/out"
 mode=verify seed="" count="" bs="" secs="" append="" reconnect="" pidfile=""
-nets=() macs=() net_queues=1 packed=""
+nets=() macs=() net_queues=1 packed="" netprops=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h | --help) usage ;;
@@ -59,6 +61,8 @@ while [[ $# -gt 0 ]]; do
         --tap-net) nets+=("tap:$2") ;;
         --net-mac) macs+=("$2") ;;
         --net-queues) net_queues="$2" ;;
+        --net-host-mtu) [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "bad number: $2"
+                        netprops+=",host_mtu=$2" ;;
         --drive) drive="$2" ;;
         --queues) queues="$2" ;;
         --smp) smp="$2" ;;
@@ -143,7 +147,7 @@ for i in "${!nets[@]}"; do
             [[ "$net_queues" == 1 ]] || netdev+=",queues=$net_queues"
             args+=(-netdev "$netdev") ;;
     esac
-    args+=(-device "virtio-net-pci,netdev=n$i,vectors=0${macs[$i]:+,mac=${macs[$i]}}$mq$packed")
+    args+=(-device "virtio-net-pci,netdev=n$i,vectors=0${macs[$i]:+,mac=${macs[$i]}}$mq$packed$netprops")
 done
 # shellcheck disable=SC2206 # QEMU_EXTRA is split on purpose
 [[ -z "${QEMU_EXTRA:-}" ]] || args+=(${QEMU_EXTRA})

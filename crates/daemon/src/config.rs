@@ -10,7 +10,7 @@
 //! path = "/var/lib/disk.img"  # file backend
 //! direct = false           # file backend: O_DIRECT
 //! queues = 1               # 1..=64
-//! queue_size = 256         # power of two, 1..=32768
+//! queue_size = 128         # power of two, 1..=32768: seg_max is min(queue_size, 1024) - 2
 //! read_only = false
 //! serial = "uvdpa-blk0"    # at most 20 bytes
 //! logical_block_size = 512 # 512, 1024, 2048 or 4096
@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use uvdpa_devices::blk::{BackendSpec, BlkConfig};
+use uvdpa_devices::blk::{BackendSpec, BlkConfig, DEFAULT_QUEUE_SIZE as DEFAULT_BLK_QUEUE_SIZE};
 use uvdpa_devices::net::config::{
     generate_mac, parse_mac, NetConfig, NetConfigError, DEFAULT_MTU, MAX_MTU, MIN_MTU,
 };
@@ -450,7 +450,7 @@ impl DeviceEntry {
         if !(1..=64).contains(&queues) {
             return Err(err("queues", format!("{queues}: 1..=64")));
         }
-        let queue_size = self.queue_size.unwrap_or(256);
+        let queue_size = self.queue_size.unwrap_or(DEFAULT_BLK_QUEUE_SIZE);
         if queue_size == 0 || !queue_size.is_power_of_two() || queue_size > 32768 {
             return Err(err(
                 "queue_size",

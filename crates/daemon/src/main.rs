@@ -147,6 +147,12 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
+                // Colour only on a terminal (and not with NO_COLOR): a log redirected to
+                // a file or a journal stays plain text.
+                .with_ansi(
+                    std::io::IsTerminal::is_terminal(&std::io::stderr())
+                        && std::env::var_os("NO_COLOR").is_none(),
+                )
                 .init();
             run_daemon(run_dir, config)
         }

@@ -11,9 +11,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
-use uvdpa_devices::blk::{BackendSpec, BlkConfig, BlkDevice, BlkFeatures};
+use uvdpa_devices::blk::{
+    BackendSpec, BlkConfig, BlkDevice, BlkFeatures, DEFAULT_QUEUE_SIZE as DEFAULT_BLK_QUEUE_SIZE,
+};
 use uvdpa_devices::net::config::{
-    MacDisplay, QueueRole, VirtioNetConfig, MAX_QUEUE_PAIRS, VIRTIO_NET_S_LINK_UP,
+    MacDisplay, QueueRole, VirtioNetConfig, DEFAULT_MTU, MAX_QUEUE_PAIRS, VIRTIO_NET_S_LINK_UP,
 };
 use uvdpa_devices::net::device::{NetBackendSpec, NetDevice, MAX_NET_QUEUE_SIZE};
 use uvdpa_devices::net::switch::SwitchRegistry;
@@ -127,7 +129,11 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                 a("direct", "flag: O_DIRECT (file)", "off"),
                 a("ro", "flag: read-only", "off"),
                 a("queues", "1..=64", "1"),
-                a("queue_size", "power of two 1..=32768", "256"),
+                a(
+                    "queue_size",
+                    "power of two 1..=32768",
+                    &DEFAULT_BLK_QUEUE_SIZE.to_string(),
+                ),
                 a("serial", "at most 20 bytes", "uvdpa-NAME"),
                 a("logical_block_size", "512|1024|2048|4096", "512"),
                 poll_us.clone(),
@@ -415,30 +421,38 @@ fn feature_names(bits: u64, mgmtdev: &str) -> Vec<String> {
     names
 }
 
-/// The QEMU options that attach a vhost-user-blk device served at `sock`.
-pub fn qemu_command_line(name: &str, queues: u16, sock: &Path) -> String {
+/// The QEMU options that attach a vhost-user-blk device served at `sock`, with the
+/// device's queue size as the ring size (`seg_max` is made for it; see
+/// [`uvdpa_devices::blk::seg_max`]).
+pub fn qemu_command_line(name: &str, queues: u16, queue_size: u16, sock: &Path) -> String {
     format!(
         "qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on \
          -numa node,memdev=mem -chardev socket,id={name},path={sock} \
-         -device vhost-user-blk-pci,chardev={name},num-queues={queues} ...",
+         -device vhost-user-blk-pci,chardev={name},num-queues={queues},queue-size={queue_size} ...",
         sock = sock.display(),
     )
 }
 
-/// The QEMU options that attach a vhost-user net device with `pairs` queue pairs and
-/// address `mac` served at `sock` (`vectors=0`: QEMU 7.2 under TCG crashes with MSI-X on a
-/// vhost-user virtio-net-pci; see tests/guest/run-guest.sh).
-pub fn qemu_net_command_line(pairs: u16, mac: &str, sock: &Path) -> String {
+/// The QEMU options that attach a vhost-user net device with `pairs` queue pairs, address
+/// `mac` and MTU `mtu` served at `sock` (`vectors=0`: QEMU 7.2 under TCG crashes with MSI-X
+/// on a vhost-user virtio-net-pci; see tests/guest/run-guest.sh). An MTU other than 1500
+/// is given to the guest with `host_mtu` (VIRTIO_NET_F_MTU).
+pub fn qemu_net_command_line(pairs: u16, mac: &str, mtu: u16, sock: &Path) -> String {
     let (queues, mq) = if pairs > 1 {
         (format!(",queues={pairs}"), ",mq=on")
     } else {
         (String::new(), "")
     };
+    let host_mtu = if mtu == DEFAULT_MTU {
+        String::new()
+    } else {
+        format!(",host_mtu={mtu}")
+    };
     format!(
         "qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on \
          -numa node,memdev=mem -chardev socket,id=c0,path={sock} \
          -netdev vhost-user,id=n0,chardev=c0{queues} \
-         -device virtio-net-pci,netdev=n0,mac={mac}{mq},vectors=0 ...",
+         -device virtio-net-pci,netdev=n0,mac={mac}{mq}{host_mtu},vectors=0 ...",
         sock = sock.display(),
     )
 }
@@ -659,13 +673,13 @@ impl Registry {
                 .into();
                 v.capacity = Some(blk.capacity_bytes());
                 v.read_only = Some(cfg.read_only);
-                v.qemu = qemu_command_line(&m.spec.name, cfg.num_queues, sock);
+                v.qemu = qemu_command_line(&m.spec.name, cfg.num_queues, cfg.queue_size, sock);
             }
             Dev::Net(n, _) => {
                 let mac = MacDisplay(n.config.mac).to_string();
                 let pairs = n.config.max_queue_pairs;
                 v.backend = net_backend_name(&n.backend).into();
-                v.qemu = qemu_net_command_line(pairs, &mac, sock);
+                v.qemu = qemu_net_command_line(pairs, &mac, n.config.mtu, sock);
                 v.testpmd = Some(testpmd_vdev(pairs, sock));
                 v.mac = Some(mac);
                 v.mtu = Some(n.config.mtu);

@@ -386,14 +386,14 @@ fn cases() -> Vec<Case> {
             },
         ),
         case(
-            "indirect table with more entries than the queue",
-            "Indirect table length 1040 is invalid",
+            "indirect table with more entries than 1024 (and the queue)",
+            "Indirect table length 16400 is invalid (multiple of 16, 1..=1024 entries)",
             MEM,
             |dq, _, f| {
                 let st = header(dq, HDR, T_IN);
                 idesc(dq, IND, 0, HDR, 16, NEXT, 1);
                 idesc(dq, IND, 1, st, 1, WRITE, 0);
-                desc(dq, f, IND, 16 * (u32::from(QSIZE) + 1), INDIRECT, 0);
+                desc(dq, f, IND, 16 * 1025, INDIRECT, 0);
                 dq.push_avail(f);
                 dq.publish();
                 vec![st]

@@ -123,7 +123,14 @@ fn golden_json_for_every_show_command() {
     assert_eq!(vs["vstats"]["requests"], 1);
     assert_eq!(vs["vstats"]["bytes_written"], 4097);
     drop(c);
+    let log = d.log_text();
     assert!(d.stop().success());
+    // stderr is a file here, not a terminal: no ANSI colour codes in it.
+    assert!(log.contains("INFO"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "colour codes in a redirected log:\n{log}"
+    );
 }
 
 #[test]
@@ -535,7 +542,7 @@ fn net_device_from_the_config_file_and_at_run_time() {
             "qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on \
              -numa node,memdev=mem -chardev socket,id=c0,path={sock} \
              -netdev vhost-user,id=n0,chardev=c0,queues=2 \
-             -device virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01,mq=on,vectors=0 ..."
+             -device virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01,mq=on,host_mtu=9000,vectors=0 ..."
         )
     );
     assert_eq!(

@@ -393,6 +393,33 @@ fn guest_pings_with_jumbo_frames_over_packed_rings_on_a_uvdpa_tap() {
     );
 }
 
+/// QEMU's `host_mtu=9000` on a device with the default MTU 1500: the guest takes MTU 9000
+/// from QEMU's config space (VIRTIO_NET_F_MTU), QEMU hands it to uvdpa with
+/// VHOST_USER_NET_SET_MTU, and 8000-byte pings go through instead of being dropped as
+/// oversized (issue #9, failure 4).
+#[test]
+fn guest_with_qemu_host_mtu_9000_on_a_default_mtu_device_sends_jumbo_frames() {
+    let _g = one_guest();
+    let (code, console, d, net) = ping_over_uvdpa_tap(
+        "",
+        &["--net-host-mtu", "9000"],
+        "uvdpa.size=8000 uvdpa.count=5",
+        Some(9000),
+    );
+    let line = result_line(&console);
+    let tx_drops = d.vstat("n0", 1, "drops");
+    let log = d.log_text();
+    teardown(d, net);
+    assert_eq!(
+        code, 0,
+        "guest failed: {line}\n{console}\ndaemon log:\n{log}"
+    );
+    assert_eq!(num(&line, "received"), 5, "{line}");
+    assert_eq!(field(&line, "mtu"), Some("9000"), "{line}");
+    assert_eq!(tx_drops, 0, "frames dropped as oversized");
+    assert!(log.contains("frontend MTU set"), "no NET_SET_MTU: {log}");
+}
+
 /// The FAIL path with a uvdpa device: nobody answers at the peer address, so the guest
 /// gives up after `uvdpa.wait` seconds and reports FAIL (exit 1), not a timeout.
 #[test]

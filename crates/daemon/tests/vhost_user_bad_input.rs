@@ -387,3 +387,121 @@ fn malformed_messages_fail_the_session_not_the_daemon() {
     );
     assert!(d.stop().success());
 }
+
+const NET_SET_MTU: u32 = 20;
+const GET_INFLIGHT_FD: u32 = 31;
+const ADD_MEM_REG: u32 = 37;
+const REM_MEM_REG: u32 = 38;
+const MTU: u64 = 1 << 4;
+const INFLIGHT_SHMFD: u64 = 1 << 12;
+const CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
+
+/// Connects, acks VERSION_1 + PROTOCOL_FEATURES and negotiates `wanted` (with REPLY_ACK)
+/// out of what the device offers; returns the session and the offered protocol features.
+fn negotiate(path: &str, wanted: u64) -> (Raw, u64) {
+    let mut r = Raw::connect(path);
+    r.send(GET_FEATURES, 0, &[], &[]);
+    r.u64_answer().unwrap();
+    r.send(
+        SET_FEATURES,
+        0,
+        &((1u64 << 30) | (1 << 32)).to_le_bytes(),
+        &[],
+    );
+    r.send(GET_PROTOCOL_FEATURES, 0, &[], &[]);
+    let offered = r.u64_answer().unwrap();
+    r.send(
+        SET_PROTOCOL_FEATURES,
+        NEED_REPLY,
+        &((REPLY_ACK | wanted) & offered).to_le_bytes(),
+        &[],
+    );
+    assert_eq!(r.u64_answer(), Some(0));
+    (r, offered)
+}
+
+fn inflight_body(num_queues: u16, queue_size: u16) -> Vec<u8> {
+    let mut b = [0u64, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect::<Vec<u8>>();
+    b.extend_from_slice(&num_queues.to_le_bytes());
+    b.extend_from_slice(&queue_size.to_le_bytes());
+    b.extend_from_slice(&[0; 4]); // struct padding, as in QEMU's VhostUserInflight
+    b
+}
+
+/// Frontend choices the device cannot serve get an answer the frontend understands, and
+/// the ones it can serve are served (issue #9): an inflight buffer for any ring size, a
+/// refused inflight geometry answered with an empty buffer (QEMU then runs without one
+/// instead of failing the device start), an ADD_MEM_REG of a region that is already
+/// mapped (QEMU sends a multi-queue device's regions once per vhost device) taken as one
+/// more reference, and the MTU protocol feature offered to network devices only.
+#[test]
+fn frontend_choices_are_answered_not_dropped() {
+    let cfg = format!(
+        "{}[[device]]\nname = \"n\"\nmgmtdev = \"net\"\n",
+        blk_config("b", "backend = \"ram\"\nsize = \"8M\"")
+    );
+    let mut d = Daemon::start("choices", &cfg, &["b", "n"]);
+
+    let (mut r, offered) = negotiate(&d.sock_str("b"), INFLIGHT_SHMFD | CONFIGURE_MEM_SLOTS | MTU);
+    assert_eq!(offered & MTU, 0, "NET_MTU offered by a block device");
+    // A 1024-entry ring on a device whose queue size is 128.
+    r.send(GET_INFLIGHT_FD, 0, &inflight_body(1, 1024), &[]);
+    match r.answer() {
+        Answer::Reply(b) => {
+            assert_eq!(b.len(), 24);
+            let size = u64::from_le_bytes(b[0..8].try_into().unwrap());
+            assert!(size >= 1024 * 16, "inflight buffer of {size} bytes");
+        }
+        Answer::Closed => panic!("GET_INFLIGHT_FD for 1024 descriptors ended the session"),
+    }
+    // More queues than the device has, and a zero queue size: an empty buffer.
+    for (nq, qs) in [(5u16, 128u16), (1, 0)] {
+        r.send(GET_INFLIGHT_FD, 0, &inflight_body(nq, qs), &[]);
+        match r.answer() {
+            Answer::Reply(b) => {
+                assert_eq!(b.len(), 24);
+                assert_eq!(u64::from_le_bytes(b[0..8].try_into().unwrap()), 0);
+            }
+            Answer::Closed => panic!("GET_INFLIGHT_FD {nq}x{qs} ended the session"),
+        }
+    }
+    // The same region twice is two references: two removals succeed, a third fails.
+    let m = memfd(1 << 20);
+    let single = |gpa| {
+        let mut b = vec![0u8; 8];
+        b.extend(region(gpa, 1 << 20, 0x7000_0000 + gpa));
+        b
+    };
+    for what in ["first", "identical"] {
+        r.send(ADD_MEM_REG, NEED_REPLY, &single(0), &[m.as_fd()]);
+        assert_eq!(r.u64_answer(), Some(0), "{what} ADD_MEM_REG refused");
+    }
+    // A different region overlapping it is still refused.
+    r.send(ADD_MEM_REG, NEED_REPLY, &single(0x8_0000), &[m.as_fd()]);
+    assert_ne!(r.u64_answer(), Some(0), "overlapping region accepted");
+    for n in 0..2 {
+        r.send(REM_MEM_REG, NEED_REPLY, &single(0), &[]);
+        assert_eq!(r.u64_answer(), Some(0), "REM_MEM_REG {n} refused");
+    }
+    r.send(REM_MEM_REG, NEED_REPLY, &single(0), &[]);
+    assert_ne!(r.u64_answer(), Some(0), "removed a region that is gone");
+    // NET_SET_MTU is refused by a block device (the feature was not negotiated).
+    r.send(NET_SET_MTU, NEED_REPLY, &9000u64.to_le_bytes(), &[]);
+    assert_ne!(r.u64_answer(), Some(0));
+    drop(r);
+
+    let (mut r, offered) = negotiate(&d.sock_str("n"), MTU);
+    assert_ne!(offered & MTU, 0, "NET_MTU not offered by a net device");
+    for (mtu, ok) in [(9000u64, true), (67, false), (70_000, false), (1500, true)] {
+        r.send(NET_SET_MTU, NEED_REPLY, &mtu.to_le_bytes(), &[]);
+        let answer = r.u64_answer().expect("NET_SET_MTU ended the session");
+        assert_eq!(answer == 0, ok, "NET_SET_MTU {mtu}");
+    }
+    drop(r);
+    assert!(d.alive());
+    assert!(d.log_text().contains("frontend MTU set"));
+    assert!(d.stop().success());
+}

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use uvdpa_virtio::inflight::InflightMap;
 use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
 use uvdpa_virtio::memory::MAX_REGIONS;
+use uvdpa_virtio::split::MAX_QUEUE_SIZE;
 use uvdpa_virtio::stats::{QueueStatsRef, StatsTable};
 use uvdpa_virtio::worker::{GroupHandler, QueueWorker, StopError, WorkerParams, WorkerQueue};
 use uvdpa_virtio::{
@@ -45,8 +46,15 @@ use crate::error::Error;
 pub const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Protocol features this backend implements (REPLY_ACK is always offered).
-pub fn supported_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
+pub fn supported_protocol_features(device_type: u32) -> VhostUserProtocolFeatures {
+    // VHOST_USER_PROTOCOL_F_NET_MTU (`MTU` in rust-vmm) for network devices (device ID 1).
+    let net_mtu = if device_type == 1 {
+        VhostUserProtocolFeatures::MTU
+    } else {
+        VhostUserProtocolFeatures::empty()
+    };
+    net_mtu
+        | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
@@ -177,6 +185,10 @@ pub struct Session {
     frontend: Owner,
     session_entry: Option<ResHandle>,
     mem_entries: Vec<ResHandle>,
+    /// ADD_MEM_REG repeats of a mapped region (same gpa, size and frontend address), by
+    /// (gpa, size): each is a reference a later REM_MEM_REG drops before the region goes.
+    /// At most one entry per mapped region.
+    region_repeats: Vec<((u64, u64), u32)>,
     inflight: Option<Arc<InflightMap>>,
     vectors: Arc<VectorTable>,
     backend: BackendChannel,
@@ -281,6 +293,7 @@ impl Session {
             frontend: frontend_pid.map_or_else(Owner::current, Owner::of_pid),
             session_entry: None,
             mem_entries: Vec::new(),
+            region_repeats: Vec::new(),
             res,
             poll,
             inflight: None,
@@ -378,7 +391,14 @@ impl Session {
                     self.conn
                         .send_reply_with_fds(&req.hdr, body.as_slice(), &[map.fd()])
                 }
-                Err(e) => Err(e),
+                Err(e) if e.ends_session() => Err(e),
+                Err(e) => {
+                    // A reply without a buffer (mmap_size 0, no fd): QEMU then runs the
+                    // device without inflight tracking instead of failing to start it.
+                    warn!(device = %self.name, "GET_INFLIGHT_FD refused, no inflight buffer: {e}");
+                    let body = VhostUserInflight::new(0, 0, 0, 0);
+                    self.conn.send_reply(&req.hdr, body.as_slice())
+                }
             };
         }
         let result = self.dispatch(code, &req);
@@ -465,12 +485,15 @@ impl Session {
             }
             R::GET_PROTOCOL_FEATURES => {
                 no_body("GET_PROTOCOL_FEATURES")?;
-                Ok(Some(u64_reply(supported_protocol_features().bits())))
+                Ok(Some(u64_reply(
+                    supported_protocol_features(self.device.device_type()).bits(),
+                )))
             }
             R::SET_PROTOCOL_FEATURES => {
                 expect_fds("SET_PROTOCOL_FEATURES", req, 0)?;
                 let v: VhostUserU64 = decode("SET_PROTOCOL_FEATURES", &req.body)?;
-                let unknown = v.value & !supported_protocol_features().bits();
+                let unknown =
+                    v.value & !supported_protocol_features(self.device.device_type()).bits();
                 if unknown != 0 {
                     return Err(Error::InvalidParam {
                         request: "SET_PROTOCOL_FEATURES",
@@ -532,9 +555,11 @@ impl Session {
                 expect_fds("SET_VRING_NUM", req, 0)?;
                 let s: VhostUserVringState = decode("SET_VRING_NUM", &req.body)?;
                 let i = self.vring_index(s.index)?;
-                let max = self.device.max_queue_size();
+                // The frontend chooses the ring size, whatever the device's queue_size:
+                // packed rings any size up to 32768 (virtio 1.2 §2.8), split rings a power
+                // of two up to 32768 (§2.7).
+                let max = MAX_QUEUE_SIZE;
                 let num = s.num;
-                // Packed rings may have any size (virtio 1.2 §2.8); split rings a power of two.
                 let packed = self.acked.contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
                 if num == 0 || (!packed && !num.is_power_of_two()) || num > u32::from(max) {
                     return Err(Error::InvalidParam {
@@ -730,6 +755,23 @@ impl Session {
                 no_body("GET_STATUS")?;
                 Ok(Some(u64_reply(u64::from(self.device_status().bits()))))
             }
+            R::NET_SET_MTU => {
+                self.need("NET_SET_MTU", VhostUserProtocolFeatures::MTU, "MTU")?;
+                expect_fds("NET_SET_MTU", req, 0)?;
+                let v: VhostUserU64 = decode("NET_SET_MTU", &req.body)?;
+                let mtu = u16::try_from(v.value).map_err(|_| Error::InvalidParam {
+                    request: "NET_SET_MTU",
+                    reason: format!("MTU {} does not fit 16 bits", { v.value }),
+                })?;
+                self.device
+                    .set_frontend_mtu(Some(mtu))
+                    .map_err(|e| Error::InvalidParam {
+                        request: "NET_SET_MTU",
+                        reason: e.0,
+                    })?;
+                info!(device = %self.name, mtu, "frontend MTU set");
+                Ok(None)
+            }
             R::RESET_DEVICE => {
                 self.need(
                     "RESET_DEVICE",
@@ -753,16 +795,14 @@ impl Session {
         m: &VhostUserInflight,
     ) -> Result<(), Error> {
         let (nq, qs) = (m.num_queues, m.queue_size);
-        if nq > self.device.num_queues()
-            || !qs.is_power_of_two()
-            || qs > self.device.max_queue_size()
-        {
+        // Any ring size a frontend may set (see SET_VRING_NUM), whatever the device's
+        // queue_size: the region is at most 64 queues of 32768 descriptors.
+        if nq == 0 || nq > self.device.num_queues() || qs == 0 || qs > MAX_QUEUE_SIZE {
             return Err(Error::InvalidParam {
                 request,
                 reason: format!(
-                    "{nq} queues of {qs} (device: at most {} queues of at most {}, a power of two)",
+                    "{nq} queues of {qs} (device: 1..={} queues of 1..={MAX_QUEUE_SIZE})",
                     self.device.num_queues(),
-                    self.device.max_queue_size()
                 ),
             });
         }
@@ -919,6 +959,7 @@ impl Session {
         }
         let mem = GuestMemory::new(regions)?;
         info!(device = %self.name, regions = n, bytes = mem.total_size(), "memory table set");
+        self.region_repeats.clear();
         self.replace_memory(|_| Ok(mem))
     }
 
@@ -932,6 +973,23 @@ impl Session {
             got: 0,
             expected: 1,
         })?;
+        // QEMU sends a multi-queue device's regions once per vhost device (one per net
+        // queue pair): a region identical to a mapped one is another reference to it, not
+        // an overlap.
+        let key = (r.guest_phys_addr, r.memory_size);
+        let mapped = self.mem.as_ref().is_some_and(|m| {
+            m.regions()
+                .iter()
+                .any(|x| (x.gpa(), x.size(), x.uaddr()) == (key.0, key.1, r.user_addr))
+        });
+        if mapped {
+            match self.region_repeats.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n = n.saturating_add(1),
+                None => self.region_repeats.push((key, 1)),
+            }
+            debug!(device = %self.name, gpa = key.0, size = key.1, "ADD_MEM_REG of a mapped region: one more reference");
+            return Ok(());
+        }
         let region = MemoryRegion::map(
             fd,
             r.guest_phys_addr,
@@ -939,6 +997,9 @@ impl Session {
             r.user_addr,
             r.mmap_offset,
         )?;
+        if let Some(m) = &self.mem {
+            m.check_addition(&region)?;
+        }
         self.replace_memory(|old| {
             let mut regions = old;
             regions.push(region);
@@ -947,6 +1008,19 @@ impl Session {
     }
 
     fn remove_mem_region(&mut self, gpa: u64, size: u64) -> Result<(), Error> {
+        if let Some(i) = self
+            .region_repeats
+            .iter()
+            .position(|(k, _)| *k == (gpa, size))
+        {
+            match self.region_repeats.get_mut(i) {
+                Some((_, n)) if *n > 1 => *n -= 1,
+                _ => {
+                    self.region_repeats.swap_remove(i);
+                }
+            }
+            return Ok(());
+        }
         self.replace_memory(|old| {
             let before = old.len();
             let regions: Vec<MemoryRegion> = old
@@ -1321,8 +1395,11 @@ impl Session {
         }
         // Release the frontend's call eventfds.
         let _ = self.vectors.set_irqs(0, 0, IrqAction::Eventfd(Vec::new()));
+        // The next frontend sets its own MTU (NET_SET_MTU) or uses the device's.
+        let _ = self.device.set_frontend_mtu(None);
         self.mem = None;
         self.mem_entries.clear();
+        self.region_repeats.clear();
         self.session_entry = None;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         *st = SessionState::default();

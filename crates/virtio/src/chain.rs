@@ -29,6 +29,24 @@ pub const VIRTQ_DESC_F_USED: u16 = 1 << 15;
 /// (`struct pvirtq_desc`) alike.
 pub const DESC_SIZE: u64 = 16;
 
+/// Entries an indirect table may hold whatever the ring size: a table is accepted up to
+/// `max(ring size, INDIRECT_TABLE_MAX)` entries.
+///
+/// Virtio 1.2 §2.7.5.3.1 and §2.8.7 bound a chain by the queue size, but drivers size
+/// indirect tables by what the device advertises instead: Linux's virtio_blk builds
+/// tables of `seg_max + 2` entries whatever ring size the frontend chose, and QEMU's own
+/// devices accept up to 1024 descriptors per chain (`VIRTQUEUE_MAX_SIZE`) on any ring. A
+/// device that advertises a limit (virtio-blk `seg_max`) keeps it at most
+/// `INDIRECT_TABLE_MAX - 2`, so every table a driver builds from it is accepted on every
+/// ring size. The bound still stops loops and unbounded work: a table is walked once.
+pub const INDIRECT_TABLE_MAX: u32 = 1024;
+
+/// Most entries an indirect table may hold in a ring of `ring_len` descriptors
+/// (see [`INDIRECT_TABLE_MAX`]).
+pub fn indirect_table_max(ring_len: u16) -> u32 {
+    u32::from(ring_len).max(INDIRECT_TABLE_MAX)
+}
+
 /// What was wrong with a descriptor chain. The head index is reported beside it by the
 /// queue ([`crate::split::QueueError::Chain`]).
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -63,7 +81,7 @@ pub enum ChainError {
     #[error("Descriptor sets both INDIRECT and NEXT")]
     IndirectWithNext,
     /// An indirect table whose length is 0, not a multiple of 16, or has more entries
-    /// than the queue size.
+    /// than [`indirect_table_max`] allows.
     #[error("Indirect table length {len} is invalid (multiple of 16, 1..={max} entries)")]
     IndirectBadLength {
         /// Length in bytes.
@@ -292,7 +310,7 @@ impl DescriptorChain {
                 if desc.flags & VIRTQ_DESC_F_NEXT != 0 {
                     return Err(ChainError::IndirectWithNext);
                 }
-                let max = u32::from(table_len);
+                let max = indirect_table_max(table_len);
                 let entries = desc.len / DESC_SIZE as u32;
                 if desc.len == 0 || desc.len % DESC_SIZE as u32 != 0 || entries > max {
                     return Err(ChainError::IndirectBadLength { len: desc.len, max });
@@ -414,13 +432,13 @@ impl DescriptorChain {
                 if desc.flags & VIRTQ_DESC_F_NEXT != 0 {
                     return Err(ChainError::IndirectWithNext);
                 }
-                let max = u32::from(ring_len);
+                let max = indirect_table_max(ring_len);
                 let entries = desc.len / DESC_SIZE as u32;
                 if desc.len == 0 || desc.len % DESC_SIZE as u32 != 0 || entries > max {
                     return Err(ChainError::IndirectBadLength { len: desc.len, max });
                 }
                 let table = mem.translate(desc.addr, u64::from(desc.len))?;
-                // entries <= ring_len <= u16::MAX.
+                // entries <= max(ring_len, 1024) <= u16::MAX.
                 for index in 0..entries as u16 {
                     // SAFETY: index < entries, and the table's len = 16·entries bytes were
                     // translated above into live guest memory.

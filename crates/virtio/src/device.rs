@@ -20,8 +20,12 @@ pub trait VirtioDevice: Send + Sync {
     /// Number of virtqueues the device exposes.
     fn num_queues(&self) -> u16;
 
-    /// Largest queue size (descriptors) a driver may configure.
-    fn max_queue_size(&self) -> u16;
+    /// The device's queue size (descriptors): the ring size it suggests to frontends
+    /// (printed in the QEMU command line it hands out) and the maximum a VDUSE driver may
+    /// configure. It is not a wall for vhost-user: there the frontend chooses each ring's
+    /// size, any size virtio 1.2 allows (§2.7: a power of two up to 32768 for split
+    /// rings, §2.8: 1..=32768 for packed rings), and the device serves it.
+    fn queue_size(&self) -> u16;
 
     /// Device and transport features offered to the driver.
     fn features(&self) -> VirtioFeatures;
@@ -43,6 +47,22 @@ pub trait VirtioDevice: Send + Sync {
             "config space is read-only (write of {} bytes at {offset})",
             data.len()
         )))
+    }
+
+    /// Sets the MTU the frontend gave the driver (vhost-user VHOST_USER_NET_SET_MTU, which
+    /// QEMU sends before it starts a virtio-net device whose `host_mtu` the driver
+    /// accepted with VIRTIO_NET_F_MTU, virtio 1.2 §5.1.4): transmitted frames are then
+    /// bounded by this MTU instead of the device's own. `None` returns to the device's own
+    /// (the frontend went away or reset the device).
+    ///
+    /// # Errors
+    /// The default refuses: only network devices have an MTU. A network device refuses an
+    /// MTU outside 68..=65535 bytes (§5.1.4.1).
+    fn set_frontend_mtu(&self, mtu: Option<u16>) -> Result<(), DeviceFault> {
+        match mtu {
+            None => Ok(()),
+            Some(m) => Err(DeviceFault(format!("MTU {m}: not a network device"))),
+        }
     }
 
     /// A request processor for queue `index`, given the negotiated features.

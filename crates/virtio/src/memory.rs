@@ -175,6 +175,13 @@ impl MemoryRegion {
         Self::map(&fd, gpa, size, gpa, 0)
     }
 
+    /// Whether the two regions overlap in guest physical or frontend virtual address
+    /// space (sizes were checked at construction, so the ends do not overflow).
+    fn overlaps(&self, other: &Self) -> bool {
+        (self.gpa < other.gpa + other.size && other.gpa < self.gpa + self.size)
+            || (self.uaddr < other.uaddr + other.size && other.uaddr < self.uaddr + self.size)
+    }
+
     /// Guest physical address of the first byte.
     pub fn gpa(&self) -> u64 {
         self.gpa
@@ -252,21 +259,31 @@ impl GuestMemory {
             });
         }
         regions.sort_by_key(|r| r.gpa);
-        for pair in regions.windows(2) {
-            if let [a, b] = pair {
-                if a.gpa + a.size > b.gpa {
-                    return Err(MemoryError::Overlap { gpa: b.gpa });
-                }
-            }
-        }
         for (i, a) in regions.iter().enumerate() {
-            for b in regions.iter().skip(i + 1) {
-                if a.uaddr < b.uaddr + b.size && b.uaddr < a.uaddr + a.size {
-                    return Err(MemoryError::Overlap { gpa: b.gpa });
-                }
+            if let Some(b) = regions.iter().skip(i + 1).find(|b| a.overlaps(b)) {
+                return Err(MemoryError::Overlap { gpa: b.gpa });
             }
         }
         Ok(Self { regions })
+    }
+
+    /// Checks that `region` could join this table (ADD_MEM_REG) without building the new
+    /// table, so a refused addition leaves the current one in place.
+    ///
+    /// # Errors
+    /// As [`GuestMemory::new`] for the table with `region` added.
+    pub fn check_addition(&self, region: &MemoryRegion) -> Result<(), MemoryError> {
+        if self.regions.len() >= MAX_REGIONS {
+            return Err(MemoryError::TooManyRegions {
+                count: self.regions.len() + 1,
+            });
+        }
+        match self.regions.iter().find(|r| r.overlaps(region)) {
+            Some(r) => Err(MemoryError::Overlap {
+                gpa: r.gpa.max(region.gpa),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The regions, sorted by guest physical address.

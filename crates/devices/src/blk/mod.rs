@@ -52,6 +52,9 @@ pub const SERIAL_LEN: usize = 20;
 pub const MAX_NUM_QUEUES: u16 = 64;
 /// Largest segment the driver may use (config `size_max`).
 pub const SIZE_MAX: u32 = 1 << 20;
+/// The default queue size: QEMU's `vhost-user-blk-pci` default `queue-size`, so a frontend
+/// with default settings meets the `seg_max` it was made for (see [`seg_max`]).
+pub const DEFAULT_QUEUE_SIZE: u16 = 128;
 /// Most sectors in one discard or write-zeroes segment (config `max_discard_sectors`,
 /// `max_write_zeroes_sectors`): 2 GiB - 512, as QEMU.
 pub const MAX_ZERO_SECTORS: u32 = (i32::MAX as u32) >> 9;
@@ -300,14 +303,30 @@ fn offered_features(read_only: bool) -> VirtioFeatures {
         | VirtioFeatures::from_raw(blk.bits())
 }
 
+/// `seg_max` (virtio 1.2 §5.2.4) of a device whose queue size is `queue_size`:
+/// `min(queue_size, 1024) - 2` (at least 1).
+///
+/// Two descriptors of a request carry the header and the status byte. Linux puts a request
+/// of `seg_max + 2` descriptors in one indirect table whatever the ring size, and every
+/// ring accepts indirect tables of up to `max(ring size, 1024)` entries
+/// ([`uvdpa_virtio::chain::INDIRECT_TABLE_MAX`]), so with VIRTIO_RING_F_INDIRECT_DESC
+/// every ring size works. Without indirect descriptors a request's chain sits in the ring
+/// itself, so the frontend's ring must hold `seg_max + 2` descriptors: at least the
+/// device's `queue_size` (QEMU's default 128 meets the default).
+pub fn seg_max(queue_size: u16) -> u32 {
+    u32::from(queue_size)
+        .min(uvdpa_virtio::chain::INDIRECT_TABLE_MAX)
+        .saturating_sub(2)
+        .max(1)
+}
+
 /// The config space of a device with `capacity` bytes.
 fn config_space(cfg: &BlkConfig, capacity: u64) -> VirtioBlkConfig {
     let sectors_per_block = cfg.logical_block_size / SECTOR_SIZE as u32;
     VirtioBlkConfig {
         capacity: capacity / SECTOR_SIZE,
         size_max: SIZE_MAX,
-        // Two descriptors of a request carry the header and the status byte.
-        seg_max: u32::from(cfg.queue_size).saturating_sub(2).max(1),
+        seg_max: seg_max(cfg.queue_size),
         blk_size: cfg.logical_block_size,
         topology: VirtioBlkTopology {
             physical_block_exp: 0,
@@ -391,7 +410,7 @@ impl VirtioDevice for BlkDevice {
         self.shared.num_queues
     }
 
-    fn max_queue_size(&self) -> u16 {
+    fn queue_size(&self) -> u16 {
         self.shared.queue_size
     }
 

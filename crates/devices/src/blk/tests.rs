@@ -410,7 +410,7 @@ fn config_space_reports_the_device() {
     .unwrap();
     assert_eq!(dev.device_type(), 2);
     assert_eq!(dev.num_queues(), 4);
-    assert_eq!(dev.max_queue_size(), 256);
+    assert_eq!(dev.queue_size(), 256);
     assert_eq!(dev.capacity_bytes(), 1 << 20);
     let raw = dev.config();
     assert_eq!(raw.len(), 60);

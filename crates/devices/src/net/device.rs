@@ -1,12 +1,13 @@
 //! The virtio-net device (virtio 1.2 §5.1): feature offer, config space, queue layout and
 //! worker groups, over one of the backends of [`NetBackendSpec`].
 
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
 use uvdpa_virtio::worker::{ChainGroup, DeviceFault, GroupHandler, QueueHandler};
 use uvdpa_virtio::{VirtioDevice, VirtioFeatures};
 
-use super::config::{ctrl_queue_index, NetConfig};
+use super::config::{ctrl_queue_index, NetConfig, MIN_MTU};
 use super::ctrl::{CtrlHandler, NetCtrlState};
 use super::pair::{PairBackend, PairHandler};
 use super::switch::{SwitchPort, SwitchRegistry};
@@ -55,6 +56,9 @@ enum Backend {
 /// A virtio-net device.
 pub struct NetDevice {
     config: NetConfig,
+    /// The frontend's MTU (VHOST_USER_NET_SET_MTU), 0 when it set none: bounds transmitted
+    /// frames instead of `config.mtu` while set.
+    frontend_mtu: AtomicU16,
     queue_size: u16,
     backend: Backend,
     ctrl: Arc<NetCtrlState>,
@@ -142,6 +146,7 @@ impl NetDevice {
         let ctrl = Arc::new(NetCtrlState::new(&config));
         Ok(Self {
             config,
+            frontend_mtu: AtomicU16::new(0),
             queue_size,
             backend,
             ctrl,
@@ -196,8 +201,20 @@ impl VirtioDevice for NetDevice {
         2 * self.pairs() + 1
     }
 
-    fn max_queue_size(&self) -> u16 {
+    fn queue_size(&self) -> u16 {
         self.queue_size
+    }
+
+    fn set_frontend_mtu(&self, mtu: Option<u16>) -> Result<(), DeviceFault> {
+        match mtu {
+            Some(m) if m < MIN_MTU => Err(DeviceFault(format!(
+                "MTU {m} is below the minimum of {MIN_MTU} bytes"
+            ))),
+            m => {
+                self.frontend_mtu.store(m.unwrap_or(0), Ordering::Release);
+                Ok(())
+            }
+        }
     }
 
     fn features(&self) -> VirtioFeatures {
@@ -296,10 +313,10 @@ impl VirtioDevice for NetDevice {
             Backend::Switch(p) if pair == 0 => PairBackend::Switch(p.clone()),
             Backend::Switch(_) => PairBackend::Sink,
         };
-        Ok(Box::new(PairHandler::new(
-            backend,
-            features,
-            self.config.mtu,
-        )))
+        let mtu = match self.frontend_mtu.load(Ordering::Acquire) {
+            0 => self.config.mtu,
+            m => m,
+        };
+        Ok(Box::new(PairHandler::new(backend, features, mtu)))
     }
 }
