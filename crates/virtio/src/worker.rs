@@ -105,8 +105,12 @@ pub trait GroupHandler: Send {
     }
 
     /// Called once when the worker ends, with the queues still owned (for handlers that
-    /// hold resources tied to the run).
-    fn stopped(&mut self, _queues: &mut [WorkerQueue]) {}
+    /// hold resources tied to the run). A handler with requests still in flight (an
+    /// asynchronous backend) completes them here before the queues, and so the guest
+    /// memory their buffers point into, are handed back; it must check
+    /// [`WorkerCtl::abandoned`] while it waits and, once set, stop touching the rings
+    /// (but still wait for the I/O: the memory must stay mapped until it is done).
+    fn stopped(&mut self, _queues: &mut [WorkerQueue], _ctl: &WorkerCtl) {}
 }
 
 /// A device failure that stops the queue (the device needs a reset).
@@ -234,6 +238,14 @@ impl WorkerCtl {
     #[inline]
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+
+    /// The owner asked the worker to stop after completing every chain already in the
+    /// avail rings ([`QueueWorker::stop_drained`]); set for the final
+    /// [`GroupHandler::process`] call.
+    #[inline]
+    pub fn draining(&self) -> bool {
+        self.drain.load(Ordering::Acquire) && self.stopping()
     }
 }
 
@@ -551,7 +563,7 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &WorkerCtl, _stop: &OwnedFd) -> 
             fail(&mut p, &mut error, e);
         }
     }
-    p.handler.stopped(&mut p.queues);
+    p.handler.stopped(&mut p.queues, flags);
     WorkerExit {
         queues: p.queues,
         handler: p.handler,
