@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use uvdpa_devices::blk::{
-    BackendSpec, BlkConfig, BlkDevice, BlkFeatures, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    Aio, BackendSpec, BlkConfig, BlkDevice, BlkFeatures, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
@@ -210,6 +210,8 @@ fuzz_target!(|data: &[u8]| {
             BackendSpec::File {
                 path,
                 direct: kind == Kind::Direct,
+                // The fuzz target drives queue handlers, which are synchronous.
+                aio: Aio::Sync,
             }
         }
     };

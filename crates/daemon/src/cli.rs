@@ -57,7 +57,7 @@ fn number<T: std::str::FromStr>(attr: &str, v: &str) -> Result<T, String> {
 }
 
 /// Parses the attributes of `dev add` into the config-file entry they stand for. Blk:
-/// `backend size path direct ro queues queue_size serial logical_block_size`; net:
+/// `backend size path direct aio ro queues queue_size serial logical_block_size`; net:
 /// `backend mac mtu max_vqp (or queue_pairs) queue_size tap switch frame_len`; both:
 /// `poll_us mandate coalesce_usecs coalesce_frames`. Which attributes fit which mgmtdev
 /// and their ranges are checked by [`DeviceEntry::validate`].
@@ -77,6 +77,7 @@ fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
             "backend" => e.backend = Some(value()?),
             "size" => e.size = Some(SizeValue::Text(value()?)),
             "path" => e.path = Some(value()?.into()),
+            "aio" => e.aio = Some(value()?),
             "serial" => e.serial = Some(value()?),
             "queues" => e.queues = Some(number(k, &value()?)?),
             "queue_size" => e.queue_size = Some(number(k, &value()?)?),
@@ -229,6 +230,13 @@ mod tests {
         assert_eq!((a.queues, a.queue_size), (Some(2), Some(128)));
         let spec = a.validate(0).unwrap();
         assert!(spec.blk().unwrap().read_only);
+        let Ok(Cmd::DevAdd(f)) = p(
+            "dev",
+            "add name f1 mgmtdev blk backend file path /x direct aio sync",
+        ) else {
+            panic!("dev add did not parse")
+        };
+        assert_eq!((f.direct, f.aio.as_deref()), (Some(true), Some("sync")));
     }
 
     #[test]

@@ -252,7 +252,7 @@ fn render_dev(out: &mut impl Write, d: &Value) -> std::io::Result<()> {
     } else {
         writeln!(
             out,
-            "{head} capacity {} queues {} queue_size {}{}",
+            "{head} capacity {} queues {} queue_size {}{}{}",
             s(d, "capacity"),
             s(d, "queues"),
             s(d, "queue_size"),
@@ -260,6 +260,10 @@ fn render_dev(out: &mut impl Write, d: &Value) -> std::io::Result<()> {
                 " ro"
             } else {
                 ""
+            },
+            match d.get("aio") {
+                Some(_) => format!(" aio {}", s(d, "aio")),
+                None => String::new(),
             }
         )?;
     }

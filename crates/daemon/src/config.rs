@@ -9,6 +9,7 @@
 //! size = "256M"            # bytes, or with K/M/G/T (binary) suffix; ram and null
 //! path = "/var/lib/disk.img"  # file backend
 //! direct = false           # file backend: O_DIRECT
+//! aio = "io_uring"         # file backend: io_uring (default; sync where unavailable) | sync
 //! queues = 1               # 1..=64
 //! queue_size = 128         # power of two, 1..=32768: seg_max is min(queue_size, 1024) - 2
 //! read_only = false
@@ -41,7 +42,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use uvdpa_devices::blk::{BackendSpec, BlkConfig, DEFAULT_QUEUE_SIZE as DEFAULT_BLK_QUEUE_SIZE};
+use uvdpa_devices::blk::{
+    Aio, BackendSpec, BlkConfig, DEFAULT_QUEUE_SIZE as DEFAULT_BLK_QUEUE_SIZE,
+};
 use uvdpa_devices::net::config::{
     generate_mac, parse_mac, NetConfig, NetConfigError, DEFAULT_MTU, MAX_MTU, MIN_MTU,
 };
@@ -105,6 +108,8 @@ pub struct DeviceEntry {
     pub path: Option<PathBuf>,
     /// O_DIRECT (blk: file).
     pub direct: Option<bool>,
+    /// How the file is read and written: `io_uring` or `sync` (blk: file).
+    pub aio: Option<String>,
     /// Number of virtqueues (blk).
     pub queues: Option<u16>,
     /// Queue size.
@@ -279,10 +284,11 @@ fn valid_name(s: &str) -> bool {
 }
 
 /// Fields only a blk device has.
-const BLK_FIELDS: [&str; 7] = [
+const BLK_FIELDS: [&str; 8] = [
     "size",
     "path",
     "direct",
+    "aio",
     "queues",
     "read_only",
     "serial",
@@ -300,6 +306,7 @@ impl DeviceEntry {
             ("size", self.size.is_some()),
             ("path", self.path.is_some()),
             ("direct", self.direct.is_some()),
+            ("aio", self.aio.is_some()),
             ("queues", self.queues.is_some()),
             ("read_only", self.read_only.is_some()),
             ("serial", self.serial.is_some()),
@@ -432,11 +439,18 @@ impl DeviceEntry {
                     .clone()
                     .ok_or_else(|| err("path", "required for backend file".into()))?,
                 direct: self.direct.unwrap_or(false),
+                aio: match self.aio.as_deref() {
+                    None => Aio::default(),
+                    Some(a) => a.parse().map_err(|reason| err("aio", reason))?,
+                },
             },
             other => return Err(err("backend", format!("{other:?}: one of ram, file, null"))),
         };
         if self.path.is_some() && !matches!(backend, BackendSpec::File { .. }) {
             return Err(err("path", "only valid with backend file".into()));
+        }
+        if self.aio.is_some() && !matches!(backend, BackendSpec::File { .. }) {
+            return Err(err("aio", "only valid with backend file".into()));
         }
         if let Some(s) = size {
             if s == 0 || s % 512 != 0 {
@@ -679,6 +693,7 @@ mod tests {
             backend = "file"
             path = "/tmp/x"
             direct = true
+            aio = "sync"
             "#,
         )
         .unwrap();
@@ -690,7 +705,36 @@ mod tests {
         assert_eq!(d[0].mandate, (1 << 9) | (1 << 29));
         assert!(matches!(
             &d[1].blk().unwrap().backend,
-            BackendSpec::File { direct: true, .. }
+            BackendSpec::File {
+                direct: true,
+                aio: Aio::Sync,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn aio_is_checked_and_only_for_file_backends() {
+        let file =
+            "[[device]]\nname = \"f\"\nmgmtdev = \"blk\"\nbackend = \"file\"\npath = \"/x\"\n";
+        let (field, reason) = field_of(&format!("{file}aio = \"native\"\n"));
+        assert_eq!(
+            (field, reason.as_str()),
+            ("aio", "\"native\": one of io_uring, sync")
+        );
+        let ram = "[[device]]\nname = \"r\"\nmgmtdev = \"blk\"\nsize = \"1M\"\n";
+        let (field, reason) = field_of(&format!("{ram}aio = \"sync\"\n"));
+        assert_eq!(
+            (field, reason.as_str()),
+            ("aio", "only valid with backend file")
+        );
+        let d = parse_config(Path::new("t.toml"), file).unwrap();
+        assert!(matches!(
+            &d[0].blk().unwrap().backend,
+            BackendSpec::File {
+                aio: Aio::IoUring,
+                ..
+            }
         ));
     }
 
@@ -842,6 +886,7 @@ mod tests {
             ("queues = 2", "queues"),
             ("logical_block_size = 512", "logical_block_size"),
             ("direct = true", "direct"),
+            ("aio = \"sync\"", "aio"),
         ] {
             assert_eq!(field_of(&format!("{base}{extra}\n")).0, field, "{extra}");
         }

@@ -127,6 +127,11 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                 ),
                 a("path", "file path (file)", "-"),
                 a("direct", "flag: O_DIRECT (file)", "off"),
+                a(
+                    "aio",
+                    "io_uring|sync (file; io_uring falls back to sync where unavailable)",
+                    "io_uring",
+                ),
                 a("ro", "flag: read-only", "off"),
                 a("queues", "1..=64", "1"),
                 a(
@@ -203,6 +208,9 @@ pub struct DeviceView {
     /// Read-only (blk).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only: Option<bool>,
+    /// How the file backend does its I/O, as running: `io_uring` or `sync` (blk: file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aio: Option<String>,
     /// MAC address (net).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
@@ -246,6 +254,9 @@ pub struct BlkConfigView {
     pub max_write_zeroes_seg: u32,
     /// Write-zeroes may unmap.
     pub write_zeroes_may_unmap: bool,
+    /// How the file backend does its I/O, as running: `io_uring` or `sync` (file backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aio: Option<String>,
 }
 
 /// `uvdpa dev config show` for a net device: the decoded virtio_net_config (virtio 1.2
@@ -657,6 +668,7 @@ impl Registry {
             queue_size: m.spec.queue_size(),
             capacity: None,
             read_only: None,
+            aio: None,
             mac: None,
             mtu: None,
             max_vqp: None,
@@ -673,6 +685,7 @@ impl Registry {
                 .into();
                 v.capacity = Some(blk.capacity_bytes());
                 v.read_only = Some(cfg.read_only);
+                v.aio = blk.aio().map(|a| a.as_str().into());
                 v.qemu = qemu_command_line(&m.spec.name, cfg.num_queues, cfg.queue_size, sock);
             }
             Dev::Net(n, _) => {
@@ -730,6 +743,7 @@ impl Registry {
                     max_write_zeroes_sectors: c.max_write_zeroes_sectors,
                     max_write_zeroes_seg: c.max_write_zeroes_seg,
                     write_zeroes_may_unmap: c.write_zeroes_may_unmap != 0,
+                    aio: blk.aio().map(|a| a.as_str().into()),
                 }))
             }
             Dev::Net(spec, net) => {

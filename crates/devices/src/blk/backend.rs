@@ -38,9 +38,9 @@ const _: () = {
     assert!(offset_of!(Segment, len) == offset_of!(libc::iovec, iov_len));
 };
 
-/// Most iovecs one preadv/pwritev accepts (Linux `UIO_MAXIOV`); longer chains are done in
-/// several calls.
-const IOV_MAX: usize = 1024;
+/// Most iovecs one preadv/pwritev (or io_uring READV/WRITEV) accepts (Linux `UIO_MAXIOV`);
+/// longer chains are done in several calls.
+pub(crate) const IOV_MAX: usize = 1024;
 /// Size of the per-queue bounce buffer used for O_DIRECT requests with unaligned buffers;
 /// larger requests go through it in chunks.
 const BOUNCE_LEN: usize = 1 << 20;
@@ -102,6 +102,14 @@ impl Backend {
     pub(crate) fn direct_align(&self) -> Option<usize> {
         match self {
             Self::File(f) => f.direct_align,
+            _ => None,
+        }
+    }
+
+    /// The file of a file backend (what the asynchronous path submits to).
+    pub(crate) fn file(&self) -> Option<&FileDisk> {
+        match self {
+            Self::File(f) => Some(f),
             _ => None,
         }
     }
@@ -635,21 +643,27 @@ impl FileDisk {
         }
     }
 
+    /// The open file (its fd is what io_uring requests name).
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
     /// ZERO_RANGE (or PUNCH_HOLE first when `unmap` allows deallocation), falling back to
     /// the other, then to writing zeroes, when the filesystem or device cannot do it.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        let modes = if unmap {
-            [punch_hole(), FallocateFlags::ZERO_RANGE]
-        } else {
-            [FallocateFlags::ZERO_RANGE, punch_hole()]
-        };
-        for mode in modes {
+        for mode in zero_modes(unmap) {
             match self.fallocate(mode, offset, len) {
                 Ok(()) => return Ok(()),
                 Err(e) if unsupported(e) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
+        self.fill_zeroes(offset, len)
+    }
+
+    /// Writes zeroes over `len` bytes at `offset` (the last resort of write-zeroes, for
+    /// files that can neither zero nor deallocate a range). Synchronous.
+    pub(crate) fn fill_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         let (mut at, end) = (offset, offset + len);
         while at < end {
             let n = (end - at).min(ZEROES.0.len() as u64) as usize;
@@ -660,12 +674,22 @@ impl FileDisk {
     }
 }
 
-fn punch_hole() -> FallocateFlags {
+pub(crate) fn punch_hole() -> FallocateFlags {
     FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
 }
 
+/// The fallocate modes write-zeroes tries, in order: PUNCH_HOLE first when the driver
+/// allows deallocation (`unmap`), else ZERO_RANGE first.
+pub(crate) fn zero_modes(unmap: bool) -> [FallocateFlags; 2] {
+    if unmap {
+        [punch_hole(), FallocateFlags::ZERO_RANGE]
+    } else {
+        [FallocateFlags::ZERO_RANGE, punch_hole()]
+    }
+}
+
 /// fallocate errors meaning "this file or device cannot do that mode".
-fn unsupported(e: Errno) -> bool {
+pub(crate) fn unsupported(e: Errno) -> bool {
     matches!(
         e,
         Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL | Errno::NODEV
@@ -673,7 +697,7 @@ fn unsupported(e: Errno) -> bool {
 }
 
 /// Whether every buffer's address and length are multiples of `align`.
-fn buffers_aligned(bufs: &[Segment], align: usize) -> bool {
+pub(crate) fn buffers_aligned(bufs: &[Segment], align: usize) -> bool {
     bufs.iter()
         .all(|s| (s.base as usize) % align == 0 && s.len % align == 0)
 }

@@ -19,18 +19,23 @@ use std::sync::Arc;
 use bitflags::bitflags;
 use thiserror::Error;
 use uvdpa_virtio::split::MAX_QUEUE_SIZE;
-use uvdpa_virtio::worker::{DeviceFault, QueueHandler};
+use uvdpa_virtio::worker::{ChainGroup, DeviceFault, GroupHandler, QueueHandler};
 use uvdpa_virtio::{VirtioDevice, VirtioFeatures};
 
 use crate::ratelimit::RateLimiter;
 
+mod aio;
+#[cfg(test)]
+mod aio_tests;
 mod backend;
 mod config;
 mod queue;
 mod request;
 #[cfg(test)]
 mod tests;
+mod uring;
 
+pub use aio::Aio;
 pub use config::{VirtioBlkConfig, VirtioBlkGeometry, VirtioBlkTopology, VIRTIO_BLK_CONFIG_SIZE};
 pub use request::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -110,6 +115,9 @@ pub enum BackendSpec {
         /// requests whose guest buffers are not aligned to it are copied through a
         /// per-queue aligned bounce buffer, the others go straight to guest memory.
         direct: bool,
+        /// How requests reach the file: io_uring (many in flight per queue; falls back to
+        /// `Sync` where io_uring cannot be set up) or synchronous preadv/pwritev.
+        aio: Aio,
     },
     /// No storage: reads return zeroes, writes are discarded.
     Null {
@@ -240,6 +248,8 @@ pub enum BlkError {
 #[derive(Debug)]
 struct Shared {
     backend: Backend,
+    /// How a file backend does its I/O (after the io_uring probe); `None` for the others.
+    aio: Option<Aio>,
     read_only: bool,
     num_queues: u16,
     queue_size: u16,
@@ -320,6 +330,27 @@ pub fn seg_max(queue_size: u16) -> u32 {
         .max(1)
 }
 
+/// The I/O mode a file device at `path` runs with: `asked`, unless that is io_uring and
+/// io_uring cannot be set up here (old kernel, seccomp, `kernel.io_uring_disabled`): then
+/// synchronous I/O. Says which, once, in the log.
+fn choose_aio(path: &std::path::Path, asked: Aio) -> Aio {
+    let chosen = match asked {
+        Aio::Sync => Aio::Sync,
+        Aio::IoUring => match uring::probe() {
+            Ok(()) => Aio::IoUring,
+            Err(e) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "io_uring is unavailable ({e}): the file backend does synchronous I/O"
+                );
+                return Aio::Sync;
+            }
+        },
+    };
+    tracing::info!(path = %path.display(), aio = %chosen, "file backend opened");
+    chosen
+}
+
 /// The config space of a device with `capacity` bytes.
 fn config_space(cfg: &BlkConfig, capacity: u64) -> VirtioBlkConfig {
     let sectors_per_block = cfg.logical_block_size / SECTOR_SIZE as u32;
@@ -371,14 +402,19 @@ impl BlkDevice {
             BackendSpec::Null { size } => Backend::Null {
                 size: check_size(*size)?,
             },
-            BackendSpec::File { path, direct } => {
+            BackendSpec::File { path, direct, .. } => {
                 Backend::File(FileDisk::open(path, *direct, cfg.read_only, lbs)?)
             }
+        };
+        let aio = match &cfg.backend {
+            BackendSpec::File { path, aio, .. } => Some(choose_aio(path, *aio)),
+            _ => None,
         };
         let config = config_space(&cfg, backend.size());
         Ok(Self {
             shared: Arc::new(Shared {
                 backend,
+                aio,
                 read_only: cfg.read_only,
                 num_queues: cfg.num_queues,
                 queue_size: cfg.queue_size,
@@ -393,6 +429,30 @@ impl BlkDevice {
     /// Capacity in bytes (a multiple of the logical block size).
     pub fn capacity_bytes(&self) -> u64 {
         self.shared.backend.size()
+    }
+
+    /// How the file backend does its I/O: what was asked for, or [`Aio::Sync`] where
+    /// io_uring could not be set up. `None` for RAM and null backends.
+    pub fn aio(&self) -> Option<Aio> {
+        self.shared.aio
+    }
+
+    /// The request processor of queue `index` (shared by both I/O modes).
+    fn blk_queue(&self, index: u16, features: VirtioFeatures) -> Result<BlkQueue, DeviceFault> {
+        if index >= self.shared.num_queues {
+            return Err(DeviceFault(format!(
+                "virtio-blk has no queue {index} (it has {})",
+                self.shared.num_queues
+            )));
+        }
+        let offered = BlkFeatures::from_bits_truncate(self.shared.features.bits());
+        let limits = Limits {
+            capacity: self.shared.backend.size(),
+            read_only: self.shared.read_only,
+            features: BlkFeatures::from_bits_truncate(features.bits()) & offered,
+            direct_align: self.shared.backend.direct_align(),
+        };
+        Ok(BlkQueue::new(self.shared.clone(), index, limits))
     }
 
     /// The config space fields (what [`VirtioDevice::config`] encodes).
@@ -427,20 +487,30 @@ impl VirtioDevice for BlkDevice {
         index: u16,
         features: VirtioFeatures,
     ) -> Result<Box<dyn QueueHandler>, DeviceFault> {
-        if index >= self.shared.num_queues {
-            return Err(DeviceFault(format!(
-                "virtio-blk has no queue {index} (it has {})",
-                self.shared.num_queues
-            )));
+        Ok(Box::new(self.blk_queue(index, features)?))
+    }
+
+    /// A file backend with `aio = io_uring` runs its queue on an `AioGroup` (many
+    /// requests in flight, completions in any order); every other queue runs one request
+    /// at a time ([`ChainGroup`]).
+    fn group_handler(
+        &self,
+        group: u16,
+        features: VirtioFeatures,
+    ) -> Result<Box<dyn GroupHandler>, DeviceFault> {
+        if self.shared.aio == Some(Aio::IoUring) {
+            // The probe at open succeeded, so this fails only when the host is out of
+            // resources (locked memory, file descriptors): serve the queue anyway.
+            match aio::AioGroup::new(self.blk_queue(group, features)?) {
+                Ok(g) => return Ok(Box::new(g)),
+                Err(e) => tracing::warn!(
+                    queue = group,
+                    "io_uring setup failed ({e}); this queue does synchronous I/O"
+                ),
+            }
         }
-        let offered = BlkFeatures::from_bits_truncate(self.shared.features.bits());
-        let limits = Limits {
-            capacity: self.shared.backend.size(),
-            read_only: self.shared.read_only,
-            features: BlkFeatures::from_bits_truncate(features.bits()) & offered,
-            direct_align: self.shared.backend.direct_align(),
-        };
-        Ok(Box::new(BlkQueue::new(self.shared.clone(), index, limits)))
+        let q = self.blk_queue(group, features)?;
+        Ok(Box::new(ChainGroup::new(Box::new(q))))
     }
 
     fn flush(&self) -> Result<(), DeviceFault> {

@@ -39,6 +39,27 @@ impl BlkQueue {
         }
     }
 
+    /// The request limits of this queue.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The device state shared by its queues.
+    pub(super) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Logs a failed request (debug level, rate-limited per device).
+    pub(crate) fn log_failure(&self, head: u16, error: &RequestError) {
+        guest_debug!(
+            self.shared.log,
+            queue = self.index,
+            head,
+            error = %error,
+            "virtio-blk request failed"
+        );
+    }
+
     /// Executes a parsed request; returns the data bytes written to the writable part
     /// (not counting the status byte).
     fn execute(&mut self, chain: &DescriptorChain, req: Request) -> Result<usize, RequestError> {
@@ -120,7 +141,7 @@ impl QueueHandler for BlkQueue {
 
 /// Replaces `out` with the pieces of `segs` covering bytes `[skip, skip + len)`, leaving
 /// out empty pieces. Allocates only when a chain has more pieces than any before.
-fn select(out: &mut Vec<Segment>, segs: &[Segment], mut skip: usize, mut len: usize) {
+pub(crate) fn select(out: &mut Vec<Segment>, segs: &[Segment], mut skip: usize, mut len: usize) {
     out.clear();
     for s in segs {
         if len == 0 {

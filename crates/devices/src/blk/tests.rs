@@ -221,6 +221,7 @@ fn file(path: &Path, direct: bool) -> BlkDevice {
     BlkDevice::new(config(BackendSpec::File {
         path: path.to_path_buf(),
         direct,
+        aio: Aio::Sync,
     }))
     .unwrap()
 }
@@ -557,6 +558,7 @@ fn file_direct_io_with_aligned_and_unaligned_buffers() {
         ..config(BackendSpec::File {
             path: f.path().to_path_buf(),
             direct: true,
+            aio: Aio::Sync,
         })
     }) {
         Ok(dev) => dev,
@@ -852,6 +854,7 @@ fn read_only_file_is_opened_read_only() {
             ..config(BackendSpec::File {
                 path: f.path().to_path_buf(),
                 direct: false,
+                aio: Aio::Sync,
             })
         })
         .unwrap(),
@@ -1027,6 +1030,7 @@ fn new_refuses_each_invalid_attribute() {
         backend: BackendSpec::File {
             path: missing.clone(),
             direct: false,
+            aio: Aio::Sync,
         },
         ..ok.clone()
     });
@@ -1037,6 +1041,7 @@ fn new_refuses_each_invalid_attribute() {
         backend: BackendSpec::File {
             path: std::env::temp_dir(),
             direct: false,
+            aio: Aio::Sync,
         },
         read_only: true,
         ..ok.clone()
@@ -1049,6 +1054,7 @@ fn new_refuses_each_invalid_attribute() {
             backend: BackendSpec::File {
                 path: f.path().to_path_buf(),
                 direct: false,
+                aio: Aio::Sync,
             },
             ..ok.clone()
         });
@@ -1077,6 +1083,7 @@ fn file_size_is_rounded_down_to_whole_blocks() {
         ..config(BackendSpec::File {
             path: f.path().to_path_buf(),
             direct: false,
+            aio: Aio::Sync,
         })
     })
     .unwrap();
