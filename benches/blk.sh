@@ -6,8 +6,11 @@
 # measured at each queue depth, REPS times. Server CPU time (utime+stime from
 # /proc/PID/stat) is sampled around every client run and reported per I/O.
 #
-# Targets: qsd-null, qsd-ram, uvdpa-null, uvdpa-ram (uvdpa ones are skipped with a
-# message when the daemon is not built). Output: a Markdown report on stdout, also
+# Targets: qsd-null, qsd-ram, uvdpa-null, uvdpa-ram (4 KiB random reads at each of QDS),
+# and qsd-file, uvdpa-file: a raw image on the real disk (FILE_DIR, not tmpfs) opened
+# with O_DIRECT (qsd: cache.direct=on,aio=QSD_FILE_AIO; uvdpa: direct = true, aio
+# io_uring), measured with each of FILE_WORKLOADS. uvdpa targets are skipped with a
+# message when the daemon is not built. Output: a Markdown report on stdout, also
 # written to benches/results/blk-<date>.md. Progress goes to stderr.
 #
 # Environment knobs (defaults in brackets):
@@ -15,7 +18,13 @@
 #   REPS [3]       repetitions per target and queue depth
 #   RAMP [1]       unmeasured warm-up seconds at the start of each client run
 #   QDS ["1 32"]   queue depths
-#   TARGETS ["qsd-null qsd-ram uvdpa-null uvdpa-ram"]
+#   TARGETS ["qsd-null qsd-ram uvdpa-null uvdpa-ram qsd-file uvdpa-file"]
+#   FILE_WORKLOADS ["randread:4k:1 randread:4k:32 randwrite:4k:1 randwrite:4k:32
+#                   read:1M:8 write:1M:8"]  RW:BS:QD for the file targets (RW: randread,
+#                  randwrite, read, write = sequential; BS with an optional k/M suffix)
+#   FILE_DIR [/var/tmp]  where the file targets' image lives (must be a real disk)
+#   FILE_SIZE_MB [1024]  its size; written with real data (O_DIRECT) before the runs
+#   QSD_FILE_AIO [io_uring]  aio mode of qsd-file
 #   QSD_AIO [auto] aio mode for qsd-ram: auto (probe threads and io_uring, keep the
 #                  faster), threads or io_uring
 #   AIO_PROBE_SECS [3]  length of each QD32 probe run when QSD_AIO=auto
@@ -34,7 +43,11 @@ RUNTIME=${RUNTIME:-10}
 REPS=${REPS:-3}
 RAMP=${RAMP:-1}
 QDS=${QDS:-"1 32"}
-TARGETS=${TARGETS:-"qsd-null qsd-ram uvdpa-null uvdpa-ram"}
+TARGETS=${TARGETS:-"qsd-null qsd-ram uvdpa-null uvdpa-ram qsd-file uvdpa-file"}
+FILE_WORKLOADS=${FILE_WORKLOADS:-"randread:4k:1 randread:4k:32 randwrite:4k:1 randwrite:4k:32 read:1M:8 write:1M:8"}
+FILE_DIR=${FILE_DIR:-/var/tmp}
+FILE_SIZE_MB=${FILE_SIZE_MB:-1024}
+QSD_FILE_AIO=${QSD_FILE_AIO:-io_uring}
 QSD_AIO=${QSD_AIO:-auto}
 AIO_PROBE_SECS=${AIO_PROBE_SECS:-3}
 WARMUP=${WARMUP:-10}
@@ -58,7 +71,7 @@ STOP_TIMEOUT=5    # seconds to wait for a server to exit after SIGTERM
 BENCH="$ROOT/target/release/uvdpa-blkbench"
 UVDPA_DEFAULT="$ROOT/target/release/uvdpa"
 UVDPA=${UVDPA:-$UVDPA_DEFAULT}
-CMDLINE="RUNTIME=$RUNTIME REPS=$REPS RAMP=$RAMP WARMUP=$WARMUP NOISE_PCT=$NOISE_PCT NOISE_RETRIES=$NOISE_RETRIES QDS=\"$QDS\" TARGETS=\"$TARGETS\" QSD_AIO=$QSD_AIO UVDPA_POLL_US=$UVDPA_POLL_US benches/blk.sh${*:+ $*}"
+CMDLINE="RUNTIME=$RUNTIME REPS=$REPS RAMP=$RAMP WARMUP=$WARMUP NOISE_PCT=$NOISE_PCT NOISE_RETRIES=$NOISE_RETRIES QDS=\"$QDS\" TARGETS=\"$TARGETS\" QSD_AIO=$QSD_AIO UVDPA_POLL_US=$UVDPA_POLL_US FILE_WORKLOADS=\"$FILE_WORKLOADS\" FILE_DIR=$FILE_DIR FILE_SIZE_MB=$FILE_SIZE_MB QSD_FILE_AIO=$QSD_FILE_AIO benches/blk.sh${*:+ $*}"
 
 log() { printf '[blk.sh] %s\n' "$*" >&2; }
 die() {
@@ -69,22 +82,49 @@ die() {
 for v in NOISE_PCT NOISE_RETRIES; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer, got '${!v}'"
 done
+for v in FILE_SIZE_MB; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
+done
 for v in RUNTIME REPS RAMP AIO_PROBE_SECS WARMUP; do
     [[ ${!v} =~ ^[0-9]+([.][0-9]+)?$ ]] || die "$v must be a non-negative number, got '${!v}'"
 done
 ((REPS >= 1)) || die "REPS must be at least 1"
 for qd in $QDS; do [[ $qd =~ ^[1-9][0-9]*$ ]] || die "QDS entries must be positive integers, got '$qd'"; done
 for t in $TARGETS; do
-    case $t in qsd-null | qsd-ram | uvdpa-null | uvdpa-ram) ;; *) die "unknown target '$t'" ;; esac
+    case $t in qsd-null | qsd-ram | qsd-file | uvdpa-null | uvdpa-ram | uvdpa-file) ;; *) die "unknown target '$t'" ;; esac
 done
+for wl in $FILE_WORKLOADS; do
+    [[ $wl =~ ^(randread|randwrite|read|write):[0-9]+[kM]?:[1-9][0-9]*$ ]] ||
+        die "FILE_WORKLOADS entries are RW:BS:QD (e.g. randread:4k:32), got '$wl'"
+done
+case $QSD_FILE_AIO in threads | io_uring | native) ;; *) die "QSD_FILE_AIO must be threads, io_uring or native" ;; esac
 case $QSD_AIO in auto | threads | io_uring) ;; *) die "QSD_AIO must be auto, threads or io_uring" ;; esac
 (($(nproc) >= 2)) || die "need at least 2 CPUs (client on cpu$CLIENT_CPU, server on cpu$SERVER_CPU)"
 for tool in taskset getconf awk; do command -v "$tool" >/dev/null || die "'$tool' not found"; done
 CLK_TCK=$(getconf CLK_TCK)
 
 want() { [[ " $TARGETS " == *" $1 "* ]]; }
-want_uvdpa() { want uvdpa-null || want uvdpa-ram; }
-want_qsd() { want qsd-null || want qsd-ram; }
+want_uvdpa() { want uvdpa-null || want uvdpa-ram || want uvdpa-file; }
+want_qsd() { want qsd-null || want qsd-ram || want qsd-file; }
+want_file() { want uvdpa-file || want qsd-file; }
+
+# The workloads of a target, as RW:BS:QD keys (BS in bytes).
+workloads() {
+    local wl rw bs qd
+    if [[ $1 == *-file ]]; then
+        for wl in $FILE_WORKLOADS; do
+            IFS=: read -r rw bs qd <<<"$wl"
+            case $bs in *k) bs=$((${bs%k} * 1024)) ;; *M) bs=$((${bs%M} * 1048576)) ;; esac
+            echo "$rw:$bs:$qd"
+        done
+    else
+        for qd in $QDS; do echo "$RW:$BS:$qd"; done
+    fi
+}
+# human BYTES: 4096 -> 4k, 1048576 -> 1M
+human() {
+    if (($1 % 1048576 == 0)); then echo "$(($1 / 1048576))M"; elif (($1 % 1024 == 0)); then echo "$(($1 / 1024))k"; else echo "$1"; fi
+}
 
 if want_qsd; then
     command -v "$QSD" >/dev/null ||
@@ -119,10 +159,12 @@ SERVER_PID=""
 cleanup() {
     stop_server || true
     rm -rf "$WORK"
+    rm -f "$FIMG"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 IMG="$WORK/ram.img"
+FIMG="$FILE_DIR/uvdpa-blk-bench.$$.img"
 
 # ---------------------------------------------------------------- helpers
 # Server CPU time in clock ticks (utime + stime, fields 14 and 15 of /proc/PID/stat;
@@ -214,18 +256,27 @@ qsd_ram_cmd() { # qsd_ram_cmd AIO SOCKET
         --export "type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path=$2,writable=on,num-queues=1")
 }
 
+qsd_file_cmd() { # qsd_file_cmd SOCKET
+    CMD=("$QSD" --blockdev "driver=file,node-name=f0,filename=$FIMG,cache.direct=on,aio=$QSD_FILE_AIO"
+        --blockdev "driver=raw,node-name=r0,file=f0"
+        --export "type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path=$1,writable=on,num-queues=1")
+}
+
 qsd_null_cmd() { # qsd_null_cmd SOCKET
     CMD=("$QSD" --blockdev "driver=null-co,node-name=null0,size=$SIZE_BYTES,read-zeroes=on"
         --export "type=vhost-user-blk,id=e0,node-name=null0,addr.type=unix,addr.path=$1,writable=on,num-queues=1")
 }
 
 uvdpa_config() { # uvdpa_config BACKEND FILE
+    local where='size = "1G"'
+    [[ $1 == file ]] && where="path = \"$FIMG\"
+direct = true"
     cat >"$2" <<EOF
 [[device]]
 name = "bench0"
 mgmtdev = "blk"
 backend = "$1"
-size = "1G"
+$where
 queues = 1
 queue_size = 256
 poll_us = $UVDPA_POLL_US
@@ -253,34 +304,36 @@ busy_ticks() {
 }
 
 # ---------------------------------------------------------------- results
-# Per "target|qd": space-separated per-rep values, and the first error seen.
+# Per "target|RW:BS:QD": space-separated per-rep values, and the first error seen.
 declare -A L_IOPS L_P50 L_P99 L_CPU ERR
 declare -A SERVER_CMD BROKEN
 RAW="$WORK/raw.md"
 : >"$RAW"
 FAILED=0
 AIO_NOTE=""
+FILE_NOTE=""
 MAX_OTHER0=0 # worst load from other processes seen on the client / server CPU, in %
 MAX_OTHER1=0
 WARMED=0
 NOISY_KEPT=0 # measured runs kept although other load exceeded NOISE_PCT
 
-fail() { # fail TARGET QD|all REASON: remember the first error of a row
+fail() { # fail TARGET WORKLOAD|all REASON: remember the first error of a row
     local target=$1 qd=$2 reason=$3 q
     FAILED=1
-    [[ $qd == all ]] && qd=$QDS
+    [[ $qd == all ]] && qd=$(workloads "$target")
     for q in $qd; do [[ -n ${ERR[$target|$q]:-} ]] || ERR[$target|$q]=$reason; done
 }
 
-# run_once TARGET SOCKET QD: one client run with server CPU and foreign-load accounting.
+# run_once TARGET SOCKET RW:BS:QD: one client run with server CPU and foreign-load accounting.
 # Sets OUT (client JSON), SRV_TICKS, OTHER0, OTHER1 (percent load from other processes on
 # the client / server CPU). Returns 1 if the client failed, 2 if the server is gone.
 run_once() {
-    local target=$1 sock=$2 qd=$3 before after t0 t1 busy0 busy1 b0 b1 wall client_ticks
+    local target=$1 sock=$2 rw bs qd before after t0 t1 busy0 busy1 b0 b1 wall client_ticks
+    IFS=: read -r rw bs qd <<<"$3"
     before=$(cpu_ticks "$SERVER_PID" 2>/dev/null) || return 2
     read -r busy0 busy1 < <(busy_ticks)
     t0=$(date +%s%N)
-    OUT=$(client "$sock" --rw "$RW" --bs "$BS" --iodepth "$qd" --runtime "$RUNTIME" --ramp "$RAMP") ||
+    OUT=$(client "$sock" --rw "$rw" --bs "$bs" --iodepth "$qd" --runtime "$RUNTIME" --ramp "$RAMP") ||
         return 1
     after=$(cpu_ticks "$SERVER_PID" 2>/dev/null) || after=$before
     t1=$(date +%s%N)
@@ -301,11 +354,11 @@ run_once() {
 # to NOISE_RETRIES times (the last attempt counts).
 measure() {
     local target=$1 sock=$2 rep=$3 qd attempt att rc ios cpu_us note
-    for qd in $QDS; do
+    for qd in $(workloads "$target"); do
         for ((attempt = 1; ; attempt++)); do
             att=""
             ((attempt > 1)) && att=" attempt $attempt"
-            log "$target QD$qd rep $rep/$REPS$att (${RUNTIME}s + ${RAMP}s ramp)"
+            log "$target $qd rep $rep/$REPS$att (${RUNTIME}s + ${RAMP}s ramp)"
             rc=0
             run_once "$target" "$sock" "$qd" || rc=$?
             if ((rc == 2)); then
@@ -316,7 +369,7 @@ measure() {
                 return 1
             fi
             if ((rc == 1)); then
-                log "$target QD$qd rep $rep: client failed:"
+                log "$target $qd rep $rep: client failed:"
                 client_error
                 server_log "$target"
                 fail "$target" "$qd" "client failed (rep $rep): $(head -c 200 "$WORK/client.err" | tr '\n|' ' /' | sed 's/ *$//')"
@@ -338,7 +391,7 @@ measure() {
             ((OTHER0 > MAX_OTHER0)) && MAX_OTHER0=$OTHER0
             ((OTHER1 > MAX_OTHER1)) && MAX_OTHER1=$OTHER1
             # shellcheck disable=SC2016 # the backticks are Markdown
-            printf -- '- %s QD%s rep %s%s: server_cpu_ticks=%s server_cpu_us_per_io=%s other_load=cpu%s:%s%%,cpu%s:%s%%%s `%s`\n' \
+            printf -- '- %s %s rep %s%s: server_cpu_ticks=%s server_cpu_us_per_io=%s other_load=cpu%s:%s%%,cpu%s:%s%%%s `%s`\n' \
                 "$target" "$qd" "$rep" "$att" "$SRV_TICKS" "$cpu_us" \
                 "$CLIENT_CPU" "$OTHER0" "$SERVER_CPU" "$OTHER1" "$note" "$OUT" >>"$RAW"
             [[ $note == " (discarded: other load)" ]] && continue
@@ -445,12 +498,24 @@ if want qsd-ram; then
     fi
 fi
 
+# ---------------------------------------------------------------- file image
+if want_file; then
+    [[ -d $FILE_DIR ]] || die "FILE_DIR $FILE_DIR does not exist"
+    fs=$(stat -f -c %T "$FILE_DIR")
+    [[ $fs != tmpfs ]] || die "FILE_DIR $FILE_DIR is on tmpfs; the file targets need a real disk"
+    log "writing the ${FILE_SIZE_MB} MiB image $FIMG ($fs; O_DIRECT, real blocks: not a sparse file)"
+    dd if=/dev/urandom of="$FIMG" bs=1M count="$FILE_SIZE_MB" oflag=direct status=none ||
+        die "writing $FIMG failed"
+    sync
+    FILE_NOTE="file targets: a ${FILE_SIZE_MB} MiB raw image in $FILE_DIR ($fs on $(df --output=source "$FILE_DIR" | tail -n1)), O_DIRECT on both sides, random data written before the runs"
+fi
+
 # ---------------------------------------------------------------- the runs
 # Targets are interleaved within each repetition, with a fresh server every time, and
 # the order rotates from one repetition to the next, so that slow drifts in machine
 # load and the position in the sequence hit every target alike.
 read -ra TLIST <<<"$TARGETS"
-for t in uvdpa-null uvdpa-ram; do
+for t in uvdpa-null uvdpa-ram uvdpa-file; do
     want "$t" && [[ -n $UVDPA_SKIP ]] && ERR[$t|skip]="skipped: $UVDPA_SKIP"
 done
 for ((rep = 1; rep <= REPS; rep++)); do
@@ -467,6 +532,10 @@ for ((rep = 1; rep <= REPS; rep++)); do
             sock="$WORK/qsd-ram.sock"
             qsd_ram_cmd "$AIO" "$sock"
             ;;
+        qsd-file)
+            sock="$WORK/qsd-file.sock"
+            qsd_file_cmd "$sock"
+            ;;
         uvdpa-*)
             backend=${target#uvdpa-}
             rundir="$WORK/$target.run"
@@ -481,7 +550,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
         bench_target "$target" "$sock" "$rep" "${CMD[@]}"
     done
 done
-rm -f "$IMG"
+rm -f "$IMG" "$FIMG"
 
 # ---------------------------------------------------------------- report
 declare -A R_IOPS R_P50 R_P99 R_CPU
@@ -496,6 +565,7 @@ done
 fmt0() { awk -v v="$1" 'BEGIN { printf "%.0f", v }'; }
 fmt1() { awk -v v="$1" 'BEGIN { printf "%.1f", v }'; }
 fmt2() { awk -v v="$1" 'BEGIN { printf "%.2f", v }'; }
+mbps() { awk -v i="$1" -v b="$2" 'BEGIN { printf "%.0f", i * b / 1e6 }'; }
 ratio() { # ratio KEY_ARRAY NUM_TARGET DEN_TARGET QD
     local -n arr=$1
     local a=${arr[$2|$4]:-} b=${arr[$3|$4]:-}
@@ -518,7 +588,7 @@ OUT="$RESULTS_DIR/blk-$STAMP.md"
     echo "# uvdpa block benchmark, $STAMP"
     echo
     echo "- command: \`$CMDLINE\`"
-    echo "- client: \`taskset -c $CLIENT_CPU target/release/uvdpa-blkbench --path SOCK --rw $RW --bs $BS --iodepth QD --runtime $RUNTIME --ramp $RAMP\` (libblkio virtio-blk-vhost-user, 1 queue, completion eventfd)"
+    echo "- client: \`taskset -c $CLIENT_CPU target/release/uvdpa-blkbench --path SOCK --rw RW --bs BS --iodepth QD --runtime $RUNTIME --ramp $RAMP\` (libblkio virtio-blk-vhost-user, 1 queue, completion eventfd); null/ram targets: $RW $BS at QD $QDS"
     echo "- CPU placement: client on cpu$CLIENT_CPU, server on cpu$SERVER_CPU (\`taskset\`)"
     echo "- kernel: \`$(uname -r)\`; CPU: $(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo), $(nproc) CPUs"
     echo "- CPU busy in the second before the run (other load skews results): $IDLE_BEFORE"
@@ -529,29 +599,32 @@ OUT="$RESULTS_DIR/blk-$STAMP.md"
     echo "- qsd: $QSD_VERSION"
     echo "- uvdpa: $REV"
     [[ -n $AIO_NOTE ]] && echo "- $AIO_NOTE"
+    [[ -n $FILE_NOTE ]] && echo "- $FILE_NOTE"
     echo "- $REPS reps per row, targets interleaved within each rep (order rotated per rep), fresh server per target and rep,"
     echo "  ${WARMUP}s unmeasured warm-up load before the first run;"
     echo "  IOPS, p50 and p99 are the median over reps (each metric separately);"
     echo "  server CPU µs/IO = server utime+stime delta over the whole client run (incl. ramp) / all I/Os of that run, median over reps."
     echo "- RAM targets are prefilled with one sequential write pass through the device before measuring."
     echo
-    echo "| target | QD | IOPS | p50 µs | p99 µs | server CPU µs/IO |"
-    echo "|---|---:|---:|---:|---:|---:|"
+    echo "| target | workload | QD | IOPS | MB/s | p50 µs | p99 µs | server CPU µs/IO |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|"
     for t in $TARGETS; do
-        for qd in $QDS; do
-            st=${ERR[$t|skip]:-${ERR[$t|$qd]:-not run}}
-            if row_ok "$t" "$qd"; then
-                echo "| $t | $qd | $(fmt0 "${R_IOPS[$t|$qd]}") | $(fmt1 "${R_P50[$t|$qd]}") | $(fmt1 "${R_P99[$t|$qd]}") | $(fmt2 "${R_CPU[$t|$qd]}") |"
+        for wl in $(workloads "$t"); do
+            IFS=: read -r rw bs qd <<<"$wl"
+            st=${ERR[$t|skip]:-${ERR[$t|$wl]:-not run}}
+            if row_ok "$t" "$wl"; then
+                echo "| $t | $rw $(human "$bs") | $qd | $(fmt0 "${R_IOPS[$t|$wl]}") | $(mbps "${R_IOPS[$t|$wl]}" "$bs") | $(fmt1 "${R_P50[$t|$wl]}") | $(fmt1 "${R_P99[$t|$wl]}") | $(fmt2 "${R_CPU[$t|$wl]}") |"
             else
-                echo "| $t | $qd | $st | | | |"
+                echo "| $t | $rw $(human "$bs") | $qd | $st | | | | |"
             fi
         done
     done
-    for b in null ram; do
+    for b in null ram file; do
         if want "uvdpa-$b" && want "qsd-$b"; then
-            for qd in $QDS; do
-                [[ $qd == 32 ]] || continue
-                echo "| **uvdpa/qsd $b** | $qd | $(ratio R_IOPS "uvdpa-$b" "qsd-$b" "$qd") | | | $(ratio R_CPU "uvdpa-$b" "qsd-$b" "$qd") |"
+            for wl in $(workloads "uvdpa-$b"); do
+                IFS=: read -r rw bs qd <<<"$wl"
+                [[ $b == file || $qd == 32 ]] || continue
+                echo "| **uvdpa/qsd $b** | $rw $(human "$bs") | $qd | $(ratio R_IOPS "uvdpa-$b" "qsd-$b" "$wl") | | $(ratio R_P50 "uvdpa-$b" "qsd-$b" "$wl") | | $(ratio R_CPU "uvdpa-$b" "qsd-$b" "$wl") |"
             done
         fi
     done
@@ -563,6 +636,9 @@ OUT="$RESULTS_DIR/blk-$STAMP.md"
     done
     if want uvdpa-null || want uvdpa-ram; then
         echo "- uvdpa config (backend null or ram): \`[[device]] name=\"bench0\" mgmtdev=\"blk\" size=\"1G\" queues=1 queue_size=256 poll_us=$UVDPA_POLL_US\`"
+    fi
+    if want uvdpa-file; then
+        echo "- uvdpa config (backend file): \`[[device]] name=\"bench0\" mgmtdev=\"blk\" backend=\"file\" path=IMAGE direct=true queues=1 queue_size=256 poll_us=$UVDPA_POLL_US\` (aio: io_uring, the default)"
     fi
     echo
     echo "Raw runs:"

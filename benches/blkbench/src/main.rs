@@ -39,6 +39,11 @@ enum Rw {
     Randread,
     /// Uniformly random, block-aligned writes.
     Randwrite,
+    /// Sequential reads, block after block, wrapping at the end of the span (each of the
+    /// `--iodepth` requests in flight takes the next block).
+    Read,
+    /// Sequential writes, as [`Rw::Read`].
+    Write,
     /// Write every block of the span once, sequentially (a prefill pass; `--runtime` and
     /// `--ramp` are ignored).
     Fill,
@@ -381,6 +386,8 @@ enum Offsets {
     },
     /// Every block of `0..nblocks * bs` once, in order.
     Sequential { next: u64, nblocks: u64, bs: u64 },
+    /// Every block of `0..nblocks * bs` in order, starting over at the end.
+    Wrapping { next: u64, nblocks: u64, bs: u64 },
 }
 
 impl Offsets {
@@ -393,6 +400,11 @@ impl Offsets {
                 bs,
             },
             Rw::Fill => Offsets::Sequential {
+                next: 0,
+                nblocks,
+                bs,
+            },
+            Rw::Read | Rw::Write => Offsets::Wrapping {
                 next: 0,
                 nblocks,
                 bs,
@@ -412,6 +424,14 @@ impl Offsets {
                 *next += 1;
                 Some(off)
             }
+            Offsets::Wrapping { next, nblocks, bs } => {
+                if *next >= *nblocks {
+                    *next = 0;
+                }
+                let off = *next * *bs;
+                *next += 1;
+                Some(off)
+            }
         }
     }
 }
@@ -421,8 +441,8 @@ fn submit(q: &mut Blkioq, plan: &Plan, base: usize, slot: usize, offset: u64) {
     let buf = (base + slot * plan.bs as usize) as *mut u8;
     let len = plan.bs as usize;
     match plan.rw {
-        Rw::Randread => q.read(offset, buf, len, slot, ReqFlags::empty()),
-        Rw::Randwrite | Rw::Fill => q.write(offset, buf, len, slot, ReqFlags::empty()),
+        Rw::Randread | Rw::Read => q.read(offset, buf, len, slot, ReqFlags::empty()),
+        Rw::Randwrite | Rw::Write | Rw::Fill => q.write(offset, buf, len, slot, ReqFlags::empty()),
     }
 }
 
@@ -604,6 +624,15 @@ mod tests {
     }
 
     #[test]
+    fn sequential_read_and_write_wrap_around_the_span() {
+        for rw in [Rw::Read, Rw::Write] {
+            let mut o = Offsets::new(rw, 3, 4096, 0);
+            let got: Vec<_> = (0..7).map(|_| o.next_offset().unwrap()).collect();
+            assert_eq!(got, vec![0, 4096, 8192, 0, 4096, 8192, 0]);
+        }
+    }
+
+    #[test]
     fn random_offsets_are_aligned_and_in_span() {
         let mut o = Offsets::new(Rw::Randread, 10, 4096, 7);
         for _ in 0..1000 {
@@ -637,7 +666,9 @@ mod tests {
         assert!(plan(&args(&["--runtime", "0"])).is_err());
         assert!(plan(&args(&["--ramp=-1"])).is_err());
         assert!(plan(&args(&["--queue-size", "300"])).is_err());
-        assert!(Args::try_parse_from(["uvdpa-blkbench", "--path", "x", "--rw", "read"]).is_err());
+        assert!(
+            Args::try_parse_from(["uvdpa-blkbench", "--path", "x", "--rw", "seqread"]).is_err()
+        );
     }
 
     #[test]
