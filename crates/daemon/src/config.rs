@@ -15,7 +15,7 @@
 //! read_only = false
 //! serial = "uvdpa-blk0"    # at most 20 bytes
 //! logical_block_size = 512 # 512, 1024, 2048 or 4096
-//! poll_us = 0              # busy-poll window after the ring empties, µs (0 = off)
+//! poll_us = 32             # busy-poll window after the ring empties, µs (0 = off; net: 0)
 //! mandate = ["VIRTIO_BLK_F_FLUSH"]  # features the driver must accept (FEATURES_OK)
 //! coalesce_usecs = 0       # interrupt coalescing per queue vector (0 = off)
 //! coalesce_frames = 0
@@ -151,6 +151,10 @@ struct ConfigFile {
 
 /// Default length of the frames of a `source` net backend.
 pub const NET_DEFAULT_FRAME_LEN: u16 = 64;
+/// A blk device's default busy-poll window after its ring empties, µs: the window
+/// qemu-storage-daemon's adaptive polling uses (poll-max-ns 32768). `poll_us = 0` turns it
+/// off (the worker then sleeps in epoll after every batch).
+pub const BLK_DEFAULT_POLL_US: u32 = 32;
 /// Shortest frame of a `source` net backend (an Ethernet minimum frame without its FCS).
 pub const NET_MIN_FRAME_LEN: u16 = 60;
 
@@ -372,7 +376,14 @@ impl DeviceEntry {
         } else {
             DeviceKind::Net(self.validate_net(&name, &err)?)
         };
-        let poll_us = self.poll_us.unwrap_or(0);
+        // blk polls by default, as qemu-storage-daemon does (adaptive, 32 µs); net does not
+        // (its users pick busy-polling or none, as with DPDK).
+        let default_poll = if mgmtdev == "blk" {
+            BLK_DEFAULT_POLL_US
+        } else {
+            0
+        };
+        let poll_us = self.poll_us.unwrap_or(default_poll);
         if poll_us > 1_000_000 {
             return Err(err(
                 "poll_us",

@@ -24,7 +24,9 @@ use uvdpa_vhost_user::{ResCtx, ServerOptions, VhostUserServer};
 use uvdpa_virtio::stats::QueueStats;
 use uvdpa_virtio::{DeviceStatus, VirtioDevice, VirtioFeatures};
 
-use crate::config::{DeviceKind, DeviceSpec, NetSpec, NET_DEFAULT_FRAME_LEN, NET_MIN_FRAME_LEN};
+use crate::config::{
+    DeviceKind, DeviceSpec, NetSpec, BLK_DEFAULT_POLL_US, NET_DEFAULT_FRAME_LEN, NET_MIN_FRAME_LEN,
+};
 
 /// Registry errors; each maps to an errno-like code for IPC replies.
 #[derive(Debug, Error)]
@@ -108,11 +110,13 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
         range: range.into(),
         default: default.into(),
     };
-    let poll_us = a(
-        "poll_us",
-        "0..=1000000 (busy-poll window after the ring empties, µs)",
-        "0",
-    );
+    let poll_us = |default: u32| {
+        a(
+            "poll_us",
+            "0..=1000000 (busy-poll window after the ring empties, µs)",
+            &default.to_string(),
+        )
+    };
     vec![
         MgmtdevView {
             name: "blk".into(),
@@ -141,7 +145,7 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                 ),
                 a("serial", "at most 20 bytes", "uvdpa-NAME"),
                 a("logical_block_size", "512|1024|2048|4096", "512"),
-                poll_us.clone(),
+                poll_us(BLK_DEFAULT_POLL_US),
             ],
         },
         MgmtdevView {
@@ -173,7 +177,7 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                     &format!("{NET_MIN_FRAME_LEN}..=mtu+14 bytes (source)"),
                     &NET_DEFAULT_FRAME_LEN.to_string(),
                 ),
-                poll_us,
+                poll_us(0),
             ],
         },
     ]
