@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite and benchmarks need, when they are missing:
 # QEMU (the guest tests and qemu-storage-daemon, the benchmark peer), Debian's kernel for the
-# guest, busybox for its initramfs, and DPDK (dpdk-testpmd: the virtio-net driver and the
+# guest, busybox for its initramfs, fio and e2fsprogs for the guest's real-workload matrix,
+# and DPDK (dpdk-testpmd: the virtio-net driver and the
 # reference vhost-user backend of the net tests and benches/net.sh).
 set -euo pipefail
 
@@ -10,6 +11,12 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx dd || need+=(busybox-static)
+# Host binaries the guest runs over virtio-9p in tests/guest's matrix mode
+# (crates/daemon/tests/blk_matrix.rs): fio, mkfs.ext4/e2fsck; blkdiscard and fallocate
+# come with util-linux.
+command -v fio >/dev/null || need+=(fio)
+[ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
+{ command -v blkdiscard && command -v fallocate; } >/dev/null || need+=(util-linux)
 # DPDK 22.11 (Debian 12): dpdk-testpmd is in dpdk-dev; the virtio-user and vhost PMDs it
 # loads are only recommended by the dpdk package, so they are named here.
 command -v dpdk-testpmd >/dev/null || need+=(dpdk dpdk-dev)

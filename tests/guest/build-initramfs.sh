@@ -8,8 +8,9 @@
 #        FORCE=1          rebuild even if up to date
 #
 # The initramfs holds /bin/busybox (busybox-static) with applet symlinks,
-# our ./init, and the virtio-blk and virtio-net on PCI modules (plus their
-# modules.dep dependencies, e.g. net_failover and failover for virtio_net)
+# our ./init, and the virtio-blk and virtio-net on PCI, 9p-over-virtio and
+# ext4 modules (plus their modules.dep dependencies, e.g. net_failover and
+# failover for virtio_net, netfs and fscache for 9p, jbd2 for ext4)
 # decompressed, in load order listed in /etc/uvdpa-modules.
 # Prints the kernel path (OUT_DIR/kernel, a symlink) on stdout.
 set -euo pipefail
@@ -20,8 +21,12 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
 # Modules we need; dependencies are resolved from modules.dep.
+# 9p over virtio (9pnet_virtio, 9p; netfs and fscache come from modules.dep) mounts the
+# host's root for the matrix mode's host tools; ext4 (+ crc32c for its metadata
+# checksums) is the filesystem it tests.
 WANT_MODULES=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk
-              failover net_failover virtio_net)
+              failover net_failover virtio_net
+              9pnet 9pnet_virtio 9p crc32c_generic ext4)
 
 log() { echo "build-initramfs: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -92,7 +97,7 @@ for m in "${WANT_MODULES[@]}"; do visit "$m"; done
 tmp="$(mktemp -d "$out/.build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 root="$tmp/root"
-mkdir -p "$root"/{bin,dev,proc,sys,tmp,etc,lib/modules}
+mkdir -p "$root"/{bin,dev,proc,sys,tmp,etc,lib/modules,host,mnt}
 cp /bin/busybox "$root/bin/busybox"
 for a in $(/bin/busybox --list); do
     [[ "$a" == busybox ]] || ln -s busybox "$root/bin/$a"

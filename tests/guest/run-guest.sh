@@ -3,12 +3,20 @@
 #
 # usage: run-guest.sh (--vhost-user-blk SOCK | --drive FILE) [options]
 #        run-guest.sh (--vhost-user-net SOCK | --tap-net IFNAME)... [options]
-#   --vhost-user-blk SOCK  attach a vhost-user-blk device served on SOCK
+#   --vhost-user-blk SOCK  attach a vhost-user-blk device served on SOCK (repeatable:
+#                          the disks appear as vda, vdb, ... in the order given)
 #   --reconnect SECS       with --vhost-user-blk/-net: chardev reconnect=SECS, so
 #                          QEMU (re)connects in the background, retrying every
 #                          SECS; SOCK need not exist yet and the backend may restart
 #   --drive FILE           use QEMU's own virtio-blk on a raw FILE (self-test)
-#   --queues N             virtqueues of the blk device (default 1)
+#   --queues N             virtqueues of the blk devices (num-queues=N, default 1)
+#   --queue-size N         queue-size=N on the blk devices (QEMU's default: 128)
+#   --no-indirect          indirect_desc=off on the blk devices
+#   --no-event-idx         event_idx=off on the blk devices
+#   --host-root            share the host's / read-only over virtio-9p (mount tag
+#                          hostroot; the guest mounts it at /host and runs host
+#                          binaries such as mkfs.ext4 and fio there)
+#   --mem MIB              guest RAM in MiB (default 256)
 #   --vhost-user-net SOCK  attach a virtio-net device whose backend is the
 #                          vhost-user-net server on SOCK (repeatable: one NIC each)
 #   --tap-net IFNAME       attach a virtio-net device on QEMU's own tap backend
@@ -25,7 +33,7 @@
 #   --packed               packed virtqueues: packed=on on every virtio device
 #                          (blk and net; used only if the backend offers it)
 #   --smp N                guest vCPUs (default 1)
-#   --mode verify|write|read|loop|ping|responder, --seed N, --count N, --bs BYTES,
+#   --mode verify|write|read|loop|matrix|ping|responder, --seed N, --count N, --bs BYTES,
 #   --secs N               passed to the guest as uvdpa.* (see ./init)
 #   --append STR           extra kernel command line (e.g. uvdpa.selftest=corrupt,
 #                          or "uvdpa.ip=10.77.0.2/24 uvdpa.peer=10.77.0.1")
@@ -46,17 +54,20 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2; exit 3; }
 die() { echo "run-guest: $*" >&2; exit 3; }
 
-sock="" drive="" queues=1 smp=1 timeout_s=120 initrd_dir="$here/out"
+socks=() drive="" queues=1 mem=256 blkprops="" hostroot="" smp=1 timeout_s=120 initrd_dir="$here/out"
 mode=verify seed="" count="" bs="" secs="" append="" reconnect="" pidfile=""
 nets=() macs=() net_queues=1 packed="" netprops=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h | --help) usage ;;
         --packed) packed=",packed=on"; shift; continue ;;
+        --no-indirect) blkprops+=",indirect_desc=off"; shift; continue ;;
+        --no-event-idx) blkprops+=",event_idx=off"; shift; continue ;;
+        --host-root) hostroot=1; shift; continue ;;
     esac
     [[ $# -ge 2 ]] || die "missing value for $1"
     case "$1" in
-        --vhost-user-blk) sock="$2" ;;
+        --vhost-user-blk) socks+=("$2") ;;
         --vhost-user-net) nets+=("vu:$2") ;;
         --tap-net) nets+=("tap:$2") ;;
         --net-mac) macs+=("$2") ;;
@@ -65,6 +76,9 @@ while [[ $# -gt 0 ]]; do
                         netprops+=",host_mtu=$2" ;;
         --drive) drive="$2" ;;
         --queues) queues="$2" ;;
+        --queue-size) [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "bad number: $2"
+                      blkprops+=",queue-size=$2" ;;
+        --mem) mem="$2" ;;
         --smp) smp="$2" ;;
         --mode) mode="$2" ;;
         --seed) seed="$2" ;;
@@ -80,13 +94,13 @@ while [[ $# -gt 0 ]]; do
     esac
     shift 2
 done
-[[ -n "$sock" || -n "$drive" || ${#nets[@]} -gt 0 ]] ||
+[[ ${#socks[@]} -gt 0 || -n "$drive" || ${#nets[@]} -gt 0 ]] ||
     die "need --vhost-user-blk SOCK, --drive FILE, --vhost-user-net SOCK or --tap-net IFNAME"
-[[ -z "$sock" || -z "$drive" ]] || die "--vhost-user-blk and --drive are exclusive"
-for v in "$queues" "$smp" "$timeout_s" "$net_queues" ${reconnect:+"$reconnect"}; do
+[[ ${#socks[@]} -eq 0 || -z "$drive" ]] || die "--vhost-user-blk and --drive are exclusive"
+for v in "$queues" "$smp" "$timeout_s" "$net_queues" "$mem" ${reconnect:+"$reconnect"}; do
     [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "bad number: $v"
 done
-[[ -z "$reconnect" || -n "$sock" || " ${nets[*]} " == *" vu:"* ]] ||
+[[ -z "$reconnect" || ${#socks[@]} -gt 0 || " ${nets[*]} " == *" vu:"* ]] ||
     die "--reconnect needs --vhost-user-blk or --vhost-user-net"
 [[ ${#macs[@]} -le ${#nets[@]} ]] || die "more --net-mac than NICs"
 for m in ${macs[@]+"${macs[@]}"}; do
@@ -108,7 +122,7 @@ cmdline="console=ttyS0 panic=-1 quiet uvdpa.mode=$mode"
 # (without share=on the backend sees no guest writes and the guest hangs).
 # shellcheck disable=SC2054 # commas are QEMU's
 args=(-accel tcg -cpu max -smp "$smp" -nodefaults -no-reboot -display none -serial stdio
-      -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem -m 256M
+      -object memory-backend-memfd,id=mem,size="$mem"M,share=on -numa node,memdev=mem -m "$mem"M
       -kernel "$kernel" -initrd "$initrd" -append "$cmdline")
 [[ -z "$pidfile" ]] || args+=(-pidfile "$pidfile")
 # vu_chardev ID SOCK: the -chardev value for a vhost-user socket
@@ -121,14 +135,23 @@ vu_chardev() {
         echo "socket,id=$1,path=${2//,/,,}"
     fi
 }
-if [[ -n "$sock" ]]; then
-    chardev="$(vu_chardev c0 "$sock")"
-    args+=(-chardev "$chardev" -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues$packed")
-elif [[ -n "$drive" ]]; then
+for i in "${!socks[@]}"; do
+    # c0 is the first disk's chardev (callers' logs name it)
+    chardev="$(vu_chardev "c$i" "${socks[$i]}")"
+    args+=(-chardev "$chardev"
+           -device "vhost-user-blk-pci,chardev=c$i,num-queues=$queues$packed$blkprops")
+done
+if [[ -n "$drive" ]]; then
     [[ -f "$drive" ]] || die "$drive is not a file"
     # QEMU option values escape ',' by doubling it
-    args+=(-drive "file=${drive//,/,,},if=none,id=d0,format=raw,cache=none"
-           -device "virtio-blk-pci,drive=d0,num-queues=$queues$packed")
+    args+=(-drive "file=${drive//,/,,},if=none,id=d0,format=raw,cache=none,discard=unmap"
+           -device "virtio-blk-pci,drive=d0,num-queues=$queues$packed$blkprops")
+fi
+if [[ -n "$hostroot" ]]; then
+    # the host's / read-only over virtio-9p; multidevs=remap keeps inode numbers of
+    # different host filesystems (/, /dev, /proc, ...) apart
+    args+=(-fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap
+           -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot)
 fi
 # NICs.  vectors=0 (legacy INTx, no MSI-X): QEMU 7.2 under TCG crashes when a
 # virtio-net-pci with a vhost-user backend uses MSI-X, and QEMU's own tap NICs

@@ -385,6 +385,110 @@ pub fn exists(p: &Path) -> bool {
     p.exists()
 }
 
+/// A fresh directory under `/var/tmp` (a real disk, never a tmpfs) for disk images that a
+/// backend must really do file I/O on (O_DIRECT, hole punching); the caller removes it.
+pub fn disk_dir(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let d = PathBuf::from("/var/tmp").join(format!("uvdpa-t-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// One `--export type=vhost-user-blk` of a [`Qsd`], on a raw image file.
+pub struct QsdExport<'a> {
+    /// The socket is `DIR/NAME.sock`.
+    pub name: &'a str,
+    pub image: &'a Path,
+    /// `writable=on`; otherwise the node is also opened `read-only=on`.
+    pub writable: bool,
+    pub num_queues: u32,
+    /// `cache.direct=on` (O_DIRECT on the image).
+    pub direct: bool,
+}
+
+/// A running `qemu-storage-daemon` serving vhost-user-blk exports: the reference backend
+/// that shows a guest test itself is right (the same guest cases must pass against it).
+/// Discards punch holes in the image (`discard=unmap`), so discarded ranges read back as
+/// zeroes, as they do on uvdpa's backends.
+pub struct Qsd {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Qsd {
+    /// Starts qemu-storage-daemon with `exports` and waits (bounded) for their sockets.
+    pub fn start(tag: &str, exports: &[QsdExport]) -> Qsd {
+        let dir = unique_dir(tag);
+        let log = dir.join("qsd.log");
+        let esc = |p: &Path| p.to_str().unwrap().replace(',', ",,");
+        let mut cmd = Command::new("qemu-storage-daemon");
+        for (i, e) in exports.iter().enumerate() {
+            let onoff = |b: bool| if b { "on" } else { "off" };
+            cmd.arg("--blockdev").arg(format!(
+                "driver=file,node-name=f{i},filename={},cache.direct={},discard=unmap,read-only={}",
+                esc(e.image),
+                onoff(e.direct),
+                onoff(!e.writable)
+            ));
+            cmd.arg("--export").arg(format!(
+                "type=vhost-user-blk,id=e{i},node-name=f{i},addr.type=unix,addr.path={},writable={},num-queues={}",
+                esc(&dir.join(format!("{}.sock", e.name))),
+                onoff(e.writable),
+                e.num_queues
+            ));
+        }
+        let out = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn qemu-storage-daemon (scripts/install-deps.sh installs it)");
+        let mut q = Qsd {
+            child: Some(child),
+            dir,
+            log,
+        };
+        let t0 = Instant::now();
+        for e in exports {
+            while !q.sock(e.name).exists() {
+                let exited = q.child.as_mut().unwrap().try_wait().unwrap();
+                assert!(
+                    exited.is_none() && t0.elapsed() < Duration::from_secs(20),
+                    "qemu-storage-daemon: no socket {} ({exited:?}); log:\n{}",
+                    q.sock(e.name).display(),
+                    q.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        q
+    }
+
+    pub fn sock(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sock"))
+    }
+
+    pub fn sock_str(&self, name: &str) -> String {
+        self.sock(name).to_str().unwrap().to_string()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// rust-vmm's vhost-user frontend (`vhost` crate) with the test acting as the virtio driver
 /// on a memfd it shares with the device: guest physical addresses start at 0 and the
 /// frontend's "virtual" addresses at [`vu::UADDR`] (only the device translates those).
