@@ -93,6 +93,15 @@ impl Raw {
 
     /// Negotiates PROTOCOL_FEATURES + REPLY_ACK (+ CONFIG) so failures are answered.
     fn with_reply_ack(path: &str) -> Raw {
+        let (r, offered) = Self::negotiate(path, CONFIG);
+        assert!(offered & REPLY_ACK != 0 && offered & CONFIG != 0);
+        r
+    }
+
+    /// Connects, acks VERSION_1 + PROTOCOL_FEATURES and negotiates `wanted` (with
+    /// REPLY_ACK) out of what the device offers; returns the session and the offered
+    /// protocol features.
+    fn negotiate(path: &str, wanted: u64) -> (Raw, u64) {
         let mut r = Raw::connect(path);
         r.send(GET_FEATURES, 0, &[], &[]);
         let features = r.u64_answer().unwrap();
@@ -108,16 +117,15 @@ impl Raw {
             &[],
         );
         r.send(GET_PROTOCOL_FEATURES, 0, &[], &[]);
-        let p = r.u64_answer().unwrap();
-        assert!(p & REPLY_ACK != 0);
+        let offered = r.u64_answer().unwrap();
         r.send(
             SET_PROTOCOL_FEATURES,
             NEED_REPLY,
-            &(REPLY_ACK | CONFIG).to_le_bytes(),
+            &((REPLY_ACK | wanted) & offered).to_le_bytes(),
             &[],
         );
         assert_eq!(r.u64_answer(), Some(0));
-        r
+        (r, offered)
     }
 }
 
@@ -396,30 +404,6 @@ const MTU: u64 = 1 << 4;
 const INFLIGHT_SHMFD: u64 = 1 << 12;
 const CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
 
-/// Connects, acks VERSION_1 + PROTOCOL_FEATURES and negotiates `wanted` (with REPLY_ACK)
-/// out of what the device offers; returns the session and the offered protocol features.
-fn negotiate(path: &str, wanted: u64) -> (Raw, u64) {
-    let mut r = Raw::connect(path);
-    r.send(GET_FEATURES, 0, &[], &[]);
-    r.u64_answer().unwrap();
-    r.send(
-        SET_FEATURES,
-        0,
-        &((1u64 << 30) | (1 << 32)).to_le_bytes(),
-        &[],
-    );
-    r.send(GET_PROTOCOL_FEATURES, 0, &[], &[]);
-    let offered = r.u64_answer().unwrap();
-    r.send(
-        SET_PROTOCOL_FEATURES,
-        NEED_REPLY,
-        &((REPLY_ACK | wanted) & offered).to_le_bytes(),
-        &[],
-    );
-    assert_eq!(r.u64_answer(), Some(0));
-    (r, offered)
-}
-
 fn inflight_body(num_queues: u16, queue_size: u16) -> Vec<u8> {
     let mut b = [0u64, 0]
         .iter()
@@ -445,7 +429,8 @@ fn frontend_choices_are_answered_not_dropped() {
     );
     let mut d = Daemon::start("choices", &cfg, &["b", "n"]);
 
-    let (mut r, offered) = negotiate(&d.sock_str("b"), INFLIGHT_SHMFD | CONFIGURE_MEM_SLOTS | MTU);
+    let (mut r, offered) =
+        Raw::negotiate(&d.sock_str("b"), INFLIGHT_SHMFD | CONFIGURE_MEM_SLOTS | MTU);
     assert_eq!(offered & MTU, 0, "NET_MTU offered by a block device");
     // A 1024-entry ring on a device whose queue size is 128.
     r.send(GET_INFLIGHT_FD, 0, &inflight_body(1, 1024), &[]);
@@ -493,7 +478,7 @@ fn frontend_choices_are_answered_not_dropped() {
     assert_ne!(r.u64_answer(), Some(0));
     drop(r);
 
-    let (mut r, offered) = negotiate(&d.sock_str("n"), MTU);
+    let (mut r, offered) = Raw::negotiate(&d.sock_str("n"), MTU);
     assert_ne!(offered & MTU, 0, "NET_MTU not offered by a net device");
     for (mtu, ok) in [(9000u64, true), (67, false), (70_000, false), (1500, true)] {
         r.send(NET_SET_MTU, NEED_REPLY, &mtu.to_le_bytes(), &[]);

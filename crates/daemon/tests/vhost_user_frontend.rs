@@ -86,6 +86,18 @@ fn wait_call(call: &EventFd) {
     );
 }
 
+/// Writes a virtio-blk request header of type `t` for `sector` at `hdr` and an unset
+/// status byte at `hdr + 0x80`; returns the status byte's address.
+fn blk_header(mem: &GuestMemory, hdr: u64, t: u32, sector: u64) -> u64 {
+    let status = hdr + 0x80;
+    let mut h = t.to_le_bytes().to_vec();
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&sector.to_le_bytes());
+    mem.write(hdr, &h).unwrap();
+    mem.write(status, &[0xff]).unwrap();
+    status
+}
+
 /// Puts a virtio-blk request (header, optional data, status byte) on the ring and returns
 /// (head, status address).
 fn blk_request(
@@ -96,12 +108,7 @@ fn blk_request(
     slot: u64,
 ) -> (u16, u64) {
     let hdr = 0x20_0000 + slot * 0x100;
-    let status = hdr + 0x80;
-    let mut h = t.to_le_bytes().to_vec();
-    h.extend_from_slice(&0u32.to_le_bytes());
-    h.extend_from_slice(&sector.to_le_bytes());
-    dq.mem.write(hdr, &h).unwrap();
-    dq.mem.write(status, &[0xff]).unwrap();
+    let status = blk_header(&dq.mem, hdr, t, sector);
     let mut bufs = vec![(hdr, 16, false)];
     bufs.extend(data);
     bufs.push((status, 1, true));
@@ -451,12 +458,7 @@ fn packed_blk_request(
     indirect: bool,
 ) -> (u16, u64) {
     let hdr = 0x20_0000 + slot * 0x100;
-    let status = hdr + 0x80;
-    let mut h = t.to_le_bytes().to_vec();
-    h.extend_from_slice(&0u32.to_le_bytes());
-    h.extend_from_slice(&sector.to_le_bytes());
-    dq.mem.write(hdr, &h).unwrap();
-    dq.mem.write(status, &[0xff]).unwrap();
+    let status = blk_header(&dq.mem, hdr, t, sector);
     let mut bufs = vec![(hdr, 16, false)];
     bufs.extend(data);
     bufs.push((status, 1, true));
@@ -731,12 +733,7 @@ fn indirect_blk_request(
     table: u64,
 ) -> (u16, u64) {
     let hdr = table - 0x100;
-    let status = hdr + 0x80;
-    let mut h = t.to_le_bytes().to_vec();
-    h.extend_from_slice(&0u32.to_le_bytes());
-    h.extend_from_slice(&sector.to_le_bytes());
-    dq.mem.write(hdr, &h).unwrap();
-    dq.mem.write(status, &[0xff]).unwrap();
+    let status = blk_header(&dq.mem, hdr, t, sector);
     let write = if t == 0 { VIRTQ_DESC_F_WRITE } else { 0 };
     dq.write_desc(table, 0, hdr, 16, VIRTQ_DESC_F_NEXT, 1);
     for p in 0..pages {
