@@ -473,6 +473,23 @@ fn frontend_choices_are_answered_not_dropped() {
     }
     r.send(REM_MEM_REG, NEED_REPLY, &single(0), &[]);
     assert_ne!(r.u64_answer(), Some(0), "removed a region that is gone");
+    // A refused ADD_MEM_REG or REM_MEM_REG keeps the table it was refused against: the
+    // region at 4 MiB still refuses an overlapping one afterwards.
+    r.send(ADD_MEM_REG, NEED_REPLY, &single(4 << 20), &[m.as_fd()]);
+    assert_eq!(r.u64_answer(), Some(0), "ADD_MEM_REG at 4 MiB refused");
+    r.send(REM_MEM_REG, NEED_REPLY, &single(0), &[]);
+    assert_ne!(r.u64_answer(), Some(0), "removed a region that is gone");
+    r.send(
+        ADD_MEM_REG,
+        NEED_REPLY,
+        &single((4 << 20) + 0x8_0000),
+        &[m.as_fd()],
+    );
+    assert_ne!(
+        r.u64_answer(),
+        Some(0),
+        "the table was lost with a refused REM_MEM_REG"
+    );
     // NET_SET_MTU is refused by a block device (the feature was not negotiated).
     r.send(NET_SET_MTU, NEED_REPLY, &9000u64.to_le_bytes(), &[]);
     assert_ne!(r.u64_answer(), Some(0));

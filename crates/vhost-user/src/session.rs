@@ -978,9 +978,8 @@ impl Session {
         // an overlap.
         let key = (r.guest_phys_addr, r.memory_size);
         let mapped = self.mem.as_ref().is_some_and(|m| {
-            m.regions()
-                .iter()
-                .any(|x| (x.gpa(), x.size(), x.uaddr()) == (key.0, key.1, r.user_addr))
+            m.region(key.0, key.1)
+                .is_some_and(|x| x.uaddr() == r.user_addr)
         });
         if mapped {
             match self.region_repeats.iter_mut().find(|(k, _)| *k == key) {
@@ -1021,18 +1020,23 @@ impl Session {
             }
             return Ok(());
         }
+        // Checked before the table is taken apart, so a refused removal keeps it.
+        if self
+            .mem
+            .as_ref()
+            .and_then(|m| m.region(gpa, size))
+            .is_none()
+        {
+            return Err(Error::Memory(uvdpa_virtio::MemoryError::NoSuchRegion {
+                gpa,
+                size,
+            }));
+        }
         self.replace_memory(|old| {
-            let before = old.len();
             let regions: Vec<MemoryRegion> = old
                 .into_iter()
                 .filter(|r| !(r.gpa() == gpa && r.size() == size))
                 .collect();
-            if regions.len() == before {
-                return Err(Error::Memory(uvdpa_virtio::MemoryError::NoSuchRegion {
-                    gpa,
-                    size,
-                }));
-            }
             Ok(GuestMemory::new(regions)?)
         })
     }

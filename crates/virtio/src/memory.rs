@@ -286,6 +286,12 @@ impl GuestMemory {
         }
     }
 
+    /// The region that starts at `gpa` and is `size` bytes long, if mapped (the identity
+    /// of a region in ADD_MEM_REG/REM_MEM_REG).
+    pub fn region(&self, gpa: u64, size: u64) -> Option<&MemoryRegion> {
+        self.regions.iter().find(|r| r.gpa == gpa && r.size == size)
+    }
+
     /// The regions, sorted by guest physical address.
     pub fn regions(&self) -> &[MemoryRegion] {
         &self.regions
