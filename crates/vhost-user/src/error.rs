@@ -129,3 +129,16 @@ impl Error {
         )
     }
 }
+
+impl From<uvdpa_runtime::RuntimeError> for Error {
+    fn from(e: uvdpa_runtime::RuntimeError) -> Self {
+        use uvdpa_runtime::RuntimeError as R;
+        match e {
+            R::Memory(m) => Self::Memory(m),
+            R::Vring { index, source } => Self::Vring { index, source },
+            R::Status(s) => Self::Status(s),
+            R::Device(d) => Self::Device(d),
+            R::Worker { index, reason } => Self::Worker { index, reason },
+        }
+    }
+}

@@ -15,4 +15,5 @@ pub mod session;
 
 pub use error::Error;
 pub use server::{ServerOptions, VhostUserServer};
-pub use session::{ResCtx, Session, SessionParams, SessionState};
+pub use session::{Session, SessionParams};
+pub use uvdpa_runtime::{ResCtx, SessionState};

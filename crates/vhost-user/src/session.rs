@@ -6,29 +6,23 @@
 //! request the frontend asked an ack for (REPLY_ACK) gets `0` or a failure code; a failed
 //! request without an ack, and any framing error, ends the session.
 //!
-//! A vring runs (is owned by a [`QueueWorker`]) while it is started (SET_VRING_KICK
-//! received, not stopped by GET_VRING_BASE), enabled, fully addressed, and a memory table
-//! exists. The device puts its vrings in worker groups ([`VirtioDevice::queue_group`]): the
-//! ready vrings of a group run in one worker (virtio-net: a queue pair). Any change to what
-//! a running worker uses (memory table, kick/err fds, a vring joining or leaving the group)
-//! stops the worker, applies the change and starts it again with the ring state it handed
-//! back.
+//! Everything that is not vhost-user wire handling (status machine, features, vrings and
+//! their workers, inflight, vectors, stats, resource entries) is the transport-neutral
+//! [`DeviceRuntime`] this session drives: a vring is started by SET_VRING_KICK, stopped by
+//! GET_VRING_BASE, enabled by SET_VRING_ENABLE, and runs once the memory table exists.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tracing::{debug, info, warn};
+use uvdpa_runtime::{DeviceRuntime, RuntimeParams};
+pub use uvdpa_runtime::{ResCtx, SessionState};
 use uvdpa_virtio::inflight::InflightMap;
 use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
 use uvdpa_virtio::memory::MAX_REGIONS;
 use uvdpa_virtio::split::MAX_QUEUE_SIZE;
-use uvdpa_virtio::stats::{QueueStatsRef, StatsTable};
-use uvdpa_virtio::worker::{GroupHandler, QueueWorker, StopError, WorkerParams, WorkerQueue};
-use uvdpa_virtio::{
-    DeviceStatus, GuestMemory, MemoryRegion, StatusMachine, VirtioDevice, VirtioFeatures,
-    Virtqueue, VringConfig,
-};
+use uvdpa_virtio::stats::StatsTable;
+use uvdpa_virtio::{DeviceStatus, GuestMemory, MemoryRegion, VirtioDevice, VirtioFeatures};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
     VhostUserMsgValidator, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64,
@@ -36,14 +30,10 @@ use vhost::vhost_user::message::{
 };
 use vm_memory::ByteValued;
 
-use uvdpa_restrack::{Owner, ResHandle, ResId, ResType, Tracker};
-
 use crate::connection::{Connection, Request};
 use crate::error::Error;
 
-/// How long stopping a vring waits for the request in progress before the ring is
-/// abandoned and the device marked DEVICE_NEEDS_RESET.
-pub const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub use uvdpa_runtime::STOP_TIMEOUT;
 
 /// Protocol features this backend implements (REPLY_ACK is always offered).
 pub fn supported_protocol_features(device_type: u32) -> VhostUserProtocolFeatures {
@@ -88,109 +78,20 @@ fn notify_config_change(channel: &BackendChannel) -> bool {
     )
 }
 
-/// Ring state of one vring as the frontend configured it.
-#[derive(Default)]
-struct Vring {
-    size: u16,
-    addr: Option<(u64, u64, u64)>,
-    base: u16,
-    /// SET_VRING_BASE was received (or a worker handed a base back).
-    base_set: bool,
-    kick: Option<Arc<OwnedFd>>,
-    err: Option<Arc<OwnedFd>>,
-    started: bool,
-    enabled: bool,
-    /// Owned by its group's running worker.
-    running: bool,
-    /// Resource entries of the running vring (virtqueue, worker, call vector); released
-    /// when the worker hands the ring back.
-    tracked: Vec<ResHandle>,
-}
-
-/// The vrings one worker runs together.
-#[derive(Default)]
-struct Group {
-    worker: Option<QueueWorker>,
-    /// Kept between runs (reconnects and restarts reuse it).
-    handler: Option<Box<dyn GroupHandler>>,
-    /// Vring indices of the group, ascending.
-    members: Vec<usize>,
-}
-
-/// The device's worker groups for `features`, and the group of each vring. Group ids are
-/// the device's, clamped into range (an out-of-range id runs alone).
-fn queue_groups(device: &dyn VirtioDevice, features: VirtioFeatures) -> (Vec<Group>, Vec<usize>) {
-    let n = device.num_queues();
-    let group_of: Vec<usize> = (0..n)
-        .map(|i| match device.queue_group(i, features) {
-            g if g < n => usize::from(g),
-            _ => usize::from(i),
-        })
-        .collect();
-    let mut groups: Vec<Group> = (0..n).map(|_| Group::default()).collect();
-    for (i, &g) in group_of.iter().enumerate() {
-        groups[g].members.push(i);
-    }
-    (groups, group_of)
-}
-
-/// Where a session records its resources (restrack, seed 003): the tracker and the
-/// device entry its entries hang under.
-#[derive(Clone)]
-pub struct ResCtx {
-    /// The daemon's tracker.
-    pub tracker: Tracker,
-    /// The device's entry.
-    pub device: ResId,
-}
-
-/// What a session exposes to the daemon for `dev show` (updated after every request).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SessionState {
-    /// A frontend is connected.
-    pub connected: bool,
-    /// The frontend's pid (SO_PEERCRED), if known.
-    pub frontend_pid: Option<u32>,
-    /// Virtio features the frontend acked (SET_FEATURES).
-    pub features: u64,
-    /// vhost-user protocol features negotiated.
-    pub protocol_features: u64,
-    /// Device status byte (virtio 1.2 §2.1).
-    pub status: u8,
-    /// Vrings owned by a running worker.
-    pub running_vrings: u16,
-}
-
 /// A vhost-user session between one frontend and one device.
 pub struct Session {
     name: String,
     conn: Connection,
-    device: Arc<dyn VirtioDevice>,
+    /// The device, its vrings and workers.
+    rt: DeviceRuntime,
     protocol: VhostUserProtocolFeatures,
     /// SET_PROTOCOL_FEATURES was received: the frontend uses the protocol features
     /// (VHOST_USER_F_PROTOCOL_FEATURES is in effect even before SET_FEATURES acks it).
     protocol_negotiated: bool,
-    acked: VirtioFeatures,
-    status: StatusMachine,
-    needs_reset: Arc<AtomicBool>,
-    mem: Option<Arc<GuestMemory>>,
-    vrings: Vec<Vring>,
-    /// Worker groups, and the group of each vring.
-    groups: Vec<Group>,
-    group_of: Vec<usize>,
-    stats: Arc<StatsTable>,
-    state: Arc<std::sync::Mutex<SessionState>>,
-    res: Option<ResCtx>,
-    poll: std::time::Duration,
-    frontend: Owner,
-    session_entry: Option<ResHandle>,
-    mem_entries: Vec<ResHandle>,
     /// ADD_MEM_REG repeats of a mapped region (same gpa, size and frontend address), by
     /// (gpa, size): each is a reference a later REM_MEM_REG drops before the region goes.
     /// At most one entry per mapped region.
     region_repeats: Vec<((u64, u64), u32)>,
-    inflight: Option<Arc<InflightMap>>,
-    vectors: Arc<VectorTable>,
     backend: BackendChannel,
 }
 
@@ -265,92 +166,41 @@ impl Session {
             mandated,
             vectors,
         } = p;
+        let backend = BackendChannel::default();
+        let channel = backend.clone();
         // Offer and mandate as the device says; vhost-user frontends proxy the status of
         // their own driver and may write FEATURES_OK/DRIVER_OK alone (QEMU 7.2 does).
-        let status = StatusMachine::new(
-            device.features() | VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES,
-            device.mandated_features() | mandated,
-        )
-        .with_strict_order(false);
-        let n = device.num_queues();
-        let vrings = (0..n).map(|_| Vring::default()).collect();
-        let (groups, group_of) = queue_groups(&*device, VirtioFeatures::empty());
+        let rt = DeviceRuntime::new(
+            name,
+            RuntimeParams {
+                device,
+                stats,
+                state,
+                res,
+                frontend_pid,
+                poll,
+                mandated,
+                transport_features: VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES,
+                strict_status_order: false,
+                addrs_are_uaddr: true,
+                vectors,
+                notify_config: Arc::new(move || notify_config_change(&channel)),
+            },
+        );
         Self {
             name: name.to_string(),
             conn,
-            device,
+            rt,
             protocol: VhostUserProtocolFeatures::empty(),
             protocol_negotiated: false,
-            acked: VirtioFeatures::empty(),
-            status,
-            needs_reset: Arc::new(AtomicBool::new(false)),
-            mem: None,
-            vrings,
-            groups,
-            group_of,
-            stats,
-            state,
-            frontend: frontend_pid.map_or_else(Owner::current, Owner::of_pid),
-            session_entry: None,
-            mem_entries: Vec::new(),
             region_repeats: Vec::new(),
-            res,
-            poll,
-            inflight: None,
-            vectors,
-            backend: BackendChannel::default(),
-        }
-        .with_session_entry()
-    }
-
-    fn with_session_entry(mut self) -> Self {
-        let name = match self.frontend.pid {
-            0 => format!("{}-frontend", self.name),
-            pid => format!("{}-frontend-{pid}", self.name),
-        };
-        self.session_entry = self.track(ResType::Session, name, None, self.frontend.clone());
-        self
-    }
-
-    /// Records an entry under `parent` (default: the device) if tracking is on.
-    fn track(
-        &self,
-        ty: ResType,
-        name: String,
-        parent: Option<ResId>,
-        owner: Owner,
-    ) -> Option<ResHandle> {
-        let ctx = self.res.as_ref()?;
-        let h = ctx
-            .tracker
-            .create(ty, name, parent.or(Some(ctx.device)), owner);
-        h.add();
-        Some(h)
-    }
-
-    fn session_id(&self) -> Option<ResId> {
-        self.session_entry.as_ref().map(ResHandle::id)
-    }
-
-    fn track_memory(&mut self) {
-        self.mem_entries.clear();
-        let Some(mem) = self.mem.clone() else { return };
-        let parent = self.session_id();
-        for r in mem.regions() {
-            let name = format!("{}-gpa-{:#x}+{:#x}", self.name, r.gpa(), r.size());
-            if let Some(h) = self.track(ResType::MemRegion, name, parent, self.frontend.clone()) {
-                self.mem_entries.push(h);
-            }
+            backend,
         }
     }
 
     fn publish_state(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.connected = true;
-        st.features = self.acked.bits();
-        st.protocol_features = self.protocol.bits();
-        st.status = self.device_status().bits();
-        st.running_vrings = self.vrings.iter().filter(|v| v.running).count() as u16;
+        let protocol = self.protocol.bits();
+        self.rt.publish_state(|st| st.protocol_features = protocol);
     }
 
     /// The connection (to poll it).
@@ -360,11 +210,7 @@ impl Session {
 
     /// The device status as GET_STATUS reports it.
     pub fn device_status(&self) -> DeviceStatus {
-        let mut s = self.status.status();
-        if self.needs_reset.load(Ordering::Acquire) {
-            s |= DeviceStatus::DEVICE_NEEDS_RESET;
-        }
-        s
+        self.rt.device_status()
     }
 
     /// Reads and handles one request.
@@ -438,12 +284,12 @@ impl Session {
 
     fn vring_index(&self, index: u32) -> Result<usize, Error> {
         let i = index as usize;
-        if i < self.vrings.len() {
+        if i < self.rt.num_vrings() {
             Ok(i)
         } else {
             Err(Error::VringIndex {
                 index,
-                num: self.device.num_queues(),
+                num: self.rt.device().num_queues(),
             })
         }
     }
@@ -486,14 +332,14 @@ impl Session {
             R::GET_PROTOCOL_FEATURES => {
                 no_body("GET_PROTOCOL_FEATURES")?;
                 Ok(Some(u64_reply(
-                    supported_protocol_features(self.device.device_type()).bits(),
+                    supported_protocol_features(self.rt.device().device_type()).bits(),
                 )))
             }
             R::SET_PROTOCOL_FEATURES => {
                 expect_fds("SET_PROTOCOL_FEATURES", req, 0)?;
                 let v: VhostUserU64 = decode("SET_PROTOCOL_FEATURES", &req.body)?;
                 let unknown =
-                    v.value & !supported_protocol_features(self.device.device_type()).bits();
+                    v.value & !supported_protocol_features(self.rt.device().device_type()).bits();
                 if unknown != 0 {
                     return Err(Error::InvalidParam {
                         request: "SET_PROTOCOL_FEATURES",
@@ -507,7 +353,7 @@ impl Session {
             R::GET_QUEUE_NUM => {
                 self.need("GET_QUEUE_NUM", VhostUserProtocolFeatures::MQ, "MQ")?;
                 no_body("GET_QUEUE_NUM")?;
-                Ok(Some(u64_reply(u64::from(self.device.num_queues()))))
+                Ok(Some(u64_reply(u64::from(self.rt.device().num_queues()))))
             }
             R::SET_MEM_TABLE => {
                 self.set_mem_table(req)?;
@@ -560,14 +406,17 @@ impl Session {
                 // of two up to 32768 (§2.7).
                 let max = MAX_QUEUE_SIZE;
                 let num = s.num;
-                let packed = self.acked.contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
+                let packed = self
+                    .rt
+                    .acked()
+                    .contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
                 if num == 0 || (!packed && !num.is_power_of_two()) || num > u32::from(max) {
                     return Err(Error::InvalidParam {
                         request: "SET_VRING_NUM",
                         reason: format!("size {num} (1..={max}, a power of two for split rings)"),
                     });
                 }
-                self.reconfigure(i, |v| v.size = num as u16)?;
+                self.rt.reconfigure(i, |v| v.size = num as u16)?;
                 Ok(None)
             }
             R::SET_VRING_ADDR => {
@@ -583,7 +432,7 @@ impl Session {
                     });
                 }
                 let addrs = (a.descriptor, a.available, a.used);
-                self.reconfigure(i, |v| v.addr = Some(addrs))?;
+                self.rt.reconfigure(i, |v| v.addr = Some(addrs))?;
                 Ok(None)
             }
             R::SET_VRING_BASE => {
@@ -594,7 +443,10 @@ impl Session {
                 // 15 its wrap counter; some frontends add the used index and wrap counter in
                 // bits 16..31, which this device does not need (it completes in order, so
                 // they equal the avail ones) and ignores.
-                let packed = self.acked.contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
+                let packed = self
+                    .rt
+                    .acked()
+                    .contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
                 let base = match u16::try_from(s.num) {
                     Ok(b) => b,
                     Err(_) if packed => s.num as u16,
@@ -605,7 +457,7 @@ impl Session {
                         })
                     }
                 };
-                self.reconfigure(i, |v| {
+                self.rt.reconfigure(i, |v| {
                     v.base = base;
                     v.base_set = true;
                 })?;
@@ -615,21 +467,28 @@ impl Session {
                 expect_fds("GET_VRING_BASE", req, 0)?;
                 let s: VhostUserVringState = decode("GET_VRING_BASE", &req.body)?;
                 let i = self.vring_index(s.index)?;
-                self.stop_vring(i);
-                let v = &mut self.vrings[i];
-                v.started = false;
-                v.kick = None;
+                // The ring stops; the other vrings of its group keep running.
+                self.rt.reconfigure(i, |v| {
+                    v.started = false;
+                    v.kick = None;
+                })?;
+                let packed = self
+                    .rt
+                    .acked()
+                    .contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
+                let (base, base_set) = self
+                    .rt
+                    .vring(i)
+                    .map_or((0, false), |v| (v.base, v.base_set));
                 // Packed: the used slot and its wrap counter go in bits 16..31; the device
                 // completes in order, so they equal the avail ones.
-                let num = if self.acked.contains(VirtioFeatures::VIRTIO_F_RING_PACKED) {
-                    let base = if v.base_set { v.base } else { 0x8000 };
+                let num = if packed {
+                    let base = if base_set { base } else { 0x8000 };
                     u32::from(base) | u32::from(base) << 16
                 } else {
-                    u32::from(v.base)
+                    u32::from(base)
                 };
                 let reply = VhostUserVringState::new(s.index, num);
-                // The other vrings of its group keep running.
-                self.update_vring(i)?;
                 Ok(Some(reply.as_slice().to_vec()))
             }
             R::SET_VRING_KICK | R::SET_VRING_CALL | R::SET_VRING_ERR => {
@@ -643,7 +502,8 @@ impl Session {
                 // SET_PROTOCOL_FEATURES (or acked in SET_FEATURES).
                 if !self.protocol_negotiated
                     && !self
-                        .acked
+                        .rt
+                        .acked()
                         .contains(VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES)
                 {
                     return Err(Error::InvalidParam {
@@ -663,7 +523,7 @@ impl Session {
                         })
                     }
                 };
-                self.reconfigure(i, |v| v.enabled = enable)?;
+                self.rt.reconfigure(i, |v| v.enabled = enable)?;
                 Ok(None)
             }
             R::GET_CONFIG => {
@@ -684,7 +544,8 @@ impl Session {
                         expected: hdr_len + c.size as usize,
                     });
                 }
-                self.device
+                self.rt
+                    .device()
                     .write_config(c.offset, payload)
                     .map_err(|e| Error::Device(e.0))?;
                 Ok(None)
@@ -736,7 +597,7 @@ impl Session {
                         request: "SET_INFLIGHT_FD",
                         reason: e.to_string(),
                     })?;
-                self.set_inflight(Some(map))?;
+                self.rt.set_inflight(Some(map))?;
                 Ok(None)
             }
             R::SET_STATUS => {
@@ -747,7 +608,7 @@ impl Session {
                     request: "SET_STATUS",
                     reason: format!("status {:#x} does not fit 8 bits", { v.value }),
                 })?;
-                self.set_status(value)?;
+                self.rt.set_status(value)?;
                 Ok(None)
             }
             R::GET_STATUS => {
@@ -763,7 +624,8 @@ impl Session {
                     request: "NET_SET_MTU",
                     reason: format!("MTU {} does not fit 16 bits", { v.value }),
                 })?;
-                self.device
+                self.rt
+                    .device()
                     .set_frontend_mtu(Some(mtu))
                     .map_err(|e| Error::InvalidParam {
                         request: "NET_SET_MTU",
@@ -797,12 +659,12 @@ impl Session {
         let (nq, qs) = (m.num_queues, m.queue_size);
         // Any ring size a frontend may set (see SET_VRING_NUM), whatever the device's
         // queue_size: the region is at most 64 queues of 32768 descriptors.
-        if nq == 0 || nq > self.device.num_queues() || qs == 0 || qs > MAX_QUEUE_SIZE {
+        if nq == 0 || nq > self.rt.device().num_queues() || qs == 0 || qs > MAX_QUEUE_SIZE {
             return Err(Error::InvalidParam {
                 request,
                 reason: format!(
                     "{nq} queues of {qs} (device: 1..={} queues of 1..={MAX_QUEUE_SIZE})",
-                    self.device.num_queues(),
+                    self.rt.device().num_queues(),
                 ),
             });
         }
@@ -820,23 +682,13 @@ impl Session {
         self.check_inflight_geometry("GET_INFLIGHT_FD", &m)?;
         let map = InflightMap::create(m.num_queues, m.queue_size)
             .map_err(|e| Error::Device(e.to_string()))?;
-        self.set_inflight(Some(map.clone()))?;
+        self.rt.set_inflight(Some(map.clone()))?;
         Ok(map)
-    }
-
-    /// Installs (or drops) the inflight buffer; running vrings restart to pick it up.
-    fn set_inflight(&mut self, map: Option<Arc<InflightMap>>) -> Result<(), Error> {
-        let running = self.stop_running_vrings();
-        self.inflight = map;
-        for i in running {
-            self.update_vring(i)?;
-        }
-        Ok(())
     }
 
     /// Features offered over vhost-user: the device's, with VHOST_USER_F_PROTOCOL_FEATURES.
     fn offered(&self) -> VirtioFeatures {
-        self.device.features() | VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES
+        self.rt.offered()
     }
 
     fn set_features(&mut self, value: u64) -> Result<(), Error> {
@@ -845,85 +697,33 @@ impl Session {
             return Err(Error::UnofferedFeatures { unknown });
         }
         let features = VirtioFeatures::from_raw(value);
-        let device_bits = features - VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES;
+        let transport = VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES;
         if !self.protocol.contains(VhostUserProtocolFeatures::STATUS) {
             // Without SET_STATUS, SET_FEATURES is where FEATURES_OK is decided.
-            self.status.check_features(device_bits)?;
+            self.rt.check_features(features - transport)?;
         }
-        self.status.set_driver_features(device_bits);
-        if features != self.acked {
-            // Ring layout rules and the device's handlers depend on the features: running
-            // rings restart with new handlers.
-            let running = self.stop_running_vrings();
-            // New handlers, and the queue layout for these features.
-            (self.groups, self.group_of) = queue_groups(&*self.device, features);
-            self.acked = features;
-            for i in running {
-                self.update_vring(i)?;
-            }
-        }
-        self.acked = features;
-        if !self
-            .acked
-            .contains(VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES)
-        {
+        self.rt.set_features(features, transport)?;
+        if !features.contains(transport) {
             // Without protocol features, rings are enabled as soon as they start.
-            for i in 0..self.vrings.len() {
-                self.reconfigure(i, |v| v.enabled = true)?;
+            for i in 0..self.rt.num_vrings() {
+                self.rt.reconfigure(i, |v| v.enabled = true)?;
             }
         }
         debug!(device = %self.name, features = format_args!("{value:#x}"), "features acked");
         Ok(())
     }
 
-    fn set_status(&mut self, value: u8) -> Result<(), Error> {
-        if value == 0 {
-            self.reset_status();
-            return Ok(());
-        }
-        let res = self.status.set_status(value);
-        info!(device = %self.name, status = ?self.status.status().names(), "device status");
-        res?;
-        Ok(())
-    }
-
-    /// Device reset by status (SET_STATUS 0, virtio 1.2 §2.1): every vring is stopped, its
-    /// in-flight requests completed before its worker hands it back, and the status machine
-    /// returns to 0. The vrings keep their configuration and the base they stopped at, so a
-    /// GET_VRING_BASE that follows (QEMU 7.2 sends SET_STATUS 0 first when it stops a
-    /// device) reports where the ring really is; a vring runs again only after a new
-    /// SET_VRING_KICK. Session-level negotiation (virtio and protocol features) is kept.
+    /// Device reset by status (SET_STATUS 0, virtio 1.2 §2.1); see
+    /// [`DeviceRuntime::reset_status`]. QEMU 7.2 sends it before GET_VRING_BASE when it
+    /// stops a device, so the vrings keep the base they stopped at. Session-level
+    /// negotiation (virtio and protocol features) is kept.
     pub fn reset_status(&mut self) {
-        for i in 0..self.vrings.len() {
-            self.stop_vring(i);
-            if let Some(v) = self.vrings.get_mut(i) {
-                v.started = false;
-                v.kick = None;
-            }
-        }
-        let driver = self.status.driver_features();
-        self.status.reset();
-        self.status.set_driver_features(driver);
-        self.needs_reset.store(false, Ordering::Release);
-        info!(device = %self.name, "device status reset");
+        self.rt.reset_status();
     }
 
-    /// Full device reset (RESET_DEVICE, RESET_OWNER): every vring is stopped,
-    /// in-flight requests complete before the worker hands its ring back, then the state
-    /// returns to what a new session has. The memory table and fds are dropped as well.
+    /// Full device reset (RESET_DEVICE, RESET_OWNER); see [`DeviceRuntime::reset`].
     pub fn reset(&mut self) {
-        for i in 0..self.vrings.len() {
-            self.stop_vring(i);
-        }
-        for v in &mut self.vrings {
-            *v = Vring::default();
-        }
-        (self.groups, self.group_of) = queue_groups(&*self.device, VirtioFeatures::empty());
-        self.status.reset();
-        self.needs_reset.store(false, Ordering::Release);
-        self.acked = VirtioFeatures::empty();
-        self.inflight = None;
-        info!(device = %self.name, "device reset");
+        self.rt.reset();
     }
 
     fn set_mem_table(&mut self, req: &Request) -> Result<(), Error> {
@@ -960,7 +760,7 @@ impl Session {
         let mem = GuestMemory::new(regions)?;
         info!(device = %self.name, regions = n, bytes = mem.total_size(), "memory table set");
         self.region_repeats.clear();
-        self.replace_memory(|_| Ok(mem))
+        Ok(self.rt.replace_memory(|_| Ok(Some(mem)))?)
     }
 
     fn add_mem_region(
@@ -977,7 +777,7 @@ impl Session {
         // queue pair): a region identical to a mapped one is another reference to it, not
         // an overlap.
         let key = (r.guest_phys_addr, r.memory_size);
-        let mapped = self.mem.as_ref().is_some_and(|m| {
+        let mapped = self.rt.memory().is_some_and(|m| {
             m.region(key.0, key.1)
                 .is_some_and(|x| x.uaddr() == r.user_addr)
         });
@@ -996,14 +796,14 @@ impl Session {
             r.user_addr,
             r.mmap_offset,
         )?;
-        if let Some(m) = &self.mem {
+        if let Some(m) = self.rt.memory() {
             m.check_addition(&region)?;
         }
-        self.replace_memory(|old| {
+        Ok(self.rt.replace_memory(|old| {
             let mut regions = old;
             regions.push(region);
-            Ok(GuestMemory::new(regions)?)
-        })
+            Ok(Some(GuestMemory::new(regions)?))
+        })?)
     }
 
     fn remove_mem_region(&mut self, gpa: u64, size: u64) -> Result<(), Error> {
@@ -1021,57 +821,19 @@ impl Session {
             return Ok(());
         }
         // Checked before the table is taken apart, so a refused removal keeps it.
-        if self
-            .mem
-            .as_ref()
-            .and_then(|m| m.region(gpa, size))
-            .is_none()
-        {
+        if self.rt.memory().and_then(|m| m.region(gpa, size)).is_none() {
             return Err(Error::Memory(uvdpa_virtio::MemoryError::NoSuchRegion {
                 gpa,
                 size,
             }));
         }
-        self.replace_memory(|old| {
+        Ok(self.rt.replace_memory(|old| {
             let regions: Vec<MemoryRegion> = old
                 .into_iter()
                 .filter(|r| !(r.gpa() == gpa && r.size() == size))
                 .collect();
-            Ok(GuestMemory::new(regions)?)
-        })
-    }
-
-    /// Stops running vrings, builds the new table from the old regions, and restarts them.
-    /// On failure the old table is kept only if it could be recovered; the vrings restart
-    /// on whatever table is current.
-    fn replace_memory(
-        &mut self,
-        build: impl FnOnce(Vec<MemoryRegion>) -> Result<GuestMemory, Error>,
-    ) -> Result<(), Error> {
-        // Every vring is reconsidered below, not only those that ran.
-        self.stop_running_vrings();
-        let old = match self.mem.take() {
-            Some(arc) => match Arc::try_unwrap(arc) {
-                Ok(m) => m.into_regions(),
-                Err(arc) => {
-                    // Still shared (cannot happen once workers are stopped): keep it.
-                    self.mem = Some(arc);
-                    return Err(Error::Device("guest memory still in use".into()));
-                }
-            },
-            None => Vec::new(),
-        };
-        // Keep a copy of the old layout's identity to rebuild on failure is not possible
-        // (regions own their mappings); a failed update leaves no memory table, and rings
-        // wait for the next one.
-        let result = build(old).map(|m| {
-            self.mem = Some(Arc::new(m));
-        });
-        self.track_memory();
-        for i in 0..self.vrings.len() {
-            self.update_vring(i)?;
-        }
-        result
+            Ok(Some(GuestMemory::new(regions)?))
+        })?)
     }
 
     fn set_vring_fd(&mut self, code: FrontendReq, req: &Request) -> Result<(), Error> {
@@ -1104,23 +866,24 @@ impl Session {
             });
         }
         match code {
-            FrontendReq::SET_VRING_KICK => self.reconfigure(i, |v| {
+            FrontendReq::SET_VRING_KICK => Ok(self.rt.reconfigure(i, |v| {
                 // A kick fd starts the ring; without one the frontend would poll, which
                 // this backend does not support, so the ring stays stopped.
                 v.started = fd.is_some();
                 v.kick = fd;
-            }),
+            })?),
             FrontendReq::SET_VRING_CALL => {
                 // The call fd is the trigger of the vring's vector: swapped in place, the
                 // worker keeps running (QEMU re-sends it when the guest masks a vector).
-                self.vectors
+                self.rt
+                    .vectors()
                     .set_irqs(i as u16, 1, IrqAction::Eventfd(vec![fd]))
                     .map_err(|e| Error::InvalidParam {
                         request: "SET_VRING_CALL",
                         reason: e.to_string(),
                     })
             }
-            _ => self.reconfigure(i, |v| v.err = fd),
+            _ => Ok(self.rt.reconfigure(i, |v| v.err = fd)?),
         }
     }
 
@@ -1136,7 +899,7 @@ impl Session {
                 expected: hdr_len + size,
             });
         }
-        let config = self.device.config();
+        let config = self.rt.device().config();
         let mut reply = Vec::with_capacity(hdr_len + size);
         reply.extend_from_slice(head);
         let start = c.offset as usize;
@@ -1146,267 +909,11 @@ impl Session {
         Ok(reply)
     }
 
-    /// Stops vring `i` if it runs, then applies `change` and starts it if it should run.
-    fn reconfigure(&mut self, i: usize, change: impl FnOnce(&mut Vring)) -> Result<(), Error> {
-        self.stop_vring(i);
-        if let Some(v) = self.vrings.get_mut(i) {
-            change(v);
-        }
-        self.update_vring(i)
-    }
-
-    /// Stops every running vring (so a change to what workers use can be applied) and
-    /// returns their indices, for `update_vring` to start them again.
-    fn stop_running_vrings(&mut self) -> Vec<usize> {
-        let running: Vec<usize> = (0..self.vrings.len())
-            .filter(|&i| self.vrings[i].running)
-            .collect();
-        for &i in &running {
-            self.stop_vring(i);
-        }
-        running
-    }
-
-    fn stop_vring(&mut self, i: usize) {
-        self.stop_vring_with(i, false);
-    }
-
-    /// Stops vring `i`'s group; with `drain`, chains already in the avail rings are
-    /// completed first.
-    fn stop_vring_with(&mut self, i: usize, drain: bool) {
-        let Some(&g) = self.group_of.get(i) else {
-            return;
-        };
-        let Some(worker) = self.groups[g].worker.take() else {
-            return;
-        };
-        let stopped = worker.stop_timeout(drain, STOP_TIMEOUT);
-        for &m in &self.groups[g].members {
-            let v = &mut self.vrings[m];
-            v.tracked.clear();
-            v.running = false;
-        }
-        match stopped {
-            Ok(exit) => {
-                for q in &exit.queues {
-                    if let Some(v) = self.vrings.get_mut(usize::from(q.index)) {
-                        v.base = q.queue.next_avail();
-                        v.base_set = true;
-                    }
-                }
-                self.groups[g].handler = Some(exit.handler);
-                if let Some(e) = exit.error {
-                    debug!(device = %self.name, vring = i, "stopped after error: {e}");
-                }
-            }
-            Err(StopError::Stuck(_)) => {
-                // An unresponsive backend must not hang the frontend (seed 004): the ring
-                // is abandoned (its worker will not touch it again) and the device needs a
-                // reset. The handler went with the stuck worker; a new one is made later.
-                warn!(
-                    device = %self.name,
-                    vring = i,
-                    "Virtqueue worker did not stop within {STOP_TIMEOUT:?} (backend request stuck): device needs reset"
-                );
-                self.needs_reset.store(true, Ordering::Release);
-                notify_config_change(&self.backend);
-            }
-            Err(StopError::Panicked) => {
-                warn!(device = %self.name, vring = i, "Virtqueue worker panicked: device needs reset");
-                self.needs_reset.store(true, Ordering::Release);
-            }
-        }
-    }
-
-    /// Whether vring `i` can run: started, enabled, addressed, sized, memory present, and
-    /// the device not waiting for a reset.
-    fn vring_ready(&self, i: usize) -> bool {
-        let Some(v) = self.vrings.get(i) else {
-            return false;
-        };
-        self.mem.is_some()
-            && v.addr.is_some()
-            && v.kick.is_some()
-            && v.started
-            && v.enabled
-            && v.size != 0
-            && !self.needs_reset.load(Ordering::Acquire)
-    }
-
-    /// Starts vring `i`'s group with every ready vring of it (restarting the group's
-    /// worker if `i` is ready but not part of it yet).
-    fn update_vring(&mut self, i: usize) -> Result<(), Error> {
-        let Some(&g) = self.group_of.get(i) else {
-            return Ok(());
-        };
-        let members = self.groups[g].members.clone();
-        let ready: Vec<usize> = members
-            .iter()
-            .copied()
-            .filter(|&m| self.vring_ready(m))
-            .collect();
-        if self.groups[g].worker.is_some() {
-            if ready.iter().all(|&m| self.vrings[m].running) {
-                return Ok(());
-            }
-            self.stop_vring(i);
-        }
-        if ready.is_empty() {
-            return Ok(());
-        }
-        let Some(mem) = self.mem.clone() else {
-            return Ok(());
-        };
-        let features = self.acked;
-        let packed = features.contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
-        let mut queues = Vec::with_capacity(ready.len());
-        for &m in &ready {
-            let index = m as u16;
-            let v = &self.vrings[m];
-            let (Some((desc, avail, used)), Some(kick)) = (v.addr, v.kick.clone()) else {
-                continue;
-            };
-            let cfg = VringConfig {
-                size: v.size,
-                desc_addr: desc,
-                avail_addr: avail,
-                used_addr: used,
-                // A packed ring nobody set a base for starts at slot 0 with wrap counter 1.
-                next_avail: if packed && !v.base_set {
-                    0x8000
-                } else {
-                    v.base
-                },
-                event_idx: features.contains(VirtioFeatures::VIRTIO_RING_F_EVENT_IDX),
-                indirect: features.contains(VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC),
-                addrs_are_uaddr: true,
-            };
-            let mut queue = Virtqueue::new(&cfg, mem.clone(), packed)
-                .map_err(|source| Error::Vring { index, source })?;
-            if let Some(t) = self
-                .inflight
-                .as_ref()
-                .and_then(|m| m.queue(index, cfg.size))
-            {
-                if !queue.set_inflight(t) {
-                    debug!(device = %self.name, vring = m, "inflight tracking is not supported on packed rings");
-                }
-            }
-            queues.push(WorkerQueue {
-                index,
-                queue,
-                kick,
-                call: self.vectors.handle(index).ok(),
-                err: v.err.clone(),
-                stats: QueueStatsRef::new(self.stats.clone(), m).ok_or(Error::Worker {
-                    index,
-                    reason: "no stats entry for this queue".into(),
-                })?,
-            });
-        }
-        let first = ready[0] as u16;
-        let handler = match self.groups[g].handler.take() {
-            Some(h) => h,
-            None => self
-                .device
-                .group_handler(g as u16, features)
-                .map_err(|e| Error::Device(e.0))?,
-        };
-        let needs_reset = self.needs_reset.clone();
-        let state = self.state.clone();
-        let backend = self.backend.clone();
-        let name = self.name.clone();
-        let thread = format!("{}-q{}", self.name, first);
-        // The worker thread itself holds a reference to the device entry, so a worker stuck
-        // in a backend request keeps the device "in use" until it really ends.
-        let hold = self
-            .res
-            .as_ref()
-            .and_then(|c| c.tracker.lookup(c.device.ty, c.device.id))
-            .map(|r| Box::new(r.get(&format!("worker {thread}"))) as Box<dyn std::any::Any + Send>);
-        let params = WorkerParams {
-            name: thread,
-            queues,
-            handler,
-            poll: self.poll,
-            hold,
-            on_error: Arc::new(move |e| {
-                warn!(device = %name, vring = first, "Virtqueue failed, device needs reset: {e}");
-                needs_reset.store(true, Ordering::Release);
-                // Visible to `dev show` at once, not only after the next request.
-                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-                st.status |= DeviceStatus::DEVICE_NEEDS_RESET.bits();
-                drop(st);
-                // Where the frontend gave us a channel, tell it the device changed
-                // (virtio 1.2 §2.1.2: the device notifies after setting NEEDS_RESET).
-                if notify_config_change(&backend) {
-                    debug!(device = %name, "config change notified to the frontend");
-                }
-            }),
-        };
-        let worker = QueueWorker::spawn(params).map_err(|e| Error::Worker {
-            index: first,
-            reason: e.to_string(),
-        })?;
-        self.groups[g].worker = Some(worker);
-        for &m in &ready {
-            self.vrings[m].running = true;
-            self.track_vring(m);
-            debug!(device = %self.name, vring = m, size = self.vrings[m].size, base = self.vrings[m].base, "vring started");
-        }
-        Ok(())
-    }
-
-    /// Resource entries of running vring `i`: virtqueue, its worker, its call vector.
-    fn track_vring(&mut self, i: usize) {
-        let index = i as u16;
-        let qname = format!("{}-q{}", self.name, i);
-        let parent = self.session_id();
-        let me = Owner::current();
-        let has_call = self.vectors.trigger_fd(index).ok().flatten().is_some();
-        let mut tracked: Vec<ResHandle> = Vec::new();
-        if let Some(vq) = self.track(
-            ResType::Virtqueue,
-            qname.clone(),
-            parent,
-            self.frontend.clone(),
-        ) {
-            let vq_id = vq.id();
-            tracked.extend(self.track(ResType::Worker, qname.clone(), Some(vq_id), me.clone()));
-            if has_call {
-                tracked.extend(self.track(
-                    ResType::Vector,
-                    format!("{qname}-call"),
-                    Some(vq_id),
-                    me,
-                ));
-            }
-            tracked.insert(0, vq);
-        }
-        if let Some(v) = self.vrings.get_mut(i) {
-            v.tracked = tracked;
-        }
-    }
-
     /// Ends the session: every vring completes the chains already in its avail ring and
     /// stops, then completed writes are made durable.
     pub fn close(&mut self) {
-        for i in 0..self.vrings.len() {
-            self.stop_vring_with(i, true);
-        }
-        if let Err(e) = self.device.flush() {
-            warn!(device = %self.name, "Flush at disconnect failed: {}", e.0);
-        }
-        // Release the frontend's call eventfds.
-        let _ = self.vectors.set_irqs(0, 0, IrqAction::Eventfd(Vec::new()));
-        // The next frontend sets its own MTU (NET_SET_MTU) or uses the device's.
-        let _ = self.device.set_frontend_mtu(None);
-        self.mem = None;
-        self.mem_entries.clear();
+        self.rt.close();
         self.region_repeats.clear();
-        self.session_entry = None;
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        *st = SessionState::default();
     }
 }
 

@@ -1,0 +1,754 @@
+//! [`DeviceRuntime`]: one device served to one driver, whatever the transport.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+use uvdpa_restrack::{Owner, ResHandle, ResId, ResType, Tracker};
+use uvdpa_virtio::inflight::InflightMap;
+use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
+use uvdpa_virtio::stats::{QueueStatsRef, StatsTable};
+use uvdpa_virtio::worker::{GroupHandler, QueueWorker, StopError, WorkerParams, WorkerQueue};
+use uvdpa_virtio::{
+    DeviceStatus, GuestMemory, MemoryRegion, StatusMachine, VirtioDevice, VirtioFeatures,
+    Virtqueue, VringConfig,
+};
+
+use crate::error::RuntimeError;
+
+/// How long stopping a vring waits for the request in progress before the ring is
+/// abandoned and the device marked DEVICE_NEEDS_RESET.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Tells the driver the device changed (a configuration-change notification, virtio 1.2
+/// §2.1.2 after DEVICE_NEEDS_RESET, or a new capacity): vhost-user sends
+/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, VDUSE injects the config interrupt. Returns
+/// whether the notice went out. Called from queue workers: it must not block.
+pub type ConfigNotifier = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Ring state of one vring as the driver configured it.
+#[derive(Default)]
+pub struct VringState {
+    /// Ring size in descriptors (0: not set).
+    pub size: u16,
+    /// Descriptor table, driver area (avail ring) and device area (used ring) addresses:
+    /// frontend virtual addresses on vhost-user, IOVAs on VDUSE.
+    pub addr: Option<(u64, u64, u64)>,
+    /// Where the device resumes: the next avail index (split), or the next avail slot with
+    /// its wrap counter in bit 15 (packed).
+    pub base: u16,
+    /// A base was set by the driver (or handed back by a stopped worker).
+    pub base_set: bool,
+    /// The kick eventfd; a vring runs only with one.
+    pub kick: Option<Arc<OwnedFd>>,
+    /// The error eventfd (vhost-user SET_VRING_ERR), if any.
+    pub err: Option<Arc<OwnedFd>>,
+    /// The driver started the ring (a kick fd was set and not withdrawn since).
+    pub started: bool,
+    /// The ring is enabled (vhost-user SET_VRING_ENABLE, VDUSE `ready`).
+    pub enabled: bool,
+    /// Owned by its group's running worker.
+    running: bool,
+    /// Resource entries of the running vring (virtqueue, worker, call vector); released
+    /// when the worker hands the ring back.
+    tracked: Vec<ResHandle>,
+}
+
+impl VringState {
+    /// Whether a worker owns the ring now.
+    pub fn running(&self) -> bool {
+        self.running
+    }
+}
+
+/// The vrings one worker runs together.
+#[derive(Default)]
+struct Group {
+    worker: Option<QueueWorker>,
+    /// Kept between runs (reconnects and restarts reuse it).
+    handler: Option<Box<dyn GroupHandler>>,
+    /// Vring indices of the group, ascending.
+    members: Vec<usize>,
+}
+
+/// The device's worker groups for `features`, and the group of each vring. Group ids are
+/// the device's, clamped into range (an out-of-range id runs alone).
+fn queue_groups(device: &dyn VirtioDevice, features: VirtioFeatures) -> (Vec<Group>, Vec<usize>) {
+    let n = device.num_queues();
+    let group_of: Vec<usize> = (0..n)
+        .map(|i| match device.queue_group(i, features) {
+            g if g < n => usize::from(g),
+            _ => usize::from(i),
+        })
+        .collect();
+    let mut groups: Vec<Group> = (0..n).map(|_| Group::default()).collect();
+    for (i, &g) in group_of.iter().enumerate() {
+        groups[g].members.push(i);
+    }
+    (groups, group_of)
+}
+
+/// Where a runtime records its resources (restrack, seed 003): the tracker and the device
+/// entry its entries hang under.
+#[derive(Clone)]
+pub struct ResCtx {
+    /// The daemon's tracker.
+    pub tracker: Tracker,
+    /// The device's entry.
+    pub device: ResId,
+}
+
+/// What a session exposes to the daemon for `dev show` (updated after every request).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionState {
+    /// A driver is attached (a vhost-user frontend connected, a VDUSE device bound).
+    pub connected: bool,
+    /// The frontend's pid (SO_PEERCRED), if known.
+    pub frontend_pid: Option<u32>,
+    /// Virtio features the driver acked.
+    pub features: u64,
+    /// vhost-user protocol features negotiated (0 on VDUSE).
+    pub protocol_features: u64,
+    /// Device status byte (virtio 1.2 §2.1).
+    pub status: u8,
+    /// Vrings owned by a running worker.
+    pub running_vrings: u16,
+}
+
+/// What a runtime is given at creation.
+pub struct RuntimeParams {
+    /// The device served.
+    pub device: Arc<dyn VirtioDevice>,
+    /// One counters entry per device queue (kept across sessions).
+    pub stats: Arc<StatsTable>,
+    /// Refreshed by [`DeviceRuntime::publish_state`], for `dev show`.
+    pub state: Arc<Mutex<SessionState>>,
+    /// Where to record resources, if anywhere.
+    pub res: Option<ResCtx>,
+    /// The driver's process (vhost-user: the frontend's pid), owner of its resources;
+    /// `None`: this process.
+    pub frontend_pid: Option<u32>,
+    /// Busy-poll window of each queue worker (zero: off).
+    pub poll: Duration,
+    /// Features mandated at device creation beyond the device's own (seed 004).
+    pub mandated: VirtioFeatures,
+    /// Transport feature bits offered besides the device's (vhost-user:
+    /// VHOST_USER_F_PROTOCOL_FEATURES; VDUSE: VIRTIO_F_ACCESS_PLATFORM).
+    pub transport_features: VirtioFeatures,
+    /// Whether the status machine enforces the driver's write order (virtio 1.2 §3.1.1).
+    /// vhost-user frontends proxy their driver's status and may skip steps (QEMU 7.2).
+    pub strict_status_order: bool,
+    /// Ring addresses are frontend virtual addresses (vhost-user) rather than guest
+    /// addresses/IOVAs (VDUSE).
+    pub addrs_are_uaddr: bool,
+    /// The device's interrupt vectors: vector `i` is vring `i`'s call (seed 001).
+    pub vectors: Arc<VectorTable>,
+    /// How the driver is told the device changed.
+    pub notify_config: ConfigNotifier,
+}
+
+/// One device served to one driver: status, features, memory, vrings and their workers.
+pub struct DeviceRuntime {
+    name: String,
+    device: Arc<dyn VirtioDevice>,
+    transport_features: VirtioFeatures,
+    acked: VirtioFeatures,
+    status: StatusMachine,
+    needs_reset: Arc<AtomicBool>,
+    mem: Option<Arc<GuestMemory>>,
+    vrings: Vec<VringState>,
+    /// Worker groups, and the group of each vring.
+    groups: Vec<Group>,
+    group_of: Vec<usize>,
+    stats: Arc<StatsTable>,
+    state: Arc<Mutex<SessionState>>,
+    res: Option<ResCtx>,
+    poll: Duration,
+    addrs_are_uaddr: bool,
+    frontend: Owner,
+    session_entry: Option<ResHandle>,
+    mem_entries: Vec<ResHandle>,
+    inflight: Option<Arc<InflightMap>>,
+    vectors: Arc<VectorTable>,
+    notify_config: ConfigNotifier,
+    closed: bool,
+}
+
+impl DeviceRuntime {
+    /// A fresh runtime (device status 0, no features, no memory, no vrings configured).
+    /// `name` names the device in logs and worker threads.
+    pub fn new(name: &str, p: RuntimeParams) -> Self {
+        let RuntimeParams {
+            device,
+            stats,
+            state,
+            res,
+            frontend_pid,
+            poll,
+            mandated,
+            transport_features,
+            strict_status_order,
+            addrs_are_uaddr,
+            vectors,
+            notify_config,
+        } = p;
+        let status = StatusMachine::new(
+            device.features() | transport_features,
+            device.mandated_features() | mandated,
+        )
+        .with_strict_order(strict_status_order);
+        let n = device.num_queues();
+        let vrings = (0..n).map(|_| VringState::default()).collect();
+        let (groups, group_of) = queue_groups(&*device, VirtioFeatures::empty());
+        let mut rt = Self {
+            name: name.to_string(),
+            device,
+            transport_features,
+            acked: VirtioFeatures::empty(),
+            status,
+            needs_reset: Arc::new(AtomicBool::new(false)),
+            mem: None,
+            vrings,
+            groups,
+            group_of,
+            stats,
+            state,
+            res,
+            poll,
+            addrs_are_uaddr,
+            frontend: frontend_pid.map_or_else(Owner::current, Owner::of_pid),
+            session_entry: None,
+            mem_entries: Vec::new(),
+            inflight: None,
+            vectors,
+            notify_config,
+            closed: false,
+        };
+        let entry = match rt.frontend.pid {
+            0 => format!("{}-frontend", rt.name),
+            pid => format!("{}-frontend-{pid}", rt.name),
+        };
+        rt.session_entry = rt.track(ResType::Session, entry, None, rt.frontend.clone());
+        rt
+    }
+
+    /// The device's name (logs, worker threads).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device served.
+    pub fn device(&self) -> &Arc<dyn VirtioDevice> {
+        &self.device
+    }
+
+    /// The device's interrupt vectors.
+    pub fn vectors(&self) -> &Arc<VectorTable> {
+        &self.vectors
+    }
+
+    /// Features offered: the device's with the transport's.
+    pub fn offered(&self) -> VirtioFeatures {
+        self.device.features() | self.transport_features
+    }
+
+    /// Features the driver acked (last [`DeviceRuntime::set_features`]).
+    pub fn acked(&self) -> VirtioFeatures {
+        self.acked
+    }
+
+    /// Number of vrings (the device's queues).
+    pub fn num_vrings(&self) -> usize {
+        self.vrings.len()
+    }
+
+    /// Vring `i` as configured, if `i` is in range.
+    pub fn vring(&self, i: usize) -> Option<&VringState> {
+        self.vrings.get(i)
+    }
+
+    /// The guest memory workers use, if set.
+    pub fn memory(&self) -> Option<&Arc<GuestMemory>> {
+        self.mem.as_ref()
+    }
+
+    /// The device status as the driver reads it (DEVICE_NEEDS_RESET included).
+    pub fn device_status(&self) -> DeviceStatus {
+        let mut s = self.status.status();
+        if self.needs_reset.load(Ordering::Acquire) {
+            s |= DeviceStatus::DEVICE_NEEDS_RESET;
+        }
+        s
+    }
+
+    /// Whether a worker failed and the device waits for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// Checks `features` for FEATURES_OK (seed 004: inside the offer, mandated ones present)
+    /// without changing anything.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Status`] naming the unoffered or missing bits.
+    pub fn check_features(&self, features: VirtioFeatures) -> Result<(), RuntimeError> {
+        Ok(self.status.check_features(features)?)
+    }
+
+    /// Applies the driver's features. The status machine sees `features` without the
+    /// transport-only bits in `strip`; running rings restart with the handlers and queue
+    /// layout of the new features.
+    ///
+    /// # Errors
+    /// A ring that cannot restart ([`RuntimeError::Vring`], [`RuntimeError::Worker`]).
+    pub fn set_features(
+        &mut self,
+        features: VirtioFeatures,
+        strip: VirtioFeatures,
+    ) -> Result<(), RuntimeError> {
+        self.status.set_driver_features(features - strip);
+        if features != self.acked {
+            let running = self.stop_running_vrings();
+            (self.groups, self.group_of) = queue_groups(&*self.device, features);
+            self.acked = features;
+            for i in running {
+                self.update_vring(i)?;
+            }
+        }
+        self.acked = features;
+        Ok(())
+    }
+
+    /// A status write from the driver (virtio 1.2 §2.1, §3.1.1); 0 resets
+    /// ([`DeviceRuntime::reset_status`]).
+    ///
+    /// # Errors
+    /// [`RuntimeError::Status`]: the status machine refused (FEATURES_OK with unoffered or
+    /// missing mandated features, bits cleared without a reset, steps out of order).
+    pub fn set_status(&mut self, value: u8) -> Result<(), RuntimeError> {
+        if value == 0 {
+            self.reset_status();
+            return Ok(());
+        }
+        let res = self.status.set_status(value);
+        info!(device = %self.name, status = ?self.status.status().names(), "device status");
+        res?;
+        Ok(())
+    }
+
+    /// Device reset by status (virtio 1.2 §2.1): every vring is stopped, its in-flight
+    /// requests completed before its worker hands it back, and the status machine returns
+    /// to 0. The vrings keep their configuration and the base they stopped at (a
+    /// GET_VRING_BASE that follows reports where the ring really is); a vring runs again
+    /// only after a new kick fd. The negotiated features are kept.
+    pub fn reset_status(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_vring(i);
+            if let Some(v) = self.vrings.get_mut(i) {
+                v.started = false;
+                v.kick = None;
+            }
+        }
+        let driver = self.status.driver_features();
+        self.status.reset();
+        self.status.set_driver_features(driver);
+        self.needs_reset.store(false, Ordering::Release);
+        info!(device = %self.name, "device status reset");
+    }
+
+    /// Full device reset: every vring is stopped (in-flight requests complete first), then
+    /// the state returns to what a new runtime has. Memory is kept; the transport drops
+    /// it with [`DeviceRuntime::replace_memory`] if its protocol says so.
+    pub fn reset(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_vring(i);
+        }
+        for v in &mut self.vrings {
+            *v = VringState::default();
+        }
+        (self.groups, self.group_of) = queue_groups(&*self.device, VirtioFeatures::empty());
+        self.status.reset();
+        self.needs_reset.store(false, Ordering::Release);
+        self.acked = VirtioFeatures::empty();
+        self.inflight = None;
+        info!(device = %self.name, "device reset");
+    }
+
+    /// Marks the device DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2) and notifies the driver.
+    pub fn fail(&self, why: &str) {
+        warn!(device = %self.name, "Device needs reset: {why}");
+        self.needs_reset.store(true, Ordering::Release);
+        (self.notify_config)();
+    }
+
+    /// Records an entry under `parent` (default: the device) if tracking is on.
+    fn track(
+        &self,
+        ty: ResType,
+        name: String,
+        parent: Option<ResId>,
+        owner: Owner,
+    ) -> Option<ResHandle> {
+        let ctx = self.res.as_ref()?;
+        let h = ctx
+            .tracker
+            .create(ty, name, parent.or(Some(ctx.device)), owner);
+        h.add();
+        Some(h)
+    }
+
+    fn session_id(&self) -> Option<ResId> {
+        self.session_entry.as_ref().map(ResHandle::id)
+    }
+
+    fn track_memory(&mut self) {
+        self.mem_entries.clear();
+        let Some(mem) = self.mem.clone() else { return };
+        let parent = self.session_id();
+        for r in mem.regions() {
+            let name = format!("{}-gpa-{:#x}+{:#x}", self.name, r.gpa(), r.size());
+            if let Some(h) = self.track(ResType::MemRegion, name, parent, self.frontend.clone()) {
+                self.mem_entries.push(h);
+            }
+        }
+    }
+
+    /// Refreshes the state `dev show` reads; `extra` sets transport fields.
+    pub fn publish_state(&self, extra: impl FnOnce(&mut SessionState)) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.connected = true;
+        st.features = self.acked.bits();
+        st.status = self.device_status().bits();
+        st.running_vrings = self.vrings.iter().filter(|v| v.running).count() as u16;
+        extra(&mut st);
+    }
+
+    /// Stops running vrings, builds the new memory from the old regions, and restarts
+    /// every vring that is ready. A failed build leaves no memory: rings wait for the next
+    /// table (callers check what they can before calling).
+    ///
+    /// # Errors
+    /// The build's error, a table still shared ([`RuntimeError::Device`]), or a ring that
+    /// cannot restart.
+    pub fn replace_memory(
+        &mut self,
+        build: impl FnOnce(Vec<MemoryRegion>) -> Result<Option<GuestMemory>, RuntimeError>,
+    ) -> Result<(), RuntimeError> {
+        self.stop_running_vrings();
+        let old = match self.mem.take() {
+            Some(arc) => match Arc::try_unwrap(arc) {
+                Ok(m) => m.into_regions(),
+                Err(arc) => {
+                    // Still shared (cannot happen once workers are stopped): keep it.
+                    self.mem = Some(arc);
+                    return Err(RuntimeError::Device("guest memory still in use".into()));
+                }
+            },
+            None => Vec::new(),
+        };
+        let result = build(old).map(|m| {
+            self.mem = m.map(Arc::new);
+        });
+        self.track_memory();
+        for i in 0..self.vrings.len() {
+            self.update_vring(i)?;
+        }
+        result
+    }
+
+    /// Installs (or drops) the inflight buffer; running vrings restart to pick it up.
+    ///
+    /// # Errors
+    /// A ring that cannot restart.
+    pub fn set_inflight(&mut self, map: Option<Arc<InflightMap>>) -> Result<(), RuntimeError> {
+        let running = self.stop_running_vrings();
+        self.inflight = map;
+        for i in running {
+            self.update_vring(i)?;
+        }
+        Ok(())
+    }
+
+    /// Stops vring `i` if it runs, applies `change`, and starts it if it should run.
+    ///
+    /// # Errors
+    /// A ring that cannot start.
+    pub fn reconfigure(
+        &mut self,
+        i: usize,
+        change: impl FnOnce(&mut VringState),
+    ) -> Result<(), RuntimeError> {
+        self.stop_vring(i);
+        if let Some(v) = self.vrings.get_mut(i) {
+            change(v);
+        }
+        self.update_vring(i)
+    }
+
+    /// Stops every running vring (so a change to what workers use can be applied) and
+    /// returns their indices, for [`DeviceRuntime::update_vring`] to start them again.
+    pub fn stop_running_vrings(&mut self) -> Vec<usize> {
+        let running: Vec<usize> = (0..self.vrings.len())
+            .filter(|&i| self.vrings[i].running)
+            .collect();
+        for &i in &running {
+            self.stop_vring(i);
+        }
+        running
+    }
+
+    /// Stops vring `i`'s group (chains not yet popped stay in the avail ring); its base is
+    /// where the worker stopped.
+    pub fn stop_vring(&mut self, i: usize) {
+        self.stop_vring_with(i, false);
+    }
+
+    /// Stops vring `i`'s group; with `drain`, chains already in the avail rings are
+    /// completed first.
+    fn stop_vring_with(&mut self, i: usize, drain: bool) {
+        let Some(&g) = self.group_of.get(i) else {
+            return;
+        };
+        let Some(worker) = self.groups[g].worker.take() else {
+            return;
+        };
+        let stopped = worker.stop_timeout(drain, STOP_TIMEOUT);
+        for &m in &self.groups[g].members {
+            let v = &mut self.vrings[m];
+            v.tracked.clear();
+            v.running = false;
+        }
+        match stopped {
+            Ok(exit) => {
+                for q in &exit.queues {
+                    if let Some(v) = self.vrings.get_mut(usize::from(q.index)) {
+                        v.base = q.queue.next_avail();
+                        v.base_set = true;
+                    }
+                }
+                self.groups[g].handler = Some(exit.handler);
+                if let Some(e) = exit.error {
+                    debug!(device = %self.name, vring = i, "stopped after error: {e}");
+                }
+            }
+            Err(StopError::Stuck(_)) => {
+                // An unresponsive backend must not hang the driver (seed 004): the ring is
+                // abandoned (its worker will not touch it again) and the device needs a
+                // reset. The handler went with the stuck worker; a new one is made later.
+                self.fail(&format!(
+                    "virtqueue worker of vring {i} did not stop within {STOP_TIMEOUT:?} (backend request stuck)"
+                ));
+            }
+            Err(StopError::Panicked) => {
+                warn!(device = %self.name, vring = i, "Virtqueue worker panicked: device needs reset");
+                self.needs_reset.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Whether vring `i` can run: started, enabled, addressed, sized, memory present, and
+    /// the device not waiting for a reset.
+    fn vring_ready(&self, i: usize) -> bool {
+        let Some(v) = self.vrings.get(i) else {
+            return false;
+        };
+        self.mem.is_some()
+            && v.addr.is_some()
+            && v.kick.is_some()
+            && v.started
+            && v.enabled
+            && v.size != 0
+            && !self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// Starts vring `i`'s group with every ready vring of it (restarting the group's
+    /// worker if `i` is ready but not part of it yet).
+    ///
+    /// # Errors
+    /// A ring whose addresses do not translate ([`RuntimeError::Vring`]), a handler the
+    /// device refused, or a worker thread that could not start.
+    pub fn update_vring(&mut self, i: usize) -> Result<(), RuntimeError> {
+        let Some(&g) = self.group_of.get(i) else {
+            return Ok(());
+        };
+        let members = self.groups[g].members.clone();
+        let ready: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|&m| self.vring_ready(m))
+            .collect();
+        if self.groups[g].worker.is_some() {
+            if ready.iter().all(|&m| self.vrings[m].running) {
+                return Ok(());
+            }
+            self.stop_vring(i);
+        }
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let Some(mem) = self.mem.clone() else {
+            return Ok(());
+        };
+        let features = self.acked;
+        let packed = features.contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
+        let mut queues = Vec::with_capacity(ready.len());
+        for &m in &ready {
+            let index = m as u16;
+            let v = &self.vrings[m];
+            let (Some((desc, avail, used)), Some(kick)) = (v.addr, v.kick.clone()) else {
+                continue;
+            };
+            let cfg = VringConfig {
+                size: v.size,
+                desc_addr: desc,
+                avail_addr: avail,
+                used_addr: used,
+                // A packed ring nobody set a base for starts at slot 0 with wrap counter 1.
+                next_avail: if packed && !v.base_set {
+                    0x8000
+                } else {
+                    v.base
+                },
+                event_idx: features.contains(VirtioFeatures::VIRTIO_RING_F_EVENT_IDX),
+                indirect: features.contains(VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC),
+                addrs_are_uaddr: self.addrs_are_uaddr,
+            };
+            let mut queue = Virtqueue::new(&cfg, mem.clone(), packed)
+                .map_err(|source| RuntimeError::Vring { index, source })?;
+            if let Some(t) = self
+                .inflight
+                .as_ref()
+                .and_then(|m| m.queue(index, cfg.size))
+            {
+                if !queue.set_inflight(t) {
+                    debug!(device = %self.name, vring = m, "inflight tracking is not supported on packed rings");
+                }
+            }
+            queues.push(WorkerQueue {
+                index,
+                queue,
+                kick,
+                call: self.vectors.handle(index).ok(),
+                err: v.err.clone(),
+                stats: QueueStatsRef::new(self.stats.clone(), m).ok_or(RuntimeError::Worker {
+                    index,
+                    reason: "no stats entry for this queue".into(),
+                })?,
+            });
+        }
+        let first = ready[0] as u16;
+        let handler = match self.groups[g].handler.take() {
+            Some(h) => h,
+            None => self
+                .device
+                .group_handler(g as u16, features)
+                .map_err(|e| RuntimeError::Device(e.0))?,
+        };
+        let needs_reset = self.needs_reset.clone();
+        let state = self.state.clone();
+        let notify = self.notify_config.clone();
+        let name = self.name.clone();
+        let thread = format!("{}-q{}", self.name, first);
+        // The worker thread itself holds a reference to the device entry, so a worker stuck
+        // in a backend request keeps the device "in use" until it really ends.
+        let hold = self
+            .res
+            .as_ref()
+            .and_then(|c| c.tracker.lookup(c.device.ty, c.device.id))
+            .map(|r| Box::new(r.get(&format!("worker {thread}"))) as Box<dyn std::any::Any + Send>);
+        let params = WorkerParams {
+            name: thread,
+            queues,
+            handler,
+            poll: self.poll,
+            hold,
+            on_error: Arc::new(move |e| {
+                warn!(device = %name, vring = first, "Virtqueue failed, device needs reset: {e}");
+                needs_reset.store(true, Ordering::Release);
+                // Visible to `dev show` at once, not only after the next request.
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                st.status |= DeviceStatus::DEVICE_NEEDS_RESET.bits();
+                drop(st);
+                // Tell the driver the device changed (virtio 1.2 §2.1.2: the device
+                // notifies after setting NEEDS_RESET), where the transport can.
+                if notify() {
+                    debug!(device = %name, "config change notified to the driver");
+                }
+            }),
+        };
+        let worker = QueueWorker::spawn(params).map_err(|e| RuntimeError::Worker {
+            index: first,
+            reason: e.to_string(),
+        })?;
+        self.groups[g].worker = Some(worker);
+        for &m in &ready {
+            self.vrings[m].running = true;
+            self.track_vring(m);
+            debug!(device = %self.name, vring = m, size = self.vrings[m].size, base = self.vrings[m].base, "vring started");
+        }
+        Ok(())
+    }
+
+    /// Resource entries of running vring `i`: virtqueue, its worker, its call vector.
+    fn track_vring(&mut self, i: usize) {
+        let index = i as u16;
+        let qname = format!("{}-q{}", self.name, i);
+        let parent = self.session_id();
+        let me = Owner::current();
+        let has_call = self.vectors.trigger_fd(index).ok().flatten().is_some();
+        let mut tracked: Vec<ResHandle> = Vec::new();
+        if let Some(vq) = self.track(
+            ResType::Virtqueue,
+            qname.clone(),
+            parent,
+            self.frontend.clone(),
+        ) {
+            let vq_id = vq.id();
+            tracked.extend(self.track(ResType::Worker, qname.clone(), Some(vq_id), me.clone()));
+            if has_call {
+                tracked.extend(self.track(
+                    ResType::Vector,
+                    format!("{qname}-call"),
+                    Some(vq_id),
+                    me,
+                ));
+            }
+            tracked.insert(0, vq);
+        }
+        if let Some(v) = self.vrings.get_mut(i) {
+            v.tracked = tracked;
+        }
+    }
+
+    /// Ends the session: every vring completes the chains already in its avail ring and
+    /// stops, completed writes are made durable, the driver's call fds and MTU are dropped
+    /// and memory is unmapped.
+    pub fn close(&mut self) {
+        self.closed = true;
+        for i in 0..self.vrings.len() {
+            self.stop_vring_with(i, true);
+        }
+        if let Err(e) = self.device.flush() {
+            warn!(device = %self.name, "Flush at disconnect failed: {}", e.0);
+        }
+        // Release the driver's call eventfds.
+        let _ = self.vectors.set_irqs(0, 0, IrqAction::Eventfd(Vec::new()));
+        // The next frontend sets its own MTU (NET_SET_MTU) or uses the device's.
+        let _ = self.device.set_frontend_mtu(None);
+        self.mem = None;
+        self.mem_entries.clear();
+        self.session_entry = None;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *st = SessionState::default();
+    }
+}
+
+impl Drop for DeviceRuntime {
+    fn drop(&mut self) {
+        if !self.closed {
+            self.close();
+        }
+    }
+}
