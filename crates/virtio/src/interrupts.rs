@@ -56,6 +56,14 @@
 //! likewise: a fire that read the vector as unmasked just before [`VectorTable::mask`] still
 //! signals. The cost is one extra fd per vector that ever had a trigger, plus one sink fd per
 //! table.
+//!
+//! # Injected interrupts (VDUSE)
+//!
+//! A transport without eventfd triggers (VDUSE delivers a virtqueue interrupt with the
+//! `VDUSE_VQ_INJECT_IRQ` ioctl) makes its table with [`VectorTable::with_injector`]: every
+//! vector is armed from the start and signalling vector `i` calls the injector with `i`
+//! instead of writing an fd; masking, coalescing and counters work as above. Such a table
+//! refuses eventfd triggers.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -301,13 +309,27 @@ struct Slot {
     fd: Option<OwnedFd>,
 }
 
+impl std::fmt::Debug for VectorTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VectorTable")
+            .field("nvec", &self.vectors.len())
+            .field("injector", &self.injector.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Signals vector `i` of a table without eventfd triggers (see "Injected interrupts" in the
+/// module documentation). Called on the data path: it must not block.
+pub type Injector = Arc<dyn Fn(u16) + Send + Sync>;
+
 /// A device's interrupt vector table (see the module documentation).
-#[derive(Debug)]
 pub struct VectorTable {
     vectors: Box<[Vector]>,
     control: Mutex<Control>,
     /// Time origin of `Vector::last_signal`.
     epoch: Instant,
+    /// Signals a vector by index instead of its fd, if set.
+    injector: Option<Injector>,
 }
 
 impl VectorTable {
@@ -320,6 +342,30 @@ impl VectorTable {
                 sink: None,
             }),
             epoch: Instant::now(),
+            injector: None,
+        }
+    }
+
+    /// A table of `nvec` vectors signalled through `injector` (VDUSE), all armed and
+    /// unmasked, coalescing off.
+    pub fn with_injector(nvec: u16, injector: Injector) -> Self {
+        let mut t = Self::new(nvec);
+        for v in t.vectors.iter() {
+            v.flags.fetch_or(ARMED, Ordering::AcqRel);
+        }
+        t.injector = Some(injector);
+        t
+    }
+
+    /// Signals `v` through the injector, or its fd.
+    fn signal(&self, v: &Vector) {
+        match &self.injector {
+            Some(inject) => {
+                let base = self.vectors.as_ptr() as usize;
+                let i = (v as *const Vector as usize - base) / std::mem::size_of::<Vector>();
+                inject(u16::try_from(i).unwrap_or(u16::MAX));
+            }
+            None => v.signal(),
         }
     }
 
@@ -610,7 +656,7 @@ impl VectorTable {
                 v.last_signal.store(stamp, Ordering::Relaxed);
             }
         }
-        v.signal();
+        self.signal(v);
         v.sent.fetch_add(1, Ordering::Relaxed);
         Fired::Sent
     }
@@ -633,7 +679,7 @@ impl VectorTable {
             return false;
         }
         self.stamp_signal(v, now);
-        v.signal();
+        self.signal(v);
         v.sent_deferred.fetch_add(1, Ordering::Relaxed);
         true
     }
@@ -653,7 +699,7 @@ impl VectorTable {
     fn deliver(&self, v: &Vector, now: impl FnOnce() -> Instant) {
         v.held.swap(0, Ordering::AcqRel);
         self.stamp_signal(v, now);
-        v.signal();
+        self.signal(v);
     }
 
     fn stamp_signal(&self, v: &Vector, now: impl FnOnce() -> Instant) {
@@ -664,6 +710,10 @@ impl VectorTable {
 
     /// Removes every trigger (count 0).
     fn teardown(&self) {
+        if self.injector.is_some() {
+            // The injector is the trigger of every vector, for the table's lifetime.
+            return;
+        }
         let mut ctl = self.lock();
         let Control { slots, sink } = &mut *ctl;
         for (v, slot) in self.vectors.iter().zip(slots.iter_mut()) {
@@ -673,6 +723,12 @@ impl VectorTable {
 
     /// `DATA_EVENTFD` on `start..start + fds.len()` (range and length already checked).
     fn set_triggers(&self, start: u16, fds: Vec<Option<Arc<OwnedFd>>>) -> Result<(), IrqError> {
+        if self.injector.is_some() {
+            return Err(IrqError::BadTrigger {
+                vec: start,
+                reason: "this table signals by injection (VDUSE), not through eventfds".into(),
+            });
+        }
         let mut ctl = self.lock();
         let Control { slots, sink } = &mut *ctl;
         let first = usize::from(start);
