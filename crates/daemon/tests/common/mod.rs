@@ -493,6 +493,7 @@ impl Drop for Qsd {
 /// on a memfd it shares with the device: guest physical addresses start at 0 and the
 /// frontend's "virtual" addresses at [`vu::UADDR`] (only the device translates those).
 pub mod testpmd;
+pub mod vduse_guest;
 
 pub mod vu {
     use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
