@@ -2,8 +2,9 @@
 # Installs the Debian packages the test suite and benchmarks need, when they are missing:
 # QEMU (the guest tests and qemu-storage-daemon, the benchmark peer), Debian's kernel for the
 # guest, busybox for its initramfs, fio and e2fsprogs for the guest's real-workload matrix,
-# and DPDK (dpdk-testpmd: the virtio-net driver and the
-# reference vhost-user backend of the net tests and benches/net.sh).
+# DPDK (dpdk-testpmd: the virtio-net driver and the
+# reference vhost-user backend of the net tests and benches/net.sh), and the VDUSE guest's
+# 6.12 kernel (tests/guest/vduse/fetch-kernel.sh).
 set -euo pipefail
 
 need=()
@@ -22,14 +23,22 @@ command -v fio >/dev/null || need+=(fio)
 command -v dpdk-testpmd >/dev/null || need+=(dpdk dpdk-dev)
 ls /usr/lib/*/dpdk/pmds-*/librte_net_virtio.so >/dev/null 2>&1 || need+=(librte-net-virtio23)
 ls /usr/lib/*/dpdk/pmds-*/librte_net_vhost.so >/dev/null 2>&1 || need+=(librte-net-vhost23)
+# The VDUSE guest (tests/guest/vduse): iproute2's vdpa binds VDUSE devices, xz unpacks the
+# 6.12 kernel's modules.
+command -v vdpa >/dev/null || [ -x /usr/sbin/vdpa ] || [ -x /sbin/vdpa ] || need+=(iproute2)
+command -v xz >/dev/null || need+=(xz-utils)
 
 if [ ${#need[@]} -eq 0 ]; then
-    echo "install-deps: all present"
-    exit 0
+    echo "install-deps: all packages present"
+else
+    echo "install-deps: installing ${need[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
-echo "install-deps: installing ${need[*]}"
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+
+# Debian bookworm-backports' 6.12 kernel for the VDUSE guest (Debian 12's own 6.1 has no
+# vDPA): downloaded and unpacked into ~/.cache/uvdpa, not installed; instant once cached.
+"$(dirname "${BASH_SOURCE[0]}")/../tests/guest/vduse/fetch-kernel.sh" > /dev/null
