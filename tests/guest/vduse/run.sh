@@ -16,7 +16,8 @@
 #
 # The guest's paths are the host's: the repository, target/, $HOME/.cache/uvdpa and the
 # binaries in /usr are all there (read-only), except /tmp, /run and /dev/shm (the guest's own
-# tmpfs). The script's environment: UVDPA_LIB (lib.sh, `. "$UVDPA_LIB"`), UVDPA_REPO,
+# tmpfs). The script's environment: UVDPA_LIB (lib.sh, `. "$UVDPA_LIB"`; load-vduse-modules
+# is on PATH), UVDPA_REPO,
 # UVDPA_KVER, UVDPA_MODDIR, UVDPA_MODDEC, UVDPA_OUT=/out, plus the --env variables.
 #
 # The console (the script's stdout and stderr) goes to stdout, CRLF turned into LF. Exit
@@ -60,9 +61,17 @@ initrd="$("$here/build-initramfs.sh")" || { echo "vduse-run: building the initra
 ctl="$(mktemp -d "${TMPDIR:-/tmp}/uvdpa-vduse.XXXXXX")"
 trap 'rm -rf "$ctl"' EXIT
 cp "$script" "$ctl/script"
+# lib.sh and load-vduse-modules travel in the control share: the checkout may be under /tmp,
+# which the guest does not see
+mkdir -p "$ctl/bin"
+cp "$here/lib.sh" "$ctl/lib.sh"
+cp "$here/load-vduse-modules" "$ctl/bin/load-vduse-modules"
+case "$repo" in /tmp/* | /run/* | /dev/shm/*)
+    echo "vduse-run: warning: $repo is under /tmp, /run or /dev/shm, which the guest does not see" >&2 ;;
+esac
 q() { printf "%s='%s'\n" "$1" "${2//\'/\'\\\'\'}"; }  # NAME='VALUE' for sh
 {
-    q UVDPA_LIB "$here/lib.sh"
+    q UVDPA_LIB /run/uvdpa-guest/lib.sh
     q UVDPA_REPO "$repo"
     q UVDPA_KVER "$UVDPA_KVER"
     q UVDPA_MODDIR "$UVDPA_MODDIR"
