@@ -4,3 +4,15 @@
 //! family.
 
 pub mod netlink;
+pub mod control;
+pub mod dev;
+pub mod error;
+pub mod iotlb;
+pub mod message;
+pub mod sys;
+
+pub use control::{Control, DevSpec};
+pub use dev::{DeviceFd, IotlbEntry, IotlbPerm, VqInfo};
+pub use error::VduseError;
+pub use iotlb::{IotlbResolver, IotlbSource};
+pub use message::{Request, RequestKind, Response, ResponseResult, RingLayout, VqState};
