@@ -316,6 +316,17 @@ write("net_pair", "ctrl", net_seed(0, 0, 0, 0, [
     ctrl_req(3, 0, b""), ctrl_req(4, 0, u16(8)), ctrl_req(5, 0, u64(2)), ctrl_req(4, 0, u16(9), wsel=3),
 ], ctrl=0xff))
 
+# ---------------------------------------------------------------- vduse_request
+# struct vduse_dev_request (152 bytes): type, request_id, reserved[4], 128-byte union.
+def vduse_req(ty, rid, payload=b""):
+    return u32(ty) + u32(rid) + bytes(16) + payload + bytes(128 - len(payload))
+
+
+write("vduse_request", "get_vq_state", vduse_req(0, 1, u32(3)))
+write("vduse_request", "set_status", vduse_req(1, 2, u8(0x0f)))
+write("vduse_request", "update_iotlb", vduse_req(2, 3, u64(0) + u64(0xffffffffffffffff)))
+write("vduse_request", "unknown", vduse_req(3, 4, u32(1) + u32(0)))
+
 # ---------------------------------------------------------------- regressions
 # Inputs that crashed the library once (fuzz/regressions/TARGET/): scripts/fuzz.sh replays
 # them with the corpus, so a fixed bug stays fixed.
