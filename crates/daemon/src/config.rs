@@ -19,6 +19,9 @@
 //! mandate = ["VIRTIO_BLK_F_FLUSH"]  # features the driver must accept (FEATURES_OK)
 //! coalesce_usecs = 0       # interrupt coalescing per queue vector (0 = off)
 //! coalesce_frames = 0
+//! transport = "vhost-user" # vhost-user (a socket) | vduse (a kernel vDPA device)
+//! bind = "vduse"           # vduse: add it to the vDPA bus (vdpa mgmtdev vduse) | "none"
+//! bounce_size = "64M"      # vduse: the kernel's bounce buffer, > the largest request
 //!
 //! [[device]]
 //! name = "net0"
@@ -140,6 +143,13 @@ pub struct DeviceEntry {
     pub coalesce_usecs: Option<u32>,
     /// Interrupt coalescing of every queue vector: at most one signal per this many batches.
     pub coalesce_frames: Option<u32>,
+    /// How drivers reach the device: `vhost-user` (default) or `vduse`.
+    pub transport: Option<String>,
+    /// VDUSE: `vduse` (add the device to the vDPA bus through vdpa netlink, the default)
+    /// or `none` (left for `vdpa dev add` by hand).
+    pub bind: Option<String>,
+    /// VDUSE: size of the kernel's bounce buffer (bytes, or with K/M/G suffix).
+    pub bounce_size: Option<SizeValue>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +188,38 @@ pub enum DeviceKind {
     Net(NetSpec),
 }
 
+/// How drivers reach a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// A vhost-user socket `<run-dir>/<name>.sock` (QEMU, DPDK, libblkio).
+    VhostUser,
+    /// A VDUSE device `/dev/vduse/<name>` in the kernel's vDPA framework.
+    Vduse {
+        /// Add it to the vDPA bus (vdpa netlink `VDPA_CMD_DEV_NEW`, mgmtdev `vduse`).
+        bind: bool,
+        /// The kernel's bounce buffer for it, bytes (sysfs `bounce_size`).
+        bounce_size: u64,
+    },
+}
+
+impl Transport {
+    /// `vhost-user` or `vduse`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::VhostUser => "vhost-user",
+            Transport::Vduse { .. } => "vduse",
+        }
+    }
+}
+
+/// Smallest default VDUSE bounce buffer: the kernel's own default (64 MiB). A blk device
+/// gets the power of two above its largest request (`seg_max` × `size_max`) if that is more.
+pub const VDUSE_DEFAULT_BOUNCE: u64 = 64 << 20;
+/// Largest VDUSE bounce buffer the kernel accepts (1 GiB, `VDUSE_MAX_BOUNCE_SIZE`).
+pub const VDUSE_MAX_BOUNCE: u64 = 1 << 30;
+/// Smallest: the kernel's `VDUSE_MIN_BOUNCE_SIZE` (1 MiB).
+pub const VDUSE_MIN_BOUNCE: u64 = 1 << 20;
+
 /// A validated device to create.
 #[derive(Debug, Clone)]
 pub struct DeviceSpec {
@@ -191,6 +233,8 @@ pub struct DeviceSpec {
     pub mandate: u64,
     /// Initial coalescing of every queue vector: (µs, batches); (0, 0) = off.
     pub coalesce: (u32, u32),
+    /// How drivers reach it.
+    pub transport: Transport,
 }
 
 impl DeviceSpec {
@@ -415,13 +459,76 @@ impl DeviceEntry {
                 format!("{}: 0..=1000000 microseconds", coalesce.0),
             ));
         }
+        let transport = self.validate_transport(&kind, &err)?;
         Ok(DeviceSpec {
             coalesce,
             mandate,
             poll_us,
             name,
             kind,
+            transport,
         })
+    }
+
+    fn validate_transport(
+        &self,
+        kind: &DeviceKind,
+        err: FieldErr<'_>,
+    ) -> Result<Transport, ConfigError> {
+        match self.transport.as_deref().unwrap_or("vhost-user") {
+            "vhost-user" => {
+                for (f, set) in [
+                    ("bind", self.bind.is_some()),
+                    ("bounce_size", self.bounce_size.is_some()),
+                ] {
+                    if set {
+                        return Err(err(f, "only valid with transport vduse".into()));
+                    }
+                }
+                Ok(Transport::VhostUser)
+            }
+            "vduse" => {
+                let bind = match self.bind.as_deref().unwrap_or("vduse") {
+                    "vduse" => true,
+                    "none" => false,
+                    other => return Err(err("bind", format!("{other:?}: vduse | none"))),
+                };
+                // The kernel bounces every request through this buffer: a request larger
+                // than it never completes (the driver waits in D state), so the default
+                // holds the largest request and a smaller one is refused.
+                let largest = match kind {
+                    DeviceKind::Blk(b) => {
+                        u64::from(uvdpa_devices::blk::seg_max(b.queue_size))
+                            * u64::from(uvdpa_devices::blk::SIZE_MAX)
+                    }
+                    DeviceKind::Net(n) => u64::from(n.config.mtu) + 14 + 12,
+                };
+                let bounce_size = match &self.bounce_size {
+                    None => (largest + 1)
+                        .next_power_of_two()
+                        .clamp(VDUSE_DEFAULT_BOUNCE, VDUSE_MAX_BOUNCE),
+                    Some(SizeValue::Bytes(b)) => *b,
+                    Some(SizeValue::Text(t)) => parse_size(t).ok_or_else(|| {
+                        err(
+                            "bounce_size",
+                            format!("{t:?}: a byte count with optional K/M/G suffix"),
+                        )
+                    })?,
+                };
+                if !(VDUSE_MIN_BOUNCE..=VDUSE_MAX_BOUNCE).contains(&bounce_size)
+                    || bounce_size <= largest
+                {
+                    return Err(err(
+                        "bounce_size",
+                        format!(
+                            "{bounce_size}: {VDUSE_MIN_BOUNCE}..={VDUSE_MAX_BOUNCE} bytes and more than the largest request ({largest} bytes)"
+                        ),
+                    ));
+                }
+                Ok(Transport::Vduse { bind, bounce_size })
+            }
+            other => Err(err("transport", format!("{other:?}: vhost-user | vduse"))),
+        }
     }
 
     fn validate_blk(&self, name: &str, err: FieldErr<'_>) -> Result<BlkConfig, ConfigError> {

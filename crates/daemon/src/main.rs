@@ -113,6 +113,17 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
     for p in prepared {
         let name = p.name().to_string();
         match registry.install(p) {
+            Ok(v) if v.transport == "vduse" => {
+                println!("{}: VDUSE virtio-{} at {}", v.name, v.mgmtdev, v.socket);
+                match (&v.vdpa, &v.kernel_dev) {
+                    (Some(bus), Some(d)) => println!("  on the vDPA bus as {bus}: {d}"),
+                    (Some(bus), None) => println!("  on the vDPA bus as {bus}"),
+                    _ => println!("  bind with: vdpa dev add name {} mgmtdev vduse", v.name),
+                }
+                if !v.qemu.is_empty() {
+                    println!("  attach with: {}", v.qemu);
+                }
+            }
             Ok(v) => {
                 println!("{}: vhost-user-{} at {}", v.name, v.mgmtdev, v.socket);
                 println!("  attach with: {}", v.qemu);

@@ -20,13 +20,32 @@ use uvdpa_devices::net::config::{
 use uvdpa_devices::net::device::{NetBackendSpec, NetDevice, MAX_NET_QUEUE_SIZE};
 use uvdpa_devices::net::switch::SwitchRegistry;
 use uvdpa_restrack::{Owner, ResHandle, ResType, Tracker};
-use uvdpa_vhost_user::{ResCtx, ServerOptions, VhostUserServer};
+use uvdpa_vduse::server::{VduseOptions, VduseServer};
+use uvdpa_vhost_user::{ResCtx, ServerOptions, SessionState, VhostUserServer};
+use uvdpa_virtio::interrupts::VectorTable;
 use uvdpa_virtio::stats::QueueStats;
+use uvdpa_virtio::stats::StatsTable;
 use uvdpa_virtio::{DeviceStatus, VirtioDevice, VirtioFeatures};
 
 use crate::config::{
-    DeviceKind, DeviceSpec, NetSpec, BLK_DEFAULT_POLL_US, NET_DEFAULT_FRAME_LEN, NET_MIN_FRAME_LEN,
+    DeviceKind, DeviceSpec, NetSpec, Transport, BLK_DEFAULT_POLL_US, NET_DEFAULT_FRAME_LEN,
+    NET_MIN_FRAME_LEN,
 };
+
+/// `e` and its sources, joined by ": " (user-facing errors print their cause chain).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
 
 /// Registry errors; each maps to an errno-like code for IPC replies.
 #[derive(Debug, Error)]
@@ -117,11 +136,19 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
             &default.to_string(),
         )
     };
+    let transport = || a("transport", "vhost-user|vduse", "vhost-user");
+    let bind = || {
+        a(
+            "bind",
+            "vduse|none (vduse: add to the vDPA bus through vdpa netlink)",
+            "vduse",
+        )
+    };
     vec![
         MgmtdevView {
             name: "blk".into(),
             device_id: 2,
-            transports: vec!["vhost-user".into()],
+            transports: vec!["vhost-user".into(), "vduse".into()],
             attributes: vec![
                 a("backend", "ram|file|null", "ram"),
                 a(
@@ -146,12 +173,19 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                 a("serial", "at most 20 bytes", "uvdpa-NAME"),
                 a("logical_block_size", "512|1024|2048|4096", "512"),
                 poll_us(BLK_DEFAULT_POLL_US),
+                transport(),
+                bind(),
+                a(
+                    "bounce_size",
+                    "1M..=1G bytes, more than seg_max × size_max (vduse)",
+                    "power of two above the largest request, at least 64M",
+                ),
             ],
         },
         MgmtdevView {
             name: "net".into(),
             device_id: 1,
-            transports: vec!["vhost-user".into()],
+            transports: vec!["vhost-user".into(), "vduse".into()],
             attributes: vec![
                 a("backend", "loopback|tap|switch|sink|source", "loopback"),
                 a(
@@ -178,6 +212,9 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                     &NET_DEFAULT_FRAME_LEN.to_string(),
                 ),
                 poll_us(0),
+                transport(),
+                bind(),
+                a("bounce_size", "1M..=1G bytes (vduse)", "64M"),
             ],
         },
     ]
@@ -190,9 +227,17 @@ pub struct DeviceView {
     pub name: String,
     /// Its mgmtdev.
     pub mgmtdev: String,
+    /// `vhost-user` or `vduse`.
+    pub transport: String,
+    /// VDUSE: the device on the vDPA bus (`/sys/bus/vdpa/devices/NAME`), when bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vdpa: Option<String>,
+    /// VDUSE bound to virtio_vdpa: the kernel's block device (`vda`) or netdev (`eth0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_dev: Option<String>,
     /// Backend kind.
     pub backend: String,
-    /// vhost-user socket path.
+    /// vhost-user socket path, or the VDUSE character device (`/dev/vduse/NAME`).
     pub socket: String,
     /// `ready` (no frontend), `connected`, `live` (DRIVER_OK) or `needs-reset`.
     pub state: String,
@@ -392,10 +437,56 @@ impl Prepared {
     }
 }
 
+/// A device's transport endpoint.
+enum Served {
+    /// A vhost-user socket.
+    VhostUser(VhostUserServer),
+    /// A VDUSE device.
+    Vduse(VduseServer),
+}
+
+impl Served {
+    fn session_state(&self) -> SessionState {
+        match self {
+            Served::VhostUser(s) => s.session_state(),
+            Served::Vduse(s) => s.session_state(),
+        }
+    }
+
+    fn stats(&self) -> &Arc<StatsTable> {
+        match self {
+            Served::VhostUser(s) => s.stats(),
+            Served::Vduse(s) => s.stats(),
+        }
+    }
+
+    fn vectors(&self) -> &Arc<VectorTable> {
+        match self {
+            Served::VhostUser(s) => s.vectors(),
+            Served::Vduse(s) => s.vectors(),
+        }
+    }
+
+    /// The socket path, or the VDUSE character device.
+    fn path(&self) -> PathBuf {
+        match self {
+            Served::VhostUser(s) => s.path().to_path_buf(),
+            Served::Vduse(s) => s.path(),
+        }
+    }
+
+    fn shutdown(self) {
+        match self {
+            Served::VhostUser(s) => s.shutdown(),
+            Served::Vduse(s) => s.shutdown(),
+        }
+    }
+}
+
 struct Managed {
     spec: DeviceSpec,
     dev: Dev,
-    server: VhostUserServer,
+    server: Served,
     entry: ResHandle,
 }
 
@@ -470,6 +561,37 @@ pub fn qemu_net_command_line(pairs: u16, mac: &str, mtu: u16, sock: &Path) -> St
          -device virtio-net-pci,netdev=n0,mac={mac}{mq}{host_mtu},vectors=0 ...",
         sock = sock.display(),
     )
+}
+
+/// Where VDUSE device `name` sits on the vDPA bus: its bus device (when bound) and what
+/// the kernel made of it: the block device or netdev of virtio_vdpa, or the
+/// `vhost-vdpa-N` character device of vhost_vdpa.
+fn vdpa_sysfs(name: &str) -> (Option<String>, Option<String>) {
+    let dir = Path::new("/sys/bus/vdpa/devices").join(name);
+    if !dir.exists() {
+        return (None, None);
+    }
+    let entries = |p: &Path| -> Vec<String> {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut kernel_dev = None;
+    for e in entries(&dir) {
+        if e.starts_with("vhost-vdpa-") {
+            kernel_dev = Some(e);
+        } else if e.starts_with("virtio") {
+            let vdir = dir.join(&e);
+            kernel_dev = ["block", "net"]
+                .iter()
+                .find_map(|sub| entries(&vdir.join(sub)).into_iter().next());
+        }
+    }
+    (Some(name.to_string()), kernel_dev)
 }
 
 /// The `dpdk-testpmd --vdev` argument that attaches a net device served at `sock`.
@@ -581,25 +703,51 @@ impl Registry {
             tracker: self.tracker.clone(),
             device: entry.id(),
         };
-        let opts = ServerOptions {
-            res: Some(res),
-            poll: Duration::from_micros(u64::from(spec.poll_us)),
-            mandated: VirtioFeatures::from_raw(spec.mandate),
-        };
+        let poll = Duration::from_micros(u64::from(spec.poll_us));
+        let mandated = VirtioFeatures::from_raw(spec.mandate);
         let server =
-            VhostUserServer::start_with(&spec.name, &sock, dev.virtio(), opts).map_err(|e| {
-                RegistryError::Create {
-                    name: spec.name.clone(),
-                    reason: format!("cannot serve on {}: {e}", sock.display()),
+            match spec.transport {
+                Transport::VhostUser => {
+                    let opts = ServerOptions {
+                        res: Some(res),
+                        poll,
+                        mandated,
+                    };
+                    Served::VhostUser(
+                        VhostUserServer::start_with(&spec.name, &sock, dev.virtio(), opts)
+                            .map_err(|e| RegistryError::Create {
+                                name: spec.name.clone(),
+                                reason: format!("cannot serve on {}: {e}", sock.display()),
+                            })?,
+                    )
                 }
-            })?;
+                Transport::Vduse { bind, bounce_size } => {
+                    let opts = VduseOptions {
+                        res: Some(res),
+                        poll,
+                        mandated,
+                        bind,
+                        bounce_size,
+                        log_dir: Some(self.run_dir.clone()),
+                    };
+                    // Creating and binding waits for the kernel's probe of the device (its
+                    // driver's first requests): outside the registry lock would be nicer, but
+                    // names must stay unique while it runs.
+                    Served::Vduse(VduseServer::start(&spec.name, dev.virtio(), opts).map_err(
+                        |e| RegistryError::Create {
+                            name: spec.name.clone(),
+                            reason: error_chain(&e),
+                        },
+                    )?)
+                }
+            };
         let (usecs, frames) = spec.coalesce;
         if usecs != 0 || frames != 0 {
             for q in 0..spec.num_queues() {
                 let _ = server.vectors().set_coalesce(q, usecs, frames);
             }
         }
-        info!(device = %spec.name, socket = %sock.display(), "device added");
+        info!(device = %spec.name, transport = spec.transport.name(), path = %server.path().display(), "device added");
         let m = Managed {
             spec,
             dev,
@@ -658,10 +806,15 @@ impl Registry {
         } else {
             "connected"
         };
-        let sock = m.server.path();
+        let path = m.server.path();
+        let sock = path.as_path();
+        let vduse = matches!(m.spec.transport, Transport::Vduse { .. });
         let mut v = DeviceView {
             name: m.spec.name.clone(),
             mgmtdev: m.spec.mgmtdev().into(),
+            transport: m.spec.transport.name().into(),
+            vdpa: None,
+            kernel_dev: None,
             backend: String::new(),
             socket: sock.display().to_string(),
             state: state.into(),
@@ -702,6 +855,17 @@ impl Registry {
                 v.mtu = Some(n.config.mtu);
                 v.max_vqp = Some(pairs);
             }
+        }
+        if vduse {
+            // Not a socket: the kernel's driver is attached through the vDPA bus.
+            v.testpmd = None;
+            (v.vdpa, v.kernel_dev) = vdpa_sysfs(&m.spec.name);
+            v.qemu = match &v.kernel_dev {
+                Some(d) if d.starts_with("vhost-vdpa-") => format!(
+                    "qemu-system-x86_64 ... -device vhost-vdpa-device-pci,vhostdev=/dev/{d} ..."
+                ),
+                _ => String::new(),
+            };
         }
         v
     }

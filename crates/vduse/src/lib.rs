@@ -3,12 +3,14 @@
 //! fds and interrupt injection, and binding to the vDPA bus over the `vdpa` generic netlink
 //! family.
 
-pub mod netlink;
 pub mod control;
 pub mod dev;
 pub mod error;
 pub mod iotlb;
 pub mod message;
+pub mod netlink;
+pub mod reconnect;
+pub mod server;
 pub mod sys;
 
 pub use control::{Control, DevSpec};

@@ -66,15 +66,22 @@ impl InflightMap {
         let fd = rustix::fs::memfd_create("uvdpa-inflight", rustix::fs::MemfdFlags::CLOEXEC)?;
         rustix::fs::ftruncate(&fd, len as u64)?;
         let map = Self::map(fd, 0, len, num_queues, queue_size)?;
-        for q in 0..num_queues {
-            let r = map.region(q);
-            // SAFETY: the header lies inside the region just mapped; nobody else uses it yet.
+        map.init_headers();
+        Ok(Arc::new(map))
+    }
+
+    /// Writes each queue's header (layout version and descriptor count) into a buffer
+    /// nobody uses yet (a new one, or a reconnect log just created).
+    pub fn init_headers(&self) {
+        for q in 0..self.num_queues {
+            let r = self.region(q);
+            // SAFETY: the header lies inside the region mapped by `map` (num_queues regions
+            // of queue_region_size bytes); callers use it before any tracker exists.
             unsafe {
                 std::ptr::write_volatile(r.add(8).cast::<u16>(), INFLIGHT_VERSION.to_le());
-                std::ptr::write_volatile(r.add(10).cast::<u16>(), queue_size.to_le());
+                std::ptr::write_volatile(r.add(10).cast::<u16>(), self.queue_size.to_le());
             }
         }
-        Ok(Arc::new(map))
     }
 
     /// Maps a buffer the frontend sends back (SET_INFLIGHT_FD).
