@@ -59,7 +59,7 @@ fn number<T: std::str::FromStr>(attr: &str, v: &str) -> Result<T, String> {
 /// Parses the attributes of `dev add` into the config-file entry they stand for. Blk:
 /// `backend size path direct aio ro queues queue_size serial logical_block_size`; net:
 /// `backend mac mtu max_vqp (or queue_pairs) queue_size tap switch frame_len`; both:
-/// `poll_us mandate coalesce_usecs coalesce_frames transport bind bounce_size`. Which attributes fit which mgmtdev
+/// `poll_us mandate unoffer coalesce_usecs coalesce_frames transport bind bounce_size`. Which attributes fit which mgmtdev
 /// and their ranges are checked by [`DeviceEntry::validate`].
 fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
     let mut e = DeviceEntry::default();
@@ -92,6 +92,7 @@ fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
             "mandate" => e.mandate = Some(value()?.split(',').map(String::from).collect()),
             "coalesce_usecs" => e.coalesce_usecs = Some(number(k, &value()?)?),
             "coalesce_frames" => e.coalesce_frames = Some(number(k, &value()?)?),
+            "unoffer" => e.unoffer = Some(value()?.split(',').map(String::from).collect()),
             "transport" => e.transport = Some(value()?),
             "bind" => e.bind = Some(value()?),
             "bounce_size" => e.bounce_size = Some(SizeValue::Text(value()?)),

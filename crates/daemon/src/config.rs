@@ -19,6 +19,7 @@
 //! mandate = ["VIRTIO_BLK_F_FLUSH"]  # features the driver must accept (FEATURES_OK)
 //! coalesce_usecs = 0       # interrupt coalescing per queue vector (0 = off)
 //! coalesce_frames = 0
+//! unoffer = ["VIRTIO_F_RING_PACKED"]  # features the device must not offer
 //! transport = "vhost-user" # vhost-user (a socket) | vduse (a kernel vDPA device)
 //! bind = "vduse"           # vduse: add it to the vDPA bus (vdpa mgmtdev vduse) | "none"
 //! bounce_size = "64M"      # vduse: the kernel's bounce buffer, > the largest request
@@ -143,6 +144,8 @@ pub struct DeviceEntry {
     pub coalesce_usecs: Option<u32>,
     /// Interrupt coalescing of every queue vector: at most one signal per this many batches.
     pub coalesce_frames: Option<u32>,
+    /// Features the device must not offer, by spec name (e.g. VIRTIO_F_RING_PACKED).
+    pub unoffer: Option<Vec<String>>,
     /// How drivers reach the device: `vhost-user` (default) or `vduse`.
     pub transport: Option<String>,
     /// VDUSE: `vduse` (add the device to the vDPA bus through vdpa netlink, the default)
@@ -233,6 +236,8 @@ pub struct DeviceSpec {
     pub mandate: u64,
     /// Initial coalescing of every queue vector: (µs, batches); (0, 0) = off.
     pub coalesce: (u32, u32),
+    /// Feature bits the device does not offer (the `unoffer` attribute).
+    pub unoffer: u64,
     /// How drivers reach it.
     pub transport: Transport,
 }
@@ -449,6 +454,23 @@ impl DeviceEntry {
             })?;
             mandate |= bit;
         }
+        let mut unoffer = 0u64;
+        for f in self.unoffer.iter().flatten() {
+            let bit = feature_bit(mgmtdev, f).ok_or_else(|| {
+                err(
+                    "unoffer",
+                    format!("{f:?}: not a feature name (e.g. VIRTIO_F_RING_PACKED)"),
+                )
+            })?;
+            // VERSION_1 is what every transport here speaks (virtio 1.x only).
+            if bit == 1 << 32 || mandate & bit != 0 {
+                return Err(err(
+                    "unoffer",
+                    format!("{f}: mandated (VIRTIO_F_VERSION_1 always is)"),
+                ));
+            }
+            unoffer |= bit;
+        }
         let coalesce = (
             self.coalesce_usecs.unwrap_or(0),
             self.coalesce_frames.unwrap_or(0),
@@ -463,6 +485,7 @@ impl DeviceEntry {
         Ok(DeviceSpec {
             coalesce,
             mandate,
+            unoffer,
             poll_us,
             name,
             kind,
@@ -857,6 +880,31 @@ mod tests {
     }
 
     #[test]
+    fn transport_and_unoffer_parse_with_vduse_defaults() {
+        let d = parse_config(
+            Path::new("t.toml"),
+            "[[device]]\nname = \"v\"\nmgmtdev = \"blk\"\nsize = \"1M\"\n\
+             transport = \"vduse\"\nunoffer = [\"VIRTIO_F_RING_PACKED\"]\n",
+        )
+        .unwrap();
+        assert_eq!(d[0].unoffer, 1 << 34);
+        // seg_max 126 × 1 MiB segments: the default bounce buffer holds the largest request.
+        assert_eq!(
+            d[0].transport,
+            Transport::Vduse {
+                bind: true,
+                bounce_size: 128 << 20
+            }
+        );
+        let d = parse_config(
+            Path::new("t.toml"),
+            "[[device]]\nname = \"v\"\nmgmtdev = \"blk\"\nsize = \"1M\"\n",
+        )
+        .unwrap();
+        assert_eq!(d[0].transport, Transport::VhostUser);
+    }
+
+    #[test]
     fn each_invalid_field_is_named() {
         let base = "[[device]]\nname = \"a\"\nmgmtdev = \"blk\"\nsize = \"1M\"\n";
         for (extra, field) in [
@@ -870,6 +918,17 @@ mod tests {
             ("mandate = [\"VIRTIO_F_TELEPATHY\"]", "mandate"),
             ("poll_us = 2000000", "poll_us"),
             ("coalesce_usecs = 5000000", "coalesce_usecs"),
+            ("unoffer = [\"VIRTIO_F_VERSION_1\"]", "unoffer"),
+            ("unoffer = [\"VIRTIO_F_TELEPATHY\"]", "unoffer"),
+            (
+                "mandate = [\"VIRTIO_BLK_F_FLUSH\"]\nunoffer = [\"VIRTIO_BLK_F_FLUSH\"]",
+                "unoffer",
+            ),
+            ("transport = \"pigeon\"", "transport"),
+            ("bind = \"vduse\"", "bind"),
+            ("transport = \"vduse\"\nbind = \"later\"", "bind"),
+            ("transport = \"vduse\"\nbounce_size = \"1M\"", "bounce_size"),
+            ("transport = \"vduse\"\nbounce_size = \"2G\"", "bounce_size"),
         ] {
             assert_eq!(field_of(&format!("{base}{extra}\n")).0, field, "{extra}");
         }

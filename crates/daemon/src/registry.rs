@@ -137,6 +137,13 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
         )
     };
     let transport = || a("transport", "vhost-user|vduse", "vhost-user");
+    let unoffer = || {
+        a(
+            "unoffer",
+            "feature names, comma-separated (not VIRTIO_F_VERSION_1 or a mandated one)",
+            "-",
+        )
+    };
     let bind = || {
         a(
             "bind",
@@ -173,6 +180,7 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                 a("serial", "at most 20 bytes", "uvdpa-NAME"),
                 a("logical_block_size", "512|1024|2048|4096", "512"),
                 poll_us(BLK_DEFAULT_POLL_US),
+                unoffer(),
                 transport(),
                 bind(),
                 a(
@@ -212,6 +220,7 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                     &NET_DEFAULT_FRAME_LEN.to_string(),
                 ),
                 poll_us(0),
+                unoffer(),
                 transport(),
                 bind(),
                 a("bounce_size", "1M..=1G bytes (vduse)", "64M"),
@@ -705,6 +714,7 @@ impl Registry {
         };
         let poll = Duration::from_micros(u64::from(spec.poll_us));
         let mandated = VirtioFeatures::from_raw(spec.mandate);
+        let unoffered = VirtioFeatures::from_raw(spec.unoffer);
         let server =
             match spec.transport {
                 Transport::VhostUser => {
@@ -712,6 +722,7 @@ impl Registry {
                         res: Some(res),
                         poll,
                         mandated,
+                        unoffered,
                     };
                     Served::VhostUser(
                         VhostUserServer::start_with(&spec.name, &sock, dev.virtio(), opts)
@@ -726,6 +737,7 @@ impl Registry {
                         res: Some(res),
                         poll,
                         mandated,
+                        unoffered,
                         bind,
                         bounce_size,
                         log_dir: Some(self.run_dir.clone()),

@@ -134,6 +134,8 @@ pub struct RuntimeParams {
     pub poll: Duration,
     /// Features mandated at device creation beyond the device's own (seed 004).
     pub mandated: VirtioFeatures,
+    /// Device feature bits withheld from the offer (a device attribute: `unoffer`).
+    pub unoffered: VirtioFeatures,
     /// Transport feature bits offered besides the device's (vhost-user:
     /// VHOST_USER_F_PROTOCOL_FEATURES; VDUSE: VIRTIO_F_ACCESS_PLATFORM).
     pub transport_features: VirtioFeatures,
@@ -154,6 +156,7 @@ pub struct DeviceRuntime {
     name: String,
     device: Arc<dyn VirtioDevice>,
     transport_features: VirtioFeatures,
+    unoffered: VirtioFeatures,
     acked: VirtioFeatures,
     status: StatusMachine,
     needs_reset: Arc<AtomicBool>,
@@ -188,6 +191,7 @@ impl DeviceRuntime {
             frontend_pid,
             poll,
             mandated,
+            unoffered,
             transport_features,
             strict_status_order,
             addrs_are_uaddr,
@@ -195,7 +199,7 @@ impl DeviceRuntime {
             notify_config,
         } = p;
         let status = StatusMachine::new(
-            device.features() | transport_features,
+            (device.features() - unoffered) | transport_features,
             device.mandated_features() | mandated,
         )
         .with_strict_order(strict_status_order);
@@ -206,6 +210,7 @@ impl DeviceRuntime {
             name: name.to_string(),
             device,
             transport_features,
+            unoffered,
             acked: VirtioFeatures::empty(),
             status,
             needs_reset: Arc::new(AtomicBool::new(false)),
@@ -249,9 +254,9 @@ impl DeviceRuntime {
         &self.vectors
     }
 
-    /// Features offered: the device's with the transport's.
+    /// Features offered: the device's (less the withheld ones) with the transport's.
     pub fn offered(&self) -> VirtioFeatures {
-        self.device.features() | self.transport_features
+        (self.device.features() - self.unoffered) | self.transport_features
     }
 
     /// Features the driver acked (last [`DeviceRuntime::set_features`]).

@@ -48,6 +48,8 @@ pub struct VduseOptions {
     pub poll: Duration,
     /// Features the driver must accept for FEATURES_OK beyond the device's own (seed 004).
     pub mandated: VirtioFeatures,
+    /// Device features withheld from the offer (attribute `unoffer`).
+    pub unoffered: VirtioFeatures,
     /// Add the device to the vDPA bus (vdpa netlink, mgmtdev `vduse`).
     pub bind: bool,
     /// The kernel's bounce buffer for this device, bytes (sysfs `bounce_size`); 0 keeps
@@ -164,7 +166,7 @@ impl VduseServer {
         let control = Control::open()?;
         control.set_api_version(0)?;
         let nq = device.num_queues();
-        let features = (device.features() | transport_features()).bits()
+        let features = ((device.features() - opts.unoffered) | transport_features()).bits()
             & !refused_features(device.device_type());
         let spec = DevSpec {
             name: name.to_string(),
@@ -235,6 +237,7 @@ impl VduseServer {
                 frontend_pid: None,
                 poll: opts.poll,
                 mandated: opts.mandated,
+                unoffered: opts.unoffered,
                 transport_features: transport_features(),
                 strict_status_order: true,
                 addrs_are_uaddr: false,

@@ -44,6 +44,8 @@ pub struct ServerOptions {
     /// Features the driver must accept for FEATURES_OK, beyond the device's own mandate
     /// (set at device creation, VDUSE-style; seed 004).
     pub mandated: uvdpa_virtio::VirtioFeatures,
+    /// Device features withheld from the offer (attribute `unoffer`).
+    pub unoffered: uvdpa_virtio::VirtioFeatures,
 }
 
 /// How long a new connection waits for a previous session that is ending before it is
@@ -110,6 +112,7 @@ fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
             frontend_pid: pid,
             poll: sh.opts.poll,
             mandated: sh.opts.mandated,
+            unoffered: sh.opts.unoffered,
             vectors: sh.vectors.clone(),
         },
     );

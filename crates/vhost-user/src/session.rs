@@ -148,6 +148,8 @@ pub struct SessionParams {
     pub poll: std::time::Duration,
     /// Features mandated at device creation beyond the device's own.
     pub mandated: VirtioFeatures,
+    /// Device features withheld from the offer.
+    pub unoffered: VirtioFeatures,
     /// The device's interrupt vectors: vector `i` is vring `i`'s call (seed 001).
     pub vectors: Arc<VectorTable>,
 }
@@ -164,6 +166,7 @@ impl Session {
             frontend_pid,
             poll,
             mandated,
+            unoffered,
             vectors,
         } = p;
         let backend = BackendChannel::default();
@@ -180,6 +183,7 @@ impl Session {
                 frontend_pid,
                 poll,
                 mandated,
+                unoffered,
                 transport_features: VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES,
                 strict_status_order: false,
                 addrs_are_uaddr: true,
