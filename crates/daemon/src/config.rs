@@ -19,7 +19,8 @@
 //! mandate = ["VIRTIO_BLK_F_FLUSH"]  # features the driver must accept (FEATURES_OK)
 //! coalesce_usecs = 0       # interrupt coalescing per queue vector (0 = off)
 //! coalesce_frames = 0
-//! unoffer = ["VIRTIO_F_RING_PACKED"]  # features the device must not offer
+//! unoffer = ["VIRTIO_F_RING_PACKED"]  # features the device must not offer (vduse
+//!                          # default: packed rings, see VDUSE_DEFAULT_UNOFFER; [] offers all)
 //! transport = "vhost-user" # vhost-user (a socket) | vduse (a kernel vDPA device)
 //! bind = "vduse"           # vduse: add it to the vDPA bus (vdpa mgmtdev vduse) | "none"
 //! bounce_size = "64M"      # vduse: the kernel's bounce buffer, > the largest request
@@ -218,6 +219,9 @@ impl Transport {
 /// Smallest default VDUSE bounce buffer: the kernel's own default (64 MiB). A blk device
 /// gets the power of two above its largest request (`seg_max` × `size_max`) if that is more.
 pub const VDUSE_DEFAULT_BOUNCE: u64 = 64 << 20;
+/// What a VDUSE device withholds unless `unoffer` is given: VIRTIO_F_RING_PACKED (bit 34),
+/// as its reconnect log tracks split rings only.
+pub const VDUSE_DEFAULT_UNOFFER: u64 = 1 << 34;
 /// Largest VDUSE bounce buffer the kernel accepts (1 GiB, `VDUSE_MAX_BOUNCE_SIZE`).
 pub const VDUSE_MAX_BOUNCE: u64 = 1 << 30;
 /// Smallest: the kernel's `VDUSE_MIN_BOUNCE_SIZE` (1 MiB).
@@ -455,7 +459,13 @@ impl DeviceEntry {
             mandate |= bit;
         }
         let mut unoffer = 0u64;
-        for f in self.unoffer.iter().flatten() {
+        // `unoffer none` on the command line (`unoffer = []` in the file): withhold nothing.
+        for f in self
+            .unoffer
+            .iter()
+            .flatten()
+            .filter(|f| f.as_str() != "none")
+        {
             let bit = feature_bit(mgmtdev, f).ok_or_else(|| {
                 err(
                     "unoffer",
@@ -482,6 +492,11 @@ impl DeviceEntry {
             ));
         }
         let transport = self.validate_transport(&kind, &err)?;
+        if self.unoffer.is_none() && matches!(transport, Transport::Vduse { .. }) {
+            // The VDUSE reconnect log (a daemon restart without losing requests) covers
+            // split rings; `unoffer = []` offers packed rings without that guarantee.
+            unoffer |= VDUSE_DEFAULT_UNOFFER;
+        }
         Ok(DeviceSpec {
             coalesce,
             mandate,
