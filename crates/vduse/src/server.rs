@@ -14,13 +14,25 @@
 //!   on.
 //! * `VDUSE_UPDATE_IOTLB`: mappings overlapping the range are retired; the next access
 //!   fetches the new mapping (`VDUSE_IOTLB_GET_FD`).
-//! * anything else, or a malformed request: `VDUSE_REQ_RESULT_FAILED` and a log line.
+//! * anything else, or a malformed request: `VDUSE_REQ_RESULT_FAILED` and a log line. A
+//!   request of the right size echoes its id even when its contents are invalid (an
+//!   UPDATE_IOTLB with `start > last`); one of the wrong size carries no id to answer, so
+//!   it is logged and skipped (the kernel, if it sent it, times it out).
 //!
 //! The loop never blocks on the kernel: the device fd is non-blocking and polled together
-//! with a shutdown eventfd.
+//! with a shutdown eventfd. It answers at most [`DRAIN_BATCH`] requests per wakeup before
+//! looking at the shutdown fd again, so a flood cannot hold off a stop; and a device fd
+//! that polls ready with nothing to read (a device the kernel marked broken after a
+//! timed-out message polls EPOLLERR for good) is looked at again only every
+//! [`STALL_BACKOFF`], never in a busy loop.
+//!
+//! The few ioctls the policy itself calls go through [`PolicyOps`], implemented by
+//! [`DeviceFd`]; the unit tests (`server/tests.rs`) run the loop over a socketpair with a
+//! fake in their place.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -30,14 +42,58 @@ use tracing::{debug, info, warn};
 use uvdpa_runtime::{DeviceRuntime, ResCtx, RuntimeParams, SessionState};
 use uvdpa_virtio::interrupts::VectorTable;
 use uvdpa_virtio::stats::StatsTable;
-use uvdpa_virtio::{DeviceStatus, VirtioDevice, VirtioFeatures};
+use uvdpa_virtio::{DeviceStatus, GuestMemory, VirtioDevice, VirtioFeatures};
 
 use crate::control::{Control, DevSpec};
 use crate::dev::{DeviceFd, VqInfo};
 use crate::error::VduseError;
-use crate::message::{Request, RequestKind, Response, RingLayout, VqState};
+use crate::message::{MessageError, Request, RequestKind, Response, RingLayout, VqState};
 use crate::netlink::{MgmtDev, VdpaNetlink};
 use crate::reconnect::ReconnectLog;
+use crate::sys::{VduseDevRequest, REQUEST_SIZE};
+
+#[cfg(test)]
+mod tests;
+
+/// Requests the loop answers per wakeup before it looks at the shutdown fd again.
+pub(crate) const DRAIN_BATCH: usize = 64;
+
+/// How long the loop leaves a device fd alone after a wakeup that brought no request
+/// (error or hang-up reported, or read failing) before polling it again.
+pub(crate) const STALL_BACKOFF: Duration = Duration::from_millis(200);
+
+/// The device-fd ioctls the message policy calls: [`DeviceFd`]'s in production, a fake
+/// kernel's in the unit tests (a socketpair standing in for the device fd answers every
+/// ioctl with ENOTTY).
+pub(crate) trait PolicyOps: Send + Sync {
+    /// VDUSE_DEV_GET_FEATURES ([`DeviceFd::get_features`]).
+    fn get_features(&self) -> Result<u64, VduseError>;
+    /// VDUSE_VQ_GET_INFO ([`DeviceFd::vq_get_info`]).
+    fn vq_get_info(&self, index: u32) -> Result<VqInfo, VduseError>;
+    /// VDUSE_VQ_SETUP_KICKFD ([`DeviceFd::vq_setup_kickfd`]).
+    fn vq_setup_kickfd(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<(), VduseError>;
+    /// The guest memory workers use from DRIVER_OK on (IOTLB-mapped for a real device,
+    /// see [`crate::iotlb::guest_memory`]).
+    fn guest_memory(self: Arc<Self>) -> Result<GuestMemory, VduseError>;
+}
+
+impl PolicyOps for DeviceFd {
+    fn get_features(&self) -> Result<u64, VduseError> {
+        DeviceFd::get_features(self)
+    }
+
+    fn vq_get_info(&self, index: u32) -> Result<VqInfo, VduseError> {
+        DeviceFd::vq_get_info(self, index)
+    }
+
+    fn vq_setup_kickfd(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<(), VduseError> {
+        DeviceFd::vq_setup_kickfd(self, index, fd)
+    }
+
+    fn guest_memory(self: Arc<Self>) -> Result<GuestMemory, VduseError> {
+        crate::iotlb::guest_memory(self)
+    }
+}
 
 /// Options of a VDUSE device.
 #[derive(Clone, Default)]
@@ -122,10 +178,35 @@ struct Inner {
 /// What the loop thread shares with the server handle.
 struct Shared {
     name: String,
+    /// The message channel (read requests, write responses) and interrupt injection.
     dev: Arc<DeviceFd>,
+    /// The ioctls of the message policy (`dev` itself outside the unit tests).
+    ops: Arc<dyn PolicyOps>,
     inner: Mutex<Inner>,
     /// One kick eventfd per vring, registered with VDUSE_VQ_SETUP_KICKFD at DRIVER_OK.
     kicks: Vec<Arc<OwnedFd>>,
+    /// Times the device fd polled ready (the unit tests check the loop does not spin).
+    wakeups: AtomicU64,
+}
+
+/// What [`VduseServer::serve`] runs: an open device fd and the device behind it.
+pub(crate) struct Parts {
+    /// Device name.
+    pub name: String,
+    /// The device fd (`/dev/vduse/NAME`, or a socket standing in for it).
+    pub dev: Arc<DeviceFd>,
+    /// The policy's ioctls (`dev` itself, or a fake).
+    pub ops: Arc<dyn PolicyOps>,
+    /// The device served.
+    pub device: Arc<dyn VirtioDevice>,
+    /// Options (`bind` and `bounce_size` are the caller's business).
+    pub opts: VduseOptions,
+    /// The device was created for this server; `false`: take it over from the reconnect
+    /// log.
+    pub created: bool,
+    /// A kernel device that a stop with destroy removes through `/dev/vduse/control`
+    /// (`false` for a stand-in fd).
+    pub kernel: bool,
 }
 
 /// A device served over VDUSE.
@@ -142,6 +223,8 @@ pub struct VduseServer {
     thread: Option<JoinHandle<()>>,
     bound: bool,
     created: bool,
+    /// Destroy through `/dev/vduse/control` on shutdown (see [`Parts::kernel`]).
+    kernel: bool,
 }
 
 fn dev_err(name: &str, reason: impl std::fmt::Display) -> ServeError {
@@ -165,15 +248,15 @@ impl VduseServer {
     ) -> Result<Self, ServeError> {
         let control = Control::open()?;
         control.set_api_version(0)?;
-        let nq = device.num_queues();
         let features = ((device.features() - opts.unoffered) | transport_features()).bits()
             & !refused_features(device.device_type());
+        let vq_num = vduse_vq_num(&*device);
         let spec = DevSpec {
             name: name.to_string(),
             device_id: device.device_type(),
             vendor_id: 0,
             features,
-            vq_num: u32::from(vduse_vq_num(&*device)),
+            vq_num: u32::from(vq_num),
             vq_align: 4096,
             config: device.config(),
         };
@@ -188,6 +271,7 @@ impl VduseServer {
             }
             Err(e) => return Err(e.into()),
         };
+        // Called with the device fd closed (the kernel refuses to destroy an open device).
         let undo = |e: ServeError| {
             if created {
                 let _ = control.destroy_dev(name);
@@ -209,12 +293,71 @@ impl VduseServer {
         }
         let dev = Arc::new(DeviceFd::open(name).map_err(|e| undo(dev_err(name, e)))?);
         if created {
-            for i in 0..vduse_vq_num(&*device) {
-                dev.vq_setup(u32::from(i), device.queue_size())
-                    .map_err(|e| undo(dev_err(name, format!("VDUSE_VQ_SETUP {i}: {e}"))))?;
+            for i in 0..vq_num {
+                if let Err(e) = dev.vq_setup(u32::from(i), device.queue_size()) {
+                    drop(dev);
+                    return Err(undo(dev_err(name, format!("VDUSE_VQ_SETUP {i}: {e}"))));
+                }
             }
         }
-        let stats = StatsTable::new(name, usize::from(nq)).map_err(|e| undo(dev_err(name, e)))?;
+        let bind = opts.bind;
+        let mut server = Self::serve(Parts {
+            name: name.to_string(),
+            dev: dev.clone(),
+            ops: dev,
+            device,
+            opts,
+            created,
+            kernel: true,
+        })
+        .map_err(undo)?;
+        if bind {
+            let bind = || -> Result<bool, crate::netlink::Error> {
+                let nl = VdpaNetlink::connect()?;
+                if nl.dev_get(name)?.is_some() {
+                    return Ok(false);
+                }
+                nl.dev_new(name, &MgmtDev::vduse())?;
+                Ok(true)
+            };
+            match bind() {
+                Ok(added) => {
+                    server.bound = true;
+                    info!(device = name, added, "on the vDPA bus");
+                }
+                Err(source) => {
+                    server.stop(true);
+                    return Err(ServeError::Bind {
+                        name: name.into(),
+                        source,
+                    });
+                }
+            }
+        }
+        info!(device = name, "serving VDUSE");
+        Ok(server)
+    }
+
+    /// Serves an open device fd: the runtime, the kick eventfds, the reconnect log (taking
+    /// the device over from it unless `created`) and the message loop thread. Nothing of
+    /// `parts` outlives an error (the device fd is closed when this returns).
+    ///
+    /// # Errors
+    /// [`ServeError::Device`] naming what could not be set up.
+    pub(crate) fn serve(parts: Parts) -> Result<Self, ServeError> {
+        let Parts {
+            name,
+            dev,
+            ops,
+            device,
+            opts,
+            created,
+            kernel,
+        } = parts;
+        let name = name.as_str();
+        let nq = device.num_queues();
+        let vq_num = vduse_vq_num(&*device);
+        let stats = StatsTable::new(name, usize::from(nq)).map_err(|e| dev_err(name, e))?;
         // Weak: the server's stop closes the fd by dropping the last strong reference.
         let inject_dev = Arc::downgrade(&dev);
         let vectors = Arc::new(VectorTable::with_injector(
@@ -249,22 +392,21 @@ impl VduseServer {
                 }),
             },
         );
-        let mut kicks = Vec::with_capacity(usize::from(nq));
-        for _ in 0..vduse_vq_num(&*device) {
+        let mut kicks = Vec::with_capacity(usize::from(vq_num));
+        for _ in 0..vq_num {
             let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-                .map_err(|e| undo(dev_err(name, format!("eventfd: {e}"))))?;
+                .map_err(|e| dev_err(name, format!("eventfd: {e}")))?;
             kicks.push(Arc::new(fd));
         }
         let log_path = opts
             .log_dir
             .as_ref()
             .map(|d| d.join(format!("{name}.vduse")));
-        let vq_num = vduse_vq_num(&*device);
         let log = match (&log_path, created) {
             (None, _) => None,
             (Some(p), true) => Some(
                 ReconnectLog::create(p, vq_num, device.queue_size())
-                    .map_err(|e| undo(dev_err(name, format!("reconnect log {}: {e}", p.display()))))?,
+                    .map_err(|e| dev_err(name, format!("reconnect log {}: {e}", p.display())))?,
             ),
             (Some(p), false) => Some(ReconnectLog::open(p, vq_num, device.queue_size()).map_err(
                 |e| {
@@ -281,8 +423,10 @@ impl VduseServer {
         let shared = Arc::new(Shared {
             name: name.to_string(),
             dev,
+            ops,
             inner: Mutex::new(Inner { rt, log }),
             kicks,
+            wakeups: AtomicU64::new(0),
         });
         {
             let mut guard = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -294,14 +438,13 @@ impl VduseServer {
                 reattach(&shared, inner).map_err(|e| dev_err(name, e))?;
             }
         }
-        let shutdown =
-            Arc::new(eventfd(0, EventfdFlags::CLOEXEC).map_err(|e| undo(dev_err(name, e)))?);
+        let shutdown = Arc::new(eventfd(0, EventfdFlags::CLOEXEC).map_err(|e| dev_err(name, e))?);
         let (sh, stop) = (shared.clone(), shutdown.clone());
         let thread = std::thread::Builder::new()
             .name(format!("{name}-vduse"))
             .spawn(move || message_loop(&sh, &stop))
-            .map_err(|e| undo(dev_err(name, e)))?;
-        let mut server = Self {
+            .map_err(|e| dev_err(name, e))?;
+        Ok(Self {
             name: name.to_string(),
             shared: Some(shared),
             stats,
@@ -312,32 +455,8 @@ impl VduseServer {
             thread: Some(thread),
             bound: false,
             created,
-        };
-        if opts.bind {
-            let bind = || -> Result<bool, crate::netlink::Error> {
-                let nl = VdpaNetlink::connect()?;
-                if nl.dev_get(name)?.is_some() {
-                    return Ok(false);
-                }
-                nl.dev_new(name, &MgmtDev::vduse())?;
-                Ok(true)
-            };
-            match bind() {
-                Ok(added) => {
-                    server.bound = true;
-                    info!(device = name, added, "on the vDPA bus");
-                }
-                Err(source) => {
-                    server.stop(true);
-                    return Err(ServeError::Bind {
-                        name: name.into(),
-                        source,
-                    });
-                }
-            }
-        }
-        info!(device = name, "serving VDUSE");
-        Ok(server)
+            kernel,
+        })
     }
 
     /// The runtime's state for `dev show`.
@@ -428,7 +547,7 @@ impl VduseServer {
                 log.remove();
             }
         }
-        if destroy {
+        if destroy && self.kernel {
             match Control::open().and_then(|c| c.destroy_dev(&self.name)) {
                 Ok(()) => info!(device = %self.name, "VDUSE device destroyed"),
                 Err(e) => warn!(device = %self.name, "Destroying the VDUSE device failed: {e}"),
@@ -451,6 +570,8 @@ fn message_loop(sh: &Shared, shutdown: &OwnedFd) {
         tv_sec: 1,
         tv_nsec: 0,
     };
+    // Whether the last wakeup brought nothing but an error or hang-up (logged once).
+    let mut stalled = false;
     loop {
         let mut fds = [
             PollFd::new(&*sh.dev, PollFlags::IN),
@@ -467,27 +588,132 @@ fn message_loop(sh: &Shared, shutdown: &OwnedFd) {
         if !fds[1].revents().is_empty() {
             return;
         }
-        if fds[0].revents().is_empty() {
+        let revents = fds[0].revents();
+        if revents.is_empty() {
             continue;
         }
-        // Drain what is queued; each request gets exactly one response.
-        loop {
-            match sh.dev.read_request() {
-                Ok(Some(req)) => {
-                    let resp = handle(sh, &req);
-                    if let Err(e) = sh.dev.write_response(&resp) {
-                        warn!(device = %sh.name, "Answering VDUSE request {} failed: {e}", req.request_id);
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    // A malformed request cannot be answered by id: log it and go on; the
-                    // kernel times the request out on its side (msg_timeout).
-                    warn!(device = %sh.name, "Unreadable VDUSE request: {e}");
-                    break;
-                }
+        sh.wakeups.fetch_add(1, Ordering::Relaxed);
+        let (progress, failed) = drain(sh, stalled);
+        if progress > 0 {
+            stalled = false;
+        } else if failed || revents.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {
+            // Ready with nothing to read: a device the kernel marked broken (EPOLLERR), a
+            // stand-in whose peer hung up, or read failing. Polling at once would spin.
+            if !stalled {
+                warn!(
+                    device = %sh.name,
+                    "The VDUSE device fd polls {revents:?} with no request to read: looking again every {STALL_BACKOFF:?}"
+                );
+                stalled = true;
+            }
+            let backoff = Timespec {
+                tv_sec: i64::try_from(STALL_BACKOFF.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: i64::from(STALL_BACKOFF.subsec_nanos()),
+            };
+            let mut stop = [PollFd::new(shutdown, PollFlags::IN)];
+            if poll(&mut stop, Some(&backoff)).is_ok() && !stop[0].revents().is_empty() {
+                return;
             }
         }
+    }
+}
+
+/// Answers up to [`DRAIN_BATCH`] queued requests, each with exactly one response.
+/// Returns how many messages were consumed (answered or skipped as malformed) and whether
+/// reading failed; `quiet` (the fd is known to be stalled) turns read failures into debug
+/// lines.
+fn drain(sh: &Shared, quiet: bool) -> (usize, bool) {
+    let mut progress = 0;
+    for _ in 0..DRAIN_BATCH {
+        match read_request(&sh.dev) {
+            Ok(Incoming::Request(req)) => {
+                progress += 1;
+                let resp = handle(sh, &req);
+                answer(sh, &resp);
+            }
+            Ok(Incoming::Malformed { id, len, error }) => {
+                progress += 1;
+                match id {
+                    Some(id) => {
+                        warn!(device = %sh.name, "Malformed VDUSE request {id}: {error}; answering FAILED");
+                        answer(sh, &Response::failed(id));
+                    }
+                    // No id to answer by: the kernel (if it sent this) times the request
+                    // out on its side (msg_timeout).
+                    None => warn!(device = %sh.name, len, "Unreadable VDUSE request: {error}"),
+                }
+            }
+            Ok(Incoming::Empty) => return (progress, false),
+            Ok(Incoming::Nothing) => {
+                // A zero-length read: an empty message from a stand-in fd, or its peer gone
+                // (then HUP is reported too). Nothing to answer.
+                debug!(device = %sh.name, "Zero-length read from the VDUSE device fd");
+                return (progress, false);
+            }
+            Err(e) => {
+                if quiet {
+                    debug!(device = %sh.name, "Reading a VDUSE request failed: {e}");
+                } else {
+                    warn!(device = %sh.name, "Reading a VDUSE request failed: {e}");
+                }
+                return (progress, true);
+            }
+        }
+    }
+    (progress, false)
+}
+
+fn answer(sh: &Shared, resp: &Response) {
+    if let Err(e) = sh.dev.write_response(resp) {
+        warn!(device = %sh.name, "Answering VDUSE request {} failed: {e}", resp.request_id);
+    }
+}
+
+/// One read from the device fd.
+enum Incoming {
+    /// A well-formed request.
+    Request(Request),
+    /// A message that does not parse; `id` if it was full-size (its id is then the
+    /// kernel's, to answer by).
+    Malformed {
+        id: Option<u32>,
+        len: usize,
+        error: MessageError,
+    },
+    /// No message pending (EAGAIN).
+    Empty,
+    /// A read of zero bytes.
+    Nothing,
+}
+
+/// Reads one message without blocking (the fd is non-blocking, see
+/// [`DeviceFd::from_fd`]); unlike [`DeviceFd::read_request`], a full-size message that
+/// does not parse keeps its request id.
+fn read_request(dev: &DeviceFd) -> Result<Incoming, VduseError> {
+    const OFF_ID: usize = std::mem::offset_of!(VduseDevRequest, request_id);
+    let mut buf = [0u8; REQUEST_SIZE];
+    loop {
+        return match rustix::io::read(dev, &mut buf) {
+            Ok(0) => Ok(Incoming::Nothing),
+            Ok(len) => {
+                let bytes = buf.get(..len).unwrap_or(&buf);
+                Ok(match Request::parse(bytes) {
+                    Ok(req) => Incoming::Request(req),
+                    Err(error) => Incoming::Malformed {
+                        id: (len == REQUEST_SIZE)
+                            .then(|| buf.get(OFF_ID..OFF_ID + 4))
+                            .flatten()
+                            .and_then(|b| b.try_into().ok())
+                            .map(u32::from_ne_bytes),
+                        len,
+                        error,
+                    },
+                })
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => Ok(Incoming::Empty),
+            Err(errno) => Err(VduseError::Read { errno }),
+        };
     }
 }
 
@@ -554,14 +780,14 @@ fn set_status(sh: &Shared, rt: &mut DeviceRuntime, status: u8) -> Result<(), Str
         rt.reset_status();
         let _ = rt.replace_memory(|_| Ok(None));
         for (i, _) in sh.kicks.iter().enumerate() {
-            let _ = sh.dev.vq_setup_kickfd(i as u32, None);
+            let _ = sh.ops.vq_setup_kickfd(i as u32, None);
         }
         return Ok(());
     }
     let old = rt.device_status();
     let new = DeviceStatus::from_bits_retain(status);
     if new.contains(DeviceStatus::FEATURES_OK) && !old.contains(DeviceStatus::FEATURES_OK) {
-        let features = VirtioFeatures::from_raw(sh.dev.get_features().map_err(|e| e.to_string())?);
+        let features = VirtioFeatures::from_raw(sh.ops.get_features().map_err(|e| e.to_string())?);
         rt.check_features(features).map_err(|e| e.to_string())?;
         rt.set_features(features, VirtioFeatures::empty())
             .map_err(|e| e.to_string())?;
@@ -596,7 +822,7 @@ fn reattach(sh: &Shared, inner: &mut Inner) -> Result<(), String> {
         replay |= step;
         if step == DeviceStatus::FEATURES_OK {
             let features =
-                VirtioFeatures::from_raw(sh.dev.get_features().map_err(|e| e.to_string())?);
+                VirtioFeatures::from_raw(sh.ops.get_features().map_err(|e| e.to_string())?);
             rt.set_features(features, VirtioFeatures::empty())
                 .map_err(|e| e.to_string())?;
         }
@@ -616,21 +842,24 @@ fn reattach(sh: &Shared, inner: &mut Inner) -> Result<(), String> {
 /// the previous daemon took is either used or still marked in the reconnect log, from where
 /// it is resubmitted first.
 fn start_vrings(sh: &Shared, rt: &mut DeviceRuntime, resume: bool) -> Result<(), String> {
-    let mem = crate::iotlb::guest_memory(sh.dev.clone())
+    let mem = sh
+        .ops
+        .clone()
+        .guest_memory()
         .map_err(|e| format!("mapping the IOTLB: {e}"))?;
     rt.replace_memory(|_| Ok(Some(mem)))
         .map_err(|e| e.to_string())?;
     let packed = rt.acked().contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
     for (i, kick) in sh.kicks.iter().enumerate() {
         let info: VqInfo = sh
-            .dev
+            .ops
             .vq_get_info(i as u32)
             .map_err(|e| format!("VDUSE_VQ_GET_INFO {i}: {e}"))?;
         if !info.ready {
             continue;
         }
         let num = u16::try_from(info.num).map_err(|_| format!("vring {i}: size {}", info.num))?;
-        sh.dev
+        sh.ops
             .vq_setup_kickfd(i as u32, Some(kick.as_fd()))
             .map_err(|e| format!("VDUSE_VQ_SETUP_KICKFD {i}: {e}"))?;
         let base = if packed {
