@@ -83,8 +83,10 @@ uvdpa_up() {  # uvdpa_up BACKEND
         echo 'name = "uvdpa0"'
         echo 'mgmtdev = "blk"'
         echo "backend = \"$1\""
-        [ "$1" != ram ] || echo 'size = "1G"'
+        echo 'size = "1G"'
         echo 'transport = "vduse"'
+        # UVDPA_TUNING: extra [[device]] lines (e.g. "poll_us = 0"), for the tuned table
+        [ -z "${UVDPA_TUNING:-}" ] || printf '%s\n' "$UVDPA_TUNING"
     } > /tmp/uvdpa.toml
     [ -x "$UVDPA_BIN" ] || { say "no $UVDPA_BIN (cargo build --release)"; return 1; }
     "$UVDPA_BIN" daemon --run-dir /tmp/uvdpa --config /tmp/uvdpa.toml > "$O/uvdpa-$1.log" 2>&1 &
@@ -143,7 +145,7 @@ echo "vduse-bench: $targets; ${secs}s x $reps reps; timeout ${timeout_s}s; raw r
 set +e
 "$repo/tests/guest/vduse/run.sh" --script "$guest_script" --out "$raw" --timeout "$timeout_s" \
     --smp "${SMP:-2}" --mem "${MEM:-2048}" \
-    --env "SECS=$secs" --env "REPS=$reps" --env "TARGETS=$targets" --env "UVDPA_BIN=$uvdpa_bin" |
+    --env "SECS=$secs" --env "REPS=$reps" --env "TARGETS=$targets" --env "UVDPA_BIN=$uvdpa_bin" --env "UVDPA_TUNING=${UVDPA_TUNING:-}" |
     tee "$raw/console.log"
 rc=${PIPESTATUS[0]}
 set -e

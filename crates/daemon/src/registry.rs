@@ -132,7 +132,7 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
     let poll_us = |default: u32| {
         a(
             "poll_us",
-            "0..=1000000 (busy-poll window after the ring empties, µs)",
+            "0..=1000000 (busy-poll window after the ring empties, µs; default 0 over vduse)",
             &default.to_string(),
         )
     };
