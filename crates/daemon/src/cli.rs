@@ -1,7 +1,7 @@
 //! The `uvdpa` command grammar, iproute2 `vdpa` style (`OBJECT COMMAND [ARGS]`), plus `res`
 //! from `rdma`. Parsing is separate from execution so every error path is unit-tested.
 
-use crate::config::{DeviceEntry, SizeValue};
+use crate::config::{parse_size, DeviceEntry, SizeValue};
 
 /// One parsed management command.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +48,13 @@ pub enum Cmd {
         usecs: u32,
         /// At most one signal per this many completion batches (0 = off).
         frames: u32,
+    },
+    /// `dev set NAME capacity SIZE`: resize a blk device while it is served.
+    DevSetCapacity {
+        /// Device.
+        name: String,
+        /// New capacity in bytes.
+        bytes: u64,
     },
 }
 
@@ -157,7 +164,18 @@ pub fn parse(object: &str, args: &[String]) -> Result<Cmd, String> {
                 frames: number("frames", f)?,
             })
         }
-        ("dev", ["set", ..]) => Err("usage: dev set NAME qidx N coalesce usecs U frames F".into()),
+        ("dev", ["set", name, "capacity", size]) => Ok(Cmd::DevSetCapacity {
+            name: name.to_string(),
+            bytes: parse_size(size).ok_or_else(|| {
+                format!(
+                    "Attribute capacity: {size:?} is not a byte count with optional K/M/G/T suffix"
+                )
+            })?,
+        }),
+        ("dev", ["set", ..]) => Err(
+            "usage: dev set NAME qidx N coalesce usecs U frames F | dev set NAME capacity SIZE"
+                .into(),
+        ),
         ("res", ["show"] | []) => Ok(Cmd::ResShow(None)),
         ("res", ["show", ty]) => Ok(Cmd::ResShow(Some(ty.to_string()))),
         ("mgmtdev" | "dev" | "res", [cmd, ..]) => {
@@ -220,6 +238,20 @@ mod tests {
                 qidx: 0,
                 usecs: 50,
                 frames: 8
+            })
+        );
+        assert_eq!(
+            p("dev", "set d capacity 128M"),
+            Ok(Cmd::DevSetCapacity {
+                name: "d".into(),
+                bytes: 128 << 20
+            })
+        );
+        assert_eq!(
+            p("dev", "set d capacity 4096"),
+            Ok(Cmd::DevSetCapacity {
+                name: "d".into(),
+                bytes: 4096
             })
         );
         let Ok(Cmd::DevAdd(a)) = p(
@@ -291,5 +323,8 @@ mod tests {
         assert!(e("dev", "del").contains("name"));
         assert!(e("dev", "irq trigger d1 vec x").contains("vec"));
         assert!(e("dev", "set d1 qidx 0 coalesce usecs 5").contains("usage"));
+        assert!(e("dev", "set d1 capacity").contains("capacity SIZE"));
+        assert!(e("dev", "set d1 capacity 12Q").contains("capacity"));
+        assert!(e("dev", "set d1 capacity 1M extra").contains("usage"));
     }
 }

@@ -119,6 +119,21 @@ pub fn render_text(out: &mut impl Write, cmd: &Cmd, v: &Value) -> std::io::Resul
             }
         }
         Cmd::DevDel(_) | Cmd::DevSetCoalesce { .. } => {}
+        Cmd::DevSetCapacity { .. } => {
+            let d = &v["dev"];
+            let bytes = d["capacity"].as_u64().unwrap_or(0);
+            writeln!(
+                out,
+                "{}: capacity {bytes} ({} sectors), {}",
+                s(d, "name"),
+                bytes / 512,
+                if v["notified"] == json!(true) {
+                    "driver notified"
+                } else {
+                    "driver not notified (no frontend, or no backend channel)"
+                }
+            )?;
+        }
         Cmd::DevIrqTrigger { .. } => {
             writeln!(
                 out,
@@ -311,6 +326,9 @@ pub fn run(ctl: &Path, cmd: &Cmd, o: Output) -> Result<(), String> {
             "dev.set",
             json!({ "name": name, "qidx": qidx, "usecs": usecs, "frames": frames }),
         ),
+        Cmd::DevSetCapacity { name, bytes } => {
+            ("dev.set", json!({ "name": name, "capacity": bytes }))
+        }
     };
     let (reply, fds) = request(ctl, action, payload)?;
     let mut out = std::io::stdout().lock();

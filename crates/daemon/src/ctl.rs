@@ -11,7 +11,8 @@
 //! | `dev.vstats.show` | `{"name", "qidx"}` | `{"vstats": VstatsView or NetVstatsView, "queues": N}` (+ the stats memfd) |
 //! | `dev.irq.show` | `{"name"}` | `{"name", "vectors": [VectorView]}` |
 //! | `dev.irq.trigger` | `{"name", "vec"}` | `{"name", "vec", "sent"}` |
-//! | `dev.set` | `{"name", "qidx", "usecs", "frames"}` | `{}` |
+//! | `dev.set` | `{"name", "qidx", "usecs", "frames"}` (coalescing) | `{}` |
+//! | `dev.set` | `{"name", "capacity"}` (blk: bytes) | `{"dev": DeviceView, "notified"}` |
 //! | `res.show` | `{"type": null or TYPE}` | `{"counts": {TYPE: N}, "entries": [EntryInfo]}` |
 
 use std::collections::HashMap;
@@ -72,13 +73,20 @@ struct VecArg {
     vec: u32,
 }
 
+/// `dev.set`: either a queue's coalescing (`qidx`, `usecs`, `frames`) or a blk device's
+/// capacity in bytes.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CoalesceArg {
+struct SetArg {
     name: String,
-    qidx: u32,
-    usecs: u32,
-    frames: u32,
+    #[serde(default)]
+    qidx: Option<u32>,
+    #[serde(default)]
+    usecs: Option<u32>,
+    #[serde(default)]
+    frames: Option<u32>,
+    #[serde(default)]
+    capacity: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -183,10 +191,25 @@ pub fn serve(run_dir: &Path, registry: Arc<Registry>) -> Result<Primary, IpcErro
 
     let r = registry.clone();
     primary.register("dev.set", move |req, _| {
-        let a: CoalesceArg = payload(req)?;
-        r.set_coalesce(&a.name, a.qidx, a.usecs, a.frames)
-            .map_err(from_registry)?;
-        Ok(Reply::new(json!({})))
+        let a: SetArg = payload(req)?;
+        match (a.capacity, a.qidx, a.usecs, a.frames) {
+            (Some(bytes), None, None, None) => {
+                let (view, notified) = r.set_capacity(&a.name, bytes).map_err(from_registry)?;
+                Ok(Reply::new(
+                    json!({ "dev": to_json(&view)?, "notified": notified }),
+                ))
+            }
+            (None, Some(qidx), Some(usecs), Some(frames)) => {
+                r.set_coalesce(&a.name, qidx, usecs, frames)
+                    .map_err(from_registry)?;
+                Ok(Reply::new(json!({})))
+            }
+            _ => Err(IpcError::rejected(
+                code::EINVAL,
+                "Invalid payload: dev.set takes {name, qidx, usecs, frames} or {name, capacity}"
+                    .to_string(),
+            )),
+        }
     })?;
 
     let tracker = registry.tracker().clone();

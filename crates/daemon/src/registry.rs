@@ -72,6 +72,16 @@ pub enum RegistryError {
         /// Who holds it (from the resource tracker).
         reason: String,
     },
+    /// An attribute the device cannot change (to that value).
+    #[error("Cannot change {attr} of device {name}: {reason}")]
+    Set {
+        /// Device name.
+        name: String,
+        /// The attribute.
+        attr: &'static str,
+        /// Why not.
+        reason: String,
+    },
     /// A queue index out of range.
     #[error("Device {name} has no queue {qidx} (it has {queues})")]
     NoQueue {
@@ -92,7 +102,9 @@ impl RegistryError {
                 -(rustix::io::Errno::NODEV.raw_os_error())
             }
             RegistryError::Exists(_) => -(rustix::io::Errno::EXIST.raw_os_error()),
-            RegistryError::Create { .. } => -(rustix::io::Errno::INVAL.raw_os_error()),
+            RegistryError::Create { .. } | RegistryError::Set { .. } => {
+                -(rustix::io::Errno::INVAL.raw_os_error())
+            }
             RegistryError::StillHeld { .. } => -(rustix::io::Errno::BUSY.raw_os_error()),
         }
     }
@@ -473,6 +485,29 @@ impl Served {
         match self {
             Served::VhostUser(s) => s.vectors(),
             Served::Vduse(s) => s.vectors(),
+        }
+    }
+
+    /// Raises a configuration change notification (virtio 1.2 §2.5) towards the driver:
+    /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG to a vhost-user frontend that set a backend
+    /// channel, VDUSE_DEV_SET_CONFIG + VDUSE_DEV_INJECT_CONFIG_IRQ on VDUSE. Returns
+    /// whether the notice went out (a vhost-user device without a frontend, or whose
+    /// frontend has no backend channel, cannot be told: the new config is what its next
+    /// GET_CONFIG reads).
+    fn config_changed(&self, name: &str) -> bool {
+        match self {
+            Served::VhostUser(s) => s.config_changed(),
+            Served::Vduse(s) => match s.config_changed() {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(
+                        device = name,
+                        "Config change notification failed: {}",
+                        error_chain(&e)
+                    );
+                    false
+                }
+            },
         }
     }
 
@@ -1038,6 +1073,48 @@ impl Registry {
                     queues: m.spec.num_queues(),
                 })
         })
+    }
+
+    /// Changes the capacity of blk device `name` to `bytes` while it is served (qemu's
+    /// `block_resize`; see [`BlkDevice::resize`] for what each backend does), then tells
+    /// the driver through the transport (a configuration change notification). Returns
+    /// the device's view and whether the driver was notified.
+    ///
+    /// # Errors
+    /// [`RegistryError::NotFound`], [`RegistryError::Set`] for a net device, a read-only
+    /// one, a size that is not a positive multiple of the logical block size, or one the
+    /// backend cannot take.
+    pub fn set_capacity(
+        &self,
+        name: &str,
+        bytes: u64,
+    ) -> Result<(DeviceView, bool), RegistryError> {
+        let mut devs = self.lock();
+        let m = devs
+            .get_mut(name)
+            .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        let set_err = |reason: String| RegistryError::Set {
+            name: name.into(),
+            attr: "capacity",
+            reason,
+        };
+        let Dev::Blk(cfg, blk) = &mut m.dev else {
+            return Err(set_err("only blk devices have a capacity".into()));
+        };
+        let old = blk.resize(bytes).map_err(|e| set_err(error_chain(&e)))?;
+        match &mut cfg.backend {
+            BackendSpec::Ram { size } | BackendSpec::Null { size } => *size = bytes,
+            BackendSpec::File { .. } => {}
+        }
+        let notified = m.server.config_changed(name);
+        info!(
+            device = name,
+            old,
+            new = bytes,
+            notified,
+            "capacity changed"
+        );
+        Ok((Self::view(m), notified))
     }
 
     /// Counters of queue `qidx`, and a duplicate of the stats table's memfd with its

@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 use tracing::{info, warn};
+use uvdpa_runtime::ConfigNotifier;
 use uvdpa_virtio::interrupts::VectorTable;
 use uvdpa_virtio::stats::StatsTable;
 use uvdpa_virtio::VirtioDevice;
@@ -30,6 +31,9 @@ struct Shared {
     shutdown: Arc<OwnedFd>,
     opts: ServerOptions,
     vectors: Arc<VectorTable>,
+    /// How to tell the current session's frontend that the config space changed; `None`
+    /// while no frontend is connected.
+    notifier: Arc<Mutex<Option<ConfigNotifier>>>,
 }
 
 /// Per-device options of a vhost-user server.
@@ -116,6 +120,7 @@ fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
             vectors: sh.vectors.clone(),
         },
     );
+    *sh.notifier.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.config_notifier());
     loop {
         if !wait_readable(session.connection().socket(), &sh.shutdown) {
             info!(device = name, "closing session for shutdown");
@@ -133,6 +138,7 @@ fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
             }
         }
     }
+    *sh.notifier.lock().unwrap_or_else(|e| e.into_inner()) = None;
     session.close();
 }
 
@@ -166,6 +172,7 @@ impl VhostUserServer {
             state: Arc::new(Mutex::new(SessionState::default())),
             shutdown: Arc::new(eventfd(0, EventfdFlags::CLOEXEC)?),
             opts,
+            notifier: Arc::default(),
         };
         let sh = shared.clone();
         let n = name.to_string();
@@ -198,6 +205,23 @@ impl VhostUserServer {
     /// The device's interrupt vector table (vector `i` = vring `i`'s call eventfd).
     pub fn vectors(&self) -> &Arc<VectorTable> {
         &self.shared.vectors
+    }
+
+    /// Tells the connected frontend that the device's config space changed (virtio 1.2
+    /// §2.5: a configuration change notification), e.g. after a new capacity: sends
+    /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG over the backend channel the frontend set
+    /// with SET_BACKEND_REQ_FD; the frontend then reads the config space (GET_CONFIG) and
+    /// interrupts its driver. Returns whether the notice went out: false with no frontend,
+    /// or one that negotiated no backend channel (it sees the change on its next
+    /// GET_CONFIG). Never blocks.
+    pub fn config_changed(&self) -> bool {
+        let notifier = self
+            .shared
+            .notifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        notifier.is_some_and(|notify| notify())
     }
 
     /// The device served.

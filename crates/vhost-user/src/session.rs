@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use tracing::{debug, info, warn};
-use uvdpa_runtime::{DeviceRuntime, RuntimeParams};
+use uvdpa_runtime::{ConfigNotifier, DeviceRuntime, RuntimeParams};
 pub use uvdpa_runtime::{ResCtx, SessionState};
 use uvdpa_virtio::inflight::InflightMap;
 use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
@@ -205,6 +205,15 @@ impl Session {
     fn publish_state(&self) {
         let protocol = self.protocol.bits();
         self.rt.publish_state(|st| st.protocol_features = protocol);
+    }
+
+    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG to this session's frontend over the
+    /// backend channel (SET_BACKEND_REQ_FD) when called; the call returns whether the
+    /// notice went out (false before the frontend set a channel, or when it does not read
+    /// it). It never blocks, and stays valid (a no-op) after the session ended.
+    pub fn config_notifier(&self) -> ConfigNotifier {
+        let channel = self.backend.clone();
+        Arc::new(move || notify_config_change(&channel))
     }
 
     /// The connection (to poll it).

@@ -599,3 +599,71 @@ fn stop_drained_completes_chains_that_were_never_kicked() {
     }
     assert_eq!(n, 20);
 }
+
+/// A resize while a queue worker runs: io_uring file (O_DIRECT) or RAM (synchronous).
+fn resize_under_a_running_worker(dev: BlkDevice, file: Option<&DiskFile>) {
+    let mut rig = Rig::new(dev, false, 64, 32 << 20);
+    let w = rig.spawn(None);
+    let data = pattern(64 * KIB, 30);
+    let at_end = (4 * MIB / 512) as u64 - 128;
+    rig.write(0, &data, &[64 * KIB], 0);
+    rig.write(at_end, &data, &[32 * KIB, 32 * KIB], 0);
+    rig.publish_and_kick();
+    for (head, _) in rig.wait_used(2) {
+        assert_eq!(rig.status(head), VIRTIO_BLK_S_OK);
+    }
+
+    // Shrink to 2 MiB: the block at the old end fails, the first one reads back.
+    rig.dev.resize(2 * MIB as u64).unwrap();
+    if let Some(f) = file {
+        assert_eq!(std::fs::metadata(f.path()).unwrap().len(), 2 * MIB as u64);
+    }
+    let past_r = rig.request(VIRTIO_BLK_T_IN, at_end, &[64 * KIB], 0);
+    let past_w = rig.write(at_end, &data, &[64 * KIB], 0);
+    let inside = rig.request(VIRTIO_BLK_T_IN, 0, &[64 * KIB], 0);
+    rig.publish_and_kick();
+    rig.wait_used(3);
+    assert_eq!(rig.status(past_r), VIRTIO_BLK_S_IOERR);
+    assert_eq!(rig.status(past_w), VIRTIO_BLK_S_IOERR);
+    assert_eq!(rig.status(inside), VIRTIO_BLK_S_OK);
+    assert!(rig.data(inside) == data);
+
+    // Grow to 8 MiB: the old end reads zeroes (the shrink dropped it), the new end works.
+    rig.dev.resize(8 * MIB as u64).unwrap();
+    let old_end = rig.request(VIRTIO_BLK_T_IN, at_end, &[64 * KIB], 0);
+    let new_end = (8 * MIB / 512) as u64 - 128;
+    let wr = rig.write(new_end, &data, &[64 * KIB], 0);
+    rig.publish_and_kick();
+    rig.wait_used(2);
+    assert_eq!(rig.status(old_end), VIRTIO_BLK_S_OK);
+    assert!(rig.data(old_end).iter().all(|&b| b == 0));
+    assert_eq!(rig.status(wr), VIRTIO_BLK_S_OK);
+    let back = rig.request(VIRTIO_BLK_T_IN, new_end, &[64 * KIB], 0);
+    let first = rig.request(VIRTIO_BLK_T_IN, 0, &[64 * KIB], 0);
+    let past = rig.request(VIRTIO_BLK_T_IN, new_end + 128, &[4 * KIB], 0);
+    rig.publish_and_kick();
+    rig.wait_used(3);
+    assert_eq!(
+        (rig.status(back), rig.status(first), rig.status(past)),
+        (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR)
+    );
+    assert!(rig.data(back) == data && rig.data(first) == data);
+    assert!(w.stop().unwrap().error.is_none());
+}
+
+#[test]
+fn file_resize_under_a_running_io_uring_worker() {
+    let f = DiskFile::new(4 * MIB as u64);
+    resize_under_a_running_worker(file_dev(&f, true, Aio::IoUring, 64), Some(&f));
+}
+
+#[test]
+fn ram_resize_under_a_running_worker() {
+    let ram = dev(
+        BackendSpec::Ram {
+            size: 4 * MIB as u64,
+        },
+        64,
+    );
+    resize_under_a_running_worker(ram, None);
+}

@@ -7,6 +7,12 @@
 //!   a copy in between.
 //! - `Null`: reads return zeroes, writes are dropped (benchmarks of the request path).
 //!
+//! Every backend's capacity can change while queues run ([`Backend::resize`], `uvdpa dev
+//! set NAME capacity SIZE`): it is an atomic that every request checks its range against,
+//! so a request is served either entirely inside the capacity it saw or fails with IOERR.
+//! A RAM disk reserves the address space it may grow into when it is created, so growing
+//! never moves the memory workers copy to and from.
+//!
 //! Backends are shared by every queue of a device (`&self` everywhere, no lock): the
 //! kernel serialises file I/O, and concurrent RAM copies to the same sectors race exactly
 //! as concurrent DMA to a real disk would, which drivers already avoid.
@@ -21,7 +27,9 @@ use std::mem::{align_of, offset_of, size_of};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::path::PathBuf;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use rustix::fs::FallocateFlags;
 use rustix::io::Errno;
@@ -63,7 +71,7 @@ pub(crate) enum Backend {
     /// No sectors: reads are zeroes, writes vanish.
     Null {
         /// Capacity in bytes.
-        size: u64,
+        size: AtomicU64,
     },
 }
 
@@ -88,12 +96,47 @@ impl Bounce {
 }
 
 impl Backend {
-    /// Capacity in bytes (a multiple of the logical block size).
+    /// A null backend of `size` bytes.
+    pub(crate) fn null(size: u64) -> Self {
+        Self::Null {
+            size: AtomicU64::new(size),
+        }
+    }
+
+    /// Capacity in bytes (a multiple of the logical block size), as of now: a resize may
+    /// change it at any time.
     pub(crate) fn size(&self) -> u64 {
         match self {
-            Self::Ram(r) => r.len as u64,
-            Self::File(f) => f.size,
-            Self::Null { size } => *size,
+            Self::Ram(r) => r.size.load(Ordering::Acquire),
+            Self::File(f) => f.size.load(Ordering::Acquire),
+            Self::Null { size } => size.load(Ordering::Acquire),
+        }
+    }
+
+    /// Changes the capacity to `size` bytes (already checked to be a non-zero multiple of
+    /// the logical block size); callers serialise resizes. What lies beyond the new end
+    /// is published only once it exists (growth), and the range that goes away stops
+    /// being served before it is released (shrink).
+    ///
+    /// - RAM: grows inside the address space reserved at creation (never moving the
+    ///   mapping); a shrink gives the memory past the new end back, and a later growth
+    ///   reads zeroes there.
+    /// - File: a regular file is truncated or extended to `size` (as qemu-storage-daemon's
+    ///   `block_resize` resizes the image: a shrink drops the data past the new end); a
+    ///   block device keeps its size and the capacity may be anything up to it.
+    /// - Null: just the number.
+    ///
+    /// # Errors
+    /// Why the backend cannot take that size (past the RAM reservation, past a block
+    /// device's end), or the error of truncating the file.
+    pub(crate) fn resize(&self, size: u64) -> Result<(), ResizeError> {
+        match self {
+            Self::Ram(r) => r.resize(size),
+            Self::File(f) => f.resize(size),
+            Self::Null { size: s } => {
+                s.store(size, Ordering::Release);
+                Ok(())
+            }
         }
     }
 
@@ -289,12 +332,59 @@ unsafe fn gather(segs: &[Segment], mut skip: usize, dst: &mut [u8]) {
     }
 }
 
+/// Address space a RAM disk reserves so it can grow in place: [`RamDisk::new`] maps
+/// `max(size, RAM_RESERVE)` bytes, of which only the first `size` are usable (the rest is
+/// PROT_NONE: it costs neither memory nor commit charge).
+pub const RAM_RESERVE: u64 = 256 << 30;
+
+/// Why a backend cannot take a new capacity.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    /// A RAM disk asked to grow past the address space it reserved at creation.
+    #[error(
+        "a RAM disk grows in place up to the {reserved} bytes it reserved when it was \
+         created; {size} is more"
+    )]
+    PastReservation {
+        /// Capacity asked for.
+        size: u64,
+        /// Bytes reserved.
+        reserved: u64,
+    },
+    /// A block device cannot hold more than it has.
+    #[error("block device {} is {device_size} bytes: it cannot grow to {size}", path.display())]
+    PastBlockDevice {
+        /// The device.
+        path: PathBuf,
+        /// Capacity asked for.
+        size: u64,
+        /// The device's size.
+        device_size: u64,
+    },
+    /// A system call failed.
+    #[error("{what} failed: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Its error.
+        source: io::Error,
+    },
+}
+
 /// A disk in an anonymous private mapping (`MAP_NORESERVE`: untouched sectors cost no
 /// memory). It lives as long as the device, across frontend reconnects.
+///
+/// The mapping is `reserved` bytes long and never moves; the first `committed` bytes are
+/// readable and writable, the rest PROT_NONE until a growth needs them. `size` (at most
+/// `committed`) is the capacity requests are checked against. Committed memory stays
+/// accessible for the disk's whole life (a shrink only releases its pages), so a request
+/// that passed its range check just before a shrink still copies to mapped memory.
 #[derive(Debug)]
 pub(crate) struct RamDisk {
     base: NonNull<u8>,
-    len: usize,
+    reserved: usize,
+    committed: AtomicUsize,
+    size: AtomicU64,
 }
 
 // SAFETY: the mapping is owned by this value and only accessed through raw-pointer copies
@@ -305,33 +395,98 @@ unsafe impl Send for RamDisk {}
 unsafe impl Sync for RamDisk {}
 
 impl RamDisk {
-    /// Maps `size` bytes of zeroes.
+    /// Maps `size` bytes of zeroes, in a reservation of at least [`RAM_RESERVE`] bytes of
+    /// address space (or exactly `size` where the system refuses that much, e.g. under
+    /// `RLIMIT_AS`: such a disk cannot grow).
     pub(crate) fn new(size: u64) -> Result<Self, BlkError> {
         let map_err = |source| BlkError::MapMemory { size, source };
         let len = usize::try_from(size)
             .map_err(|_| map_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
-        // SAFETY: a fresh private anonymous mapping at an address the kernel chooses; it
-        // aliases nothing.
-        let ptr = unsafe {
-            rustix::mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                len,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::NORESERVE,
-            )
-        }
-        .map_err(|e| map_err(e.into()))?;
+        let page = rustix::param::page_size();
+        let committed = len
+            .checked_next_multiple_of(page)
+            .ok_or_else(|| map_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        let want = usize::try_from(RAM_RESERVE)
+            .unwrap_or(usize::MAX)
+            .max(committed);
+        let (ptr, reserved) = match reserve(want) {
+            Ok(p) => (p, want),
+            Err(_) if want > committed => (reserve(committed).map_err(map_err)?, committed),
+            Err(e) => return Err(map_err(e)),
+        };
         let base = NonNull::new(ptr.cast::<u8>())
             .ok_or_else(|| map_err(io::Error::from(io::ErrorKind::OutOfMemory)))?;
+        let disk = Self {
+            base,
+            reserved,
+            committed: AtomicUsize::new(0),
+            size: AtomicU64::new(0),
+        };
+        // On error the disk is dropped, which unmaps the whole reservation.
+        disk.commit(committed).map_err(map_err)?;
         // Transparent huge pages cut TLB misses on random access across a large disk. A
         // kernel without THP refuses the advice; the disk works the same without it.
         // SAFETY: the range is the mapping just created; advice does not change contents.
-        let _ = unsafe { rustix::mm::madvise(ptr, len, rustix::mm::Advice::LinuxHugepage) };
-        Ok(Self { base, len })
+        let _ = unsafe { rustix::mm::madvise(ptr, reserved, rustix::mm::Advice::LinuxHugepage) };
+        disk.size.store(size, Ordering::Release);
+        Ok(disk)
+    }
+
+    /// Makes the first `upto` bytes (page aligned, within the reservation) readable and
+    /// writable. Bytes already committed are not touched.
+    fn commit(&self, upto: usize) -> io::Result<()> {
+        let from = self.committed.load(Ordering::Acquire);
+        if upto <= from {
+            return Ok(());
+        }
+        if upto > self.reserved {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: `from..upto` lies inside the reservation this value owns and is
+        // PROT_NONE: nothing (no Rust object, no request) points into it.
+        unsafe {
+            rustix::mm::mprotect(
+                self.at(from as u64).cast(),
+                upto - from,
+                rustix::mm::MprotectFlags::READ | rustix::mm::MprotectFlags::WRITE,
+            )
+        }?;
+        self.committed.store(upto, Ordering::Release);
+        Ok(())
+    }
+
+    /// Changes the capacity (see [`Backend::resize`]).
+    fn resize(&self, size: u64) -> Result<(), ResizeError> {
+        let too_big = || ResizeError::PastReservation {
+            size,
+            reserved: self.reserved as u64,
+        };
+        let len = usize::try_from(size).map_err(|_| too_big())?;
+        if len > self.reserved {
+            return Err(too_big());
+        }
+        let old = self.size.load(Ordering::Acquire) as usize;
+        if len >= old {
+            let page = rustix::param::page_size();
+            let upto = len.next_multiple_of(page).min(self.reserved);
+            self.commit(upto).map_err(|source| ResizeError::Io {
+                what: format!("Making {upto} bytes of the RAM disk's reservation writable"),
+                source,
+            })?;
+            // What a shrink released (or a request still in flight at the shrink wrote)
+            // reads back as zeroes, as a newly grown disk must.
+            self.clear(old, len);
+            self.size.store(size, Ordering::Release);
+        } else {
+            // Stop serving the tail, then give its memory back.
+            self.size.store(size, Ordering::Release);
+            self.clear(len, old);
+        }
+        Ok(())
     }
 
     /// Host pointer to disk byte `offset`, after [`check_range`] proved
-    /// `offset + len <= self.len`.
+    /// `offset + len <= size` (or, for [`RamDisk::clear`], inside the committed part).
     fn at(&self, offset: u64) -> *mut u8 {
         self.base.as_ptr().wrapping_add(offset as usize)
     }
@@ -362,17 +517,28 @@ impl RamDisk {
         Ok(())
     }
 
-    /// Zeroes a checked range: whole pages are given back to the kernel (they read back
-    /// as zeroes), partial pages at the edges are cleared in place.
+    /// Zeroes a checked range (see [`RamDisk::clear`]).
     fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
-        // Both fit: check_range proved offset + len <= self.len, a usize.
-        let (start, end) = (offset as usize, (offset + len) as usize);
+        // Both fit: check_range proved offset + len <= size, a usize.
+        self.clear(offset as usize, (offset + len) as usize);
+        Ok(())
+    }
+
+    /// Zeroes bytes `start..end` of the committed memory: whole pages are given back to
+    /// the kernel (they read back as zeroes), partial pages at the edges are cleared in
+    /// place.
+    fn clear(&self, start: usize, end: usize) {
+        let end = end.min(self.committed.load(Ordering::Acquire));
+        if start >= end {
+            return;
+        }
         let page = rustix::param::page_size();
         let inner_start = start.next_multiple_of(page).min(end);
         let inner_end = (end - end % page).max(inner_start);
-        // SAFETY: all three ranges lie inside the mapping (start..end was checked), whose
-        // base is page aligned; DONTNEED on a private anonymous mapping only replaces
-        // whole pages with zero pages and no Rust reference points into it.
+        // SAFETY: all three ranges lie inside the committed (readable and writable) part
+        // of the mapping, whose base is page aligned; DONTNEED on a private anonymous
+        // mapping only replaces whole pages with zero pages and no Rust reference points
+        // into it.
         unsafe {
             std::ptr::write_bytes(self.at(start as u64), 0, inner_start - start);
             std::ptr::write_bytes(self.at(inner_end as u64), 0, end - inner_end);
@@ -388,15 +554,29 @@ impl RamDisk {
                 std::ptr::write_bytes(self.at(inner_start as u64), 0, whole);
             }
         }
-        Ok(())
     }
+}
+
+/// Reserves `len` bytes of private anonymous address space, inaccessible (PROT_NONE).
+fn reserve(len: usize) -> io::Result<*mut std::ffi::c_void> {
+    // SAFETY: a fresh private anonymous mapping at an address the kernel chooses; it
+    // aliases nothing.
+    let ptr = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::empty(),
+            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::NORESERVE,
+        )
+    }?;
+    Ok(ptr)
 }
 
 impl Drop for RamDisk {
     fn drop(&mut self) {
-        // SAFETY: base/len describe the mapping this value created and owns; queue
+        // SAFETY: base/reserved describe the mapping this value created and owns; queue
         // handlers hold the device (and so this disk) alive while they run.
-        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.reserved) };
     }
 }
 
@@ -410,7 +590,10 @@ impl Drop for RamDisk {
 #[derive(Debug)]
 pub(crate) struct FileDisk {
     file: File,
-    size: u64,
+    path: PathBuf,
+    /// A block device (its size is fixed), not a regular file.
+    block_device: bool,
+    size: AtomicU64,
     direct_align: Option<usize>,
 }
 
@@ -477,9 +660,49 @@ impl FileDisk {
         debug_assert!(size % SECTOR_SIZE == 0);
         Ok(Self {
             file,
-            size,
+            path: path.to_path_buf(),
+            block_device: kind.is_block_device(),
+            size: AtomicU64::new(size),
             direct_align,
         })
+    }
+
+    /// Changes the capacity (see [`Backend::resize`]): a regular file is extended before
+    /// the new capacity is published, or truncated after the old one stopped being
+    /// served.
+    fn resize(&self, size: u64) -> Result<(), ResizeError> {
+        if self.block_device {
+            let device_size =
+                rustix::fs::seek(&self.file, rustix::fs::SeekFrom::End(0)).map_err(|e| {
+                    ResizeError::Io {
+                        what: format!("Measuring block device {}", self.path.display()),
+                        source: e.into(),
+                    }
+                })?;
+            if size > device_size {
+                return Err(ResizeError::PastBlockDevice {
+                    path: self.path.clone(),
+                    size,
+                    device_size,
+                });
+            }
+            self.size.store(size, Ordering::Release);
+            return Ok(());
+        }
+        let truncate = || {
+            self.file.set_len(size).map_err(|source| ResizeError::Io {
+                what: format!("Resizing {} to {size} bytes", self.path.display()),
+                source,
+            })
+        };
+        if size >= self.size.load(Ordering::Acquire) {
+            truncate()?;
+            self.size.store(size, Ordering::Release);
+        } else {
+            self.size.store(size, Ordering::Release);
+            truncate()?;
+        }
+        Ok(())
     }
 
     /// # Safety
@@ -794,7 +1017,7 @@ mod tests {
         assert!(check_range(0, 4096, 4096).is_ok());
         assert!(check_range(512, 4096, 4096).is_err());
         assert!(check_range(u64::MAX, 2, 4096).is_err());
-        let disk = Backend::Null { size: 1024 };
+        let disk = Backend::null(1024);
         assert!(disk.discard(1024, 1).is_err());
         assert!(disk.write_zeroes(0, 1024, false).is_ok());
     }

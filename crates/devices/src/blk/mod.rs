@@ -11,10 +11,15 @@
 //! everything else. A request without a writable status byte is dropped (used length 0).
 //! Guest-caused errors are logged at debug level, at most [`LOG_PER_SEC`] per second per
 //! device.
+//!
+//! The capacity can change while the device is served ([`BlkDevice::resize`]): requests
+//! are checked against the capacity at the moment they are parsed (and the backend checks
+//! again), the config space reports the new value, and the transport then tells the
+//! driver (a configuration change notification, virtio 1.2 §2.5).
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bitflags::bitflags;
 use thiserror::Error;
@@ -44,6 +49,7 @@ pub use request::{
 };
 
 use backend::{Backend, FileDisk, RamDisk};
+pub use backend::{ResizeError, RAM_RESERVE};
 use queue::BlkQueue;
 use request::Limits;
 
@@ -228,6 +234,18 @@ pub enum BlkError {
         /// The logical block size.
         logical_block_size: u32,
     },
+    /// A resize of a read-only device.
+    #[error("The device is read-only: its capacity cannot change")]
+    ResizeReadOnly,
+    /// The backend cannot take the new capacity.
+    #[error("Cannot change the capacity to {size} bytes: {source}")]
+    Resize {
+        /// The capacity asked for, in bytes.
+        size: u64,
+        /// Why not.
+        #[source]
+        source: ResizeError,
+    },
     /// An O_DIRECT file needs more alignment than the logical block size.
     #[error(
         "Backing file {} needs {required}-byte alignment for O_DIRECT, more than \
@@ -255,7 +273,11 @@ struct Shared {
     queue_size: u16,
     serial: [u8; SERIAL_LEN],
     features: VirtioFeatures,
+    /// The config space; `capacity` is filled in from the backend when it is read.
     config: VirtioBlkConfig,
+    logical_block_size: u32,
+    /// Held while the capacity changes (one resize at a time).
+    resizing: Mutex<()>,
     log: RateLimiter,
 }
 
@@ -399,9 +421,7 @@ impl BlkDevice {
         };
         let backend = match &cfg.backend {
             BackendSpec::Ram { size } => Backend::Ram(RamDisk::new(check_size(*size)?)?),
-            BackendSpec::Null { size } => Backend::Null {
-                size: check_size(*size)?,
-            },
+            BackendSpec::Null { size } => Backend::null(check_size(*size)?),
             BackendSpec::File { path, direct, .. } => {
                 Backend::File(FileDisk::open(path, *direct, cfg.read_only, lbs)?)
             }
@@ -421,6 +441,8 @@ impl BlkDevice {
                 serial,
                 features: offered_features(cfg.read_only),
                 config,
+                logical_block_size: lbs,
+                resizing: Mutex::new(()),
                 log: RateLimiter::new(LOG_PER_SEC),
             }),
         })
@@ -429,6 +451,43 @@ impl BlkDevice {
     /// Capacity in bytes (a multiple of the logical block size).
     pub fn capacity_bytes(&self) -> u64 {
         self.shared.backend.size()
+    }
+
+    /// Changes the capacity to `size` bytes while the device is served (qemu's
+    /// `block_resize`); returns the previous capacity. The caller then raises a
+    /// configuration change notification on the transport, after which the driver reads
+    /// the new `capacity` from the config space.
+    ///
+    /// Requests are checked against the capacity when they are parsed: from the moment
+    /// this returns, any request reaching past `size` fails with IOERR. RAM disks grow in
+    /// place inside the address space reserved at creation (at least [`RAM_RESERVE`]
+    /// bytes) and read zeroes in the grown part; a regular file is extended or truncated
+    /// to `size` (a shrink drops the data past the new end, as qemu's resize of a raw
+    /// image); a block device's capacity may be anything up to the device's size.
+    ///
+    /// # Errors
+    /// [`BlkError::ResizeReadOnly`] for a read-only device, [`BlkError::InvalidSize`] for
+    /// zero or a size that is not a multiple of the logical block size,
+    /// [`BlkError::Resize`] when the backend cannot take it.
+    pub fn resize(&self, size: u64) -> Result<u64, BlkError> {
+        let sh = &self.shared;
+        if sh.read_only {
+            return Err(BlkError::ResizeReadOnly);
+        }
+        let lbs = sh.logical_block_size;
+        if size == 0 || size % u64::from(lbs) != 0 {
+            return Err(BlkError::InvalidSize {
+                size,
+                logical_block_size: lbs,
+            });
+        }
+        let _one_at_a_time = sh.resizing.lock().unwrap_or_else(|e| e.into_inner());
+        let old = sh.backend.size();
+        sh.backend
+            .resize(size)
+            .map_err(|source| BlkError::Resize { size, source })?;
+        tracing::info!(old, new = size, "virtio-blk capacity changed");
+        Ok(old)
     }
 
     /// How the file backend does its I/O: what was asked for, or [`Aio::Sync`] where
@@ -455,9 +514,13 @@ impl BlkDevice {
         Ok(BlkQueue::new(self.shared.clone(), index, limits))
     }
 
-    /// The config space fields (what [`VirtioDevice::config`] encodes).
+    /// The config space fields (what [`VirtioDevice::config`] encodes), with the current
+    /// capacity.
     pub fn config_space(&self) -> VirtioBlkConfig {
-        self.shared.config
+        VirtioBlkConfig {
+            capacity: self.shared.backend.size() / SECTOR_SIZE,
+            ..self.shared.config
+        }
     }
 }
 
@@ -479,7 +542,7 @@ impl VirtioDevice for BlkDevice {
     }
 
     fn config(&self) -> Vec<u8> {
-        self.shared.config.to_le_bytes().to_vec()
+        self.config_space().to_le_bytes().to_vec()
     }
 
     fn queue_handler(

@@ -39,9 +39,13 @@ impl BlkQueue {
         }
     }
 
-    /// The request limits of this queue.
-    pub(crate) fn limits(&self) -> &Limits {
-        &self.limits
+    /// The request limits of this queue, with the device's capacity as of now (a resize
+    /// may change it between two requests; each request is checked against one value).
+    pub(crate) fn limits(&self) -> Limits {
+        Limits {
+            capacity: self.shared.backend.size(),
+            ..self.limits
+        }
     }
 
     /// The device state shared by its queues.
@@ -62,10 +66,14 @@ impl BlkQueue {
 
     /// Executes a parsed request; returns the data bytes written to the writable part
     /// (not counting the status byte).
-    fn execute(&mut self, chain: &DescriptorChain, req: Request) -> Result<usize, RequestError> {
+    fn execute(
+        &mut self,
+        chain: &DescriptorChain,
+        req: Request,
+        limits: &Limits,
+    ) -> Result<usize, RequestError> {
         let Self {
             shared,
-            limits,
             iov,
             bounce,
             ..
@@ -119,7 +127,8 @@ impl QueueHandler for BlkQueue {
             );
             return Ok(0);
         };
-        let result = parse(chain, &self.limits).and_then(|req| self.execute(chain, req));
+        let limits = self.limits();
+        let result = parse(chain, &limits).and_then(|req| self.execute(chain, req, &limits));
         let (status, written) = match result {
             Ok(n) => (VIRTIO_BLK_S_OK, u32::try_from(n).unwrap_or(status_at)),
             Err(e) => {

@@ -1276,6 +1276,232 @@ proptest! {
 // ---------------------------------------------------------------------------------------
 // The request tests again, over a packed ring.
 
+// ---------------------------------------------------------------------------------------
+// Capacity changes (`BlkDevice::resize`, virtio 1.2 §5.2.4 `capacity`).
+
+/// The capacity the config space reports, in sectors.
+fn config_capacity(dev: &BlkDevice) -> u64 {
+    let c = VirtioBlkConfig::from_le_bytes(&dev.config()).unwrap();
+    assert_eq!(c, dev.config_space());
+    c.capacity
+}
+
+/// Discard and write-zeroes of one segment at `sector`; returns their statuses.
+fn zero_statuses(d: &mut Disk, g: &mut Guest, sector: u64, sectors: u32) -> (u8, u8) {
+    let seg = discard_segment(sector, sectors, 0);
+    (
+        d.command(g, VIRTIO_BLK_T_DISCARD, &[&seg]).0,
+        d.command(g, VIRTIO_BLK_T_WRITE_ZEROES, &[&seg]).0,
+    )
+}
+
+#[test]
+fn ram_shrink_refuses_requests_past_the_new_end_and_growth_keeps_the_data() {
+    let mut g = Guest::with_size(32 << 20);
+    // The queue handler is made before every resize: running queues see the change.
+    let mut d = Disk::new(ram(1 << 20));
+    let head = random_bytes(8 * KIB, 20);
+    let tail = random_bytes(4 * KIB, 21);
+    assert_eq!(d.write(&mut g, 0, &head, 3).0, VIRTIO_BLK_S_OK);
+    assert_eq!(d.write(&mut g, 1500, &tail, 2).0, VIRTIO_BLK_S_OK);
+
+    // Shrink to 512 KiB (1024 sectors).
+    assert_eq!(d.dev.resize(512 * 1024).unwrap(), 1 << 20);
+    assert_eq!(d.dev.capacity_bytes(), 512 * 1024);
+    assert_eq!(config_capacity(&d.dev), 1024);
+    assert_eq!(d.read(&mut g, 1500, 4 * KIB, 1).0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(d.write(&mut g, 1500, &tail, 1).0, VIRTIO_BLK_S_IOERR);
+    // Straddling the new end, and the last sector before and after it.
+    assert_eq!(d.read(&mut g, 1020, 4 * KIB, 1).0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(d.write(&mut g, 1020, &tail, 1).0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(d.read(&mut g, 1023, 512, 1).0, VIRTIO_BLK_S_OK);
+    assert_eq!(d.read(&mut g, 1024, 512, 1).0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(
+        zero_statuses(&mut d, &mut g, 1020, 8),
+        (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_IOERR)
+    );
+    assert_eq!(
+        zero_statuses(&mut d, &mut g, 1016, 8),
+        (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK)
+    );
+    // Inside: the data is still there.
+    let (status, _, back) = d.read(&mut g, 0, head.len(), 4);
+    assert_eq!((status, back == head), (VIRTIO_BLK_S_OK, true));
+
+    // Grow to 8 MiB: the old data is kept, the range the shrink cut off reads back as
+    // zeroes, and the new end is served.
+    assert_eq!(d.dev.resize(8 << 20).unwrap(), 512 * 1024);
+    assert_eq!(config_capacity(&d.dev), 16384);
+    let (status, _, back) = d.read(&mut g, 0, head.len(), 2);
+    assert_eq!((status, back == head), (VIRTIO_BLK_S_OK, true));
+    let (status, _, back) = d.read(&mut g, 1500, 4 * KIB, 1);
+    assert_eq!((status, back), (VIRTIO_BLK_S_OK, vec![0u8; 4 * KIB]));
+    let far = random_bytes(64 * KIB, 22);
+    let last = 16384 - 128;
+    assert_eq!(d.write(&mut g, last, &far, 5).0, VIRTIO_BLK_S_OK);
+    let (status, _, back) = d.read(&mut g, last, far.len(), 3);
+    assert_eq!((status, back == far), (VIRTIO_BLK_S_OK, true));
+    assert_eq!(d.read(&mut g, 16384, 512, 1).0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(
+        zero_statuses(&mut d, &mut g, last, 128),
+        (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK)
+    );
+
+    // A handler made after the resize sees the same capacity.
+    let dev = d.dev;
+    let mut d = Disk::new(dev);
+    assert_eq!(d.read(&mut g, last, 64 * KIB, 1).0, VIRTIO_BLK_S_OK);
+    assert_eq!(d.read(&mut g, last + 1, 64 * KIB, 1).0, VIRTIO_BLK_S_IOERR);
+}
+
+#[test]
+fn ram_growth_past_the_reservation_and_bad_sizes_are_refused() {
+    let dev = ram(1 << 20);
+    let past = RAM_RESERVE + 4096;
+    let e = dev.resize(past).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BlkError::Resize {
+                source: ResizeError::PastReservation { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&RAM_RESERVE.to_string()), "{e}");
+    for bad in [0, 1000, (1 << 20) + 100] {
+        assert!(
+            matches!(dev.resize(bad), Err(BlkError::InvalidSize { .. })),
+            "{bad}"
+        );
+    }
+    assert_eq!(dev.capacity_bytes(), 1 << 20);
+    // Up to the reservation is fine (PROT_NONE until now, never touched: no memory).
+    dev.resize(RAM_RESERVE).unwrap();
+    assert_eq!(config_capacity(&dev), RAM_RESERVE / 512);
+    dev.resize(4096).unwrap();
+    assert_eq!(config_capacity(&dev), 8);
+
+    // A 4 KiB-block device takes only whole blocks.
+    let dev = BlkDevice::new(BlkConfig {
+        logical_block_size: 4096,
+        ..config(BackendSpec::Ram { size: 1 << 20 })
+    })
+    .unwrap();
+    assert!(matches!(
+        dev.resize((2 << 20) + 512),
+        Err(BlkError::InvalidSize { .. })
+    ));
+    dev.resize((2 << 20) + 4096).unwrap();
+}
+
+#[test]
+fn read_only_devices_refuse_resize() {
+    let f = TempFile::new("ro-resize", 1 << 20);
+    for backend in [
+        BackendSpec::Ram { size: 1 << 20 },
+        BackendSpec::File {
+            path: f.path().to_path_buf(),
+            direct: false,
+            aio: Aio::Sync,
+        },
+    ] {
+        let dev = BlkDevice::new(BlkConfig {
+            read_only: true,
+            ..config(backend)
+        })
+        .unwrap();
+        let e = dev.resize(2 << 20).unwrap_err();
+        assert!(matches!(e, BlkError::ResizeReadOnly), "{e}");
+        assert!(e.to_string().contains("read-only"), "{e}");
+        assert_eq!(dev.capacity_bytes(), 1 << 20);
+    }
+    assert_eq!(std::fs::metadata(f.path()).unwrap().len(), 1 << 20);
+}
+
+#[test]
+fn file_resize_resizes_the_image() {
+    let f = TempFile::new("resize", 1 << 20);
+    let mut g = Guest::new();
+    let mut d = Disk::new(file(f.path(), false));
+    let data = random_bytes(16 * KIB, 23);
+    assert_eq!(d.write(&mut g, 8, &data, 2).0, VIRTIO_BLK_S_OK);
+
+    // Grow: the file grows, the new end is served and reaches the file.
+    d.dev.resize(3 << 20).unwrap();
+    assert_eq!(std::fs::metadata(f.path()).unwrap().len(), 3 << 20);
+    assert_eq!(config_capacity(&d.dev), 6144);
+    let far = random_bytes(8 * KIB, 24);
+    assert_eq!(d.write(&mut g, 6144 - 16, &far, 3).0, VIRTIO_BLK_S_OK);
+    assert_eq!(d.read(&mut g, 6144 - 16, far.len(), 1).2, far);
+    assert_eq!(d.read(&mut g, 6144, 512, 1).0, VIRTIO_BLK_S_IOERR);
+    let on_disk = std::fs::read(f.path()).unwrap();
+    assert_eq!(&on_disk[(3 << 20) - far.len()..], &far[..]);
+
+    // Shrink: the file is truncated (qemu's block_resize of a raw image does the same),
+    // requests past the new end fail, the data before it stays.
+    d.dev.resize(64 * 1024).unwrap();
+    assert_eq!(std::fs::metadata(f.path()).unwrap().len(), 64 * 1024);
+    assert_eq!(config_capacity(&d.dev), 128);
+    assert_eq!(d.read(&mut g, 8, data.len(), 3).2, data);
+    assert_eq!(d.read(&mut g, 128, 512, 1).0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(d.write(&mut g, 120, &far, 1).0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(std::fs::metadata(f.path()).unwrap().len(), 64 * 1024);
+
+    // A device opened on the file again sees the new size.
+    assert_eq!(file(f.path(), false).capacity_bytes(), 64 * 1024);
+}
+
+#[test]
+fn null_resize_changes_only_the_capacity() {
+    let mut g = Guest::new();
+    let mut d = Disk::new(BlkDevice::new(config(BackendSpec::Null { size: 4096 })).unwrap());
+    assert_eq!(d.read(&mut g, 8, 512, 1).0, VIRTIO_BLK_S_IOERR);
+    d.dev.resize(1 << 40).unwrap();
+    assert_eq!(config_capacity(&d.dev), (1 << 40) / 512);
+    assert_eq!(d.read(&mut g, (1 << 31) - 1, 512, 1).0, VIRTIO_BLK_S_OK);
+    d.dev.resize(512).unwrap();
+    assert_eq!(d.read(&mut g, 1, 512, 1).0, VIRTIO_BLK_S_IOERR);
+}
+
+#[test]
+fn ram_resizes_while_another_queue_runs_keep_its_data() {
+    // Queue 1 writes and reads back blocks below the smallest capacity on its own thread
+    // while this thread shrinks and grows the disk: every request inside the capacity
+    // succeeds with its data, whatever the resize in progress.
+    let dev = Arc::new(ram(1 << 20));
+    let mut q = dev.queue_handler(1, dev.features()).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let worker = std::thread::spawn(move || {
+        let mut rounds = 0u64;
+        while !s.load(Ordering::Relaxed) || rounds < 50 {
+            let mut g = Guest::new();
+            for i in 0..32u64 {
+                let data = random_bytes(4 * KIB, rounds * 64 + i);
+                let sector = (i * 8) % 1024;
+                let w = build(&mut g, &[&header(VIRTIO_BLK_T_OUT, sector), &data], &[1]);
+                q.handle(&w.chain).unwrap();
+                assert_eq!(w.status(&g), VIRTIO_BLK_S_OK, "write {rounds}/{i}");
+                let r = build(&mut g, &[&header(VIRTIO_BLK_T_IN, sector)], &[4 * KIB, 1]);
+                q.handle(&r.chain).unwrap();
+                assert_eq!(r.status(&g), VIRTIO_BLK_S_OK, "read {rounds}/{i}");
+                assert!(r.data(&g) == data, "data {rounds}/{i}");
+            }
+            rounds += 1;
+        }
+        rounds
+    });
+    for k in 0..200u64 {
+        let size = if k % 2 == 0 { 64 << 20 } else { 512 * 1024 };
+        dev.resize(size).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(worker.join().unwrap() >= 50);
+    assert_eq!(dev.capacity_bytes(), 512 * 1024);
+}
+
 /// The request tests with every request made available on a packed virtqueue (virtio 1.2
 /// §2.8) of [`PACKED_RING_SIZE`] slots, plain chains and indirect tables in turn, popped,
 /// handled and completed by the ring's device side, the used descriptor checked from the
@@ -1314,5 +1540,8 @@ mod packed_ring {
         unknown_request_types_are_unsupported,
         request_without_status_byte_is_dropped,
         arbitrary_requests_complete_or_drop_without_panicking,
+        ram_shrink_refuses_requests_past_the_new_end_and_growth_keeps_the_data,
+        file_resize_resizes_the_image,
+        null_resize_changes_only_the_capacity,
     );
 }

@@ -96,7 +96,7 @@ impl AioGroup {
         let direct = self.blk.limits().direct_align;
         let req = match chain.writable_len() {
             0 => None,
-            _ => parse(chain, self.blk.limits()).ok(),
+            _ => parse(chain, &self.blk.limits()).ok(),
         };
         slot.pos = 0;
         slot.retries = 0;
@@ -153,7 +153,7 @@ impl AioGroup {
     /// Moves a discard/write-zeroes request to its next non-empty segment (`first`: its
     /// first one) and submits it.
     pub(super) fn next_zero(&mut self, i: usize, first: bool) -> Step {
-        let limits = *self.blk.limits();
+        let limits = self.blk.limits();
         let Some(slot) = self.slots.get_mut(i) else {
             return Step::Done(VIRTIO_BLK_S_IOERR, 0);
         };
