@@ -828,3 +828,47 @@ fn default_device_serves_any_ring_size_and_seg_max_sized_indirect_tables() {
     assert!(!log.contains("NEEDS_RESET"), "{log}");
     assert!(d.stop().success());
 }
+
+/// Issue 11: GET_INFLIGHT_FD sizes the buffer for the ring layout SET_FEATURES negotiated
+/// (QEMU sends SET_FEATURES first): the split layout's 16-byte entries, or the packed
+/// layout's 32-byte ones; asked before SET_FEATURES, the packed size (it serves either).
+#[test]
+fn inflight_buffer_follows_the_negotiated_ring_layout() {
+    use vhost::vhost_user::message::VhostUserInflight;
+    const RING_PACKED: u64 = 1 << 34;
+    let d = Daemon::start(
+        "ifl",
+        &blk_config("ifl", "backend = \"ram\"\nsize = \"16M\"\nqueues = 2"),
+        &["ifl"],
+    );
+    // (features to ack, or none before asking; expected size for 2 queues of 128)
+    let split = 2 * 2112;
+    let packed = 2 * 4160;
+    for (features, want) in [
+        (Some((1u64 << 32) | (1 << 30)), split),
+        (Some((1u64 << 32) | (1 << 30) | RING_PACKED), packed),
+        (None, packed),
+    ] {
+        let mut fe = Frontend::connect(d.sock("ifl"), 1).unwrap();
+        fe.set_owner().unwrap();
+        fe.get_features().unwrap();
+        if let Some(f) = features {
+            fe.set_features(f).unwrap();
+        }
+        fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(P::MQ | P::REPLY_ACK | P::INFLIGHT_SHMFD)
+            .unwrap();
+        let (inflight, file) = fe
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, 2, 128))
+            .unwrap();
+        assert_eq!(
+            { inflight.mmap_size } as usize,
+            want,
+            "features {features:x?}: {split} split, {packed} packed"
+        );
+        assert!(file.metadata().unwrap().len() >= want as u64);
+        drop(fe);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.stop().success());
+}

@@ -622,13 +622,11 @@ impl DeviceRuntime {
             };
             let mut queue = Virtqueue::new(&cfg, mem.clone(), packed)
                 .map_err(|source| RuntimeError::Vring { index, source })?;
-            if let Some(t) = self
-                .inflight
-                .as_ref()
-                .and_then(|m| m.queue(index, cfg.size))
-            {
-                if !queue.set_inflight(t) {
-                    debug!(device = %self.name, vring = m, "inflight tracking is not supported on packed rings");
+            if let Some(map) = &self.inflight {
+                // In the ring's layout (split or packed); chains a previous backend left in
+                // flight are resubmitted first.
+                if !queue.attach_inflight(map, index) {
+                    warn!(device = %self.name, vring = m, size = cfg.size, packed, "inflight buffer has no region for this vring (queue size or layout); not tracked");
                 }
             }
             queues.push(WorkerQueue {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 use uvdpa_runtime::{ConfigNotifier, DeviceRuntime, RuntimeParams};
 pub use uvdpa_runtime::{ResCtx, SessionState};
-use uvdpa_virtio::inflight::InflightMap;
+use uvdpa_virtio::inflight::{InflightLayout, InflightMap};
 use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
 use uvdpa_virtio::memory::MAX_REGIONS;
 use uvdpa_virtio::split::MAX_QUEUE_SIZE;
@@ -693,7 +693,16 @@ impl Session {
         expect_fds("GET_INFLIGHT_FD", req, 0)?;
         let m: VhostUserInflight = decode("GET_INFLIGHT_FD", &req.body)?;
         self.check_inflight_geometry("GET_INFLIGHT_FD", &m)?;
-        let map = InflightMap::create(m.num_queues, m.queue_size)
+        // The region follows the ring layout the features negotiated: QEMU sends
+        // SET_FEATURES first (vhost_dev_prepare_inflight). A frontend asking before
+        // SET_FEATURES gets the packed size, the larger, which serves either layout.
+        let acked = self.rt.acked();
+        let layout = if acked.is_empty() || acked.contains(VirtioFeatures::VIRTIO_F_RING_PACKED) {
+            InflightLayout::Packed
+        } else {
+            InflightLayout::Split
+        };
+        let map = InflightMap::create_in(layout, m.num_queues, m.queue_size)
             .map_err(|e| Error::Device(e.to_string()))?;
         self.rt.set_inflight(Some(map.clone()))?;
         Ok(map)

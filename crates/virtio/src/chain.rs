@@ -128,6 +128,9 @@ pub struct DescriptorChain {
     writable: Vec<Segment>,
     readable_len: u32,
     writable_len: u32,
+    /// Packed ring with inflight tracking: the entry of the inflight region holding this
+    /// chain (set by the queue that popped it, read back when it is completed).
+    inflight: Option<u16>,
 }
 
 /// A raw split-ring descriptor as read from guest memory.
@@ -339,6 +342,17 @@ impl DescriptorChain {
         self.writable.clear();
         self.readable_len = 0;
         self.writable_len = 0;
+        self.inflight = None;
+    }
+
+    /// The inflight region entry recorded for this chain (packed ring).
+    pub(crate) fn inflight_entry(&self) -> Option<u16> {
+        self.inflight
+    }
+
+    /// Records the inflight region entry holding this chain (packed ring).
+    pub(crate) fn set_inflight_entry(&mut self, entry: Option<u16>) {
+        self.inflight = entry;
     }
 
     /// Adds one buffer to the chain: ordering (§2.7.4.2, §2.8.4), length overflow, and
@@ -481,6 +495,7 @@ impl DescriptorChain {
             writable_len: sum(&writable),
             readable,
             writable,
+            inflight: None,
         }
     }
 }

@@ -34,16 +34,27 @@
 //! [`crate::chain::ChainError`] for what is checked. Nothing read from guest memory can
 //! panic.
 //!
-//! # Not supported
-//! Inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) is for split rings only; a
-//! packed queue has no `set_inflight`.
+//! # Inflight tracking
+//! With VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD ([`PackedQueue::attach_inflight`], the packed
+//! layout of [`crate::inflight`]) every chain popped from the ring is copied into the
+//! inflight region and marked before the device sees it, and each used descriptor is
+//! published on its own: the region moves to the new used position, the descriptor's flags
+//! are written, the mark is cleared and the change committed. A queue attached to a region
+//! a previous backend left resumes from the region, not from the vring base (QEMU resends
+//! the base the dead backend started from): the used position is the committed one, the
+//! chains still marked are resubmitted from their saved copies, oldest first, before
+//! anything new, and the next avail position is the used position plus their ring slots
+//! (every chain the old backend took was either completed, moving the used position by its
+//! slots, or is among them).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
 
-use crate::chain::{packed_available, DescriptorChain, DESC_SIZE};
+use crate::chain::{packed_available, ChainError, DescriptorChain, RawPackedDesc, DESC_SIZE};
 pub use crate::chain::{VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED};
 use crate::chain::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use crate::inflight::{InflightMap, PackedInflight};
 use crate::memory::GuestMemory;
 use crate::split::{QueueError, VringConfig, MAX_QUEUE_SIZE};
 
@@ -108,6 +119,22 @@ pub struct PackedQueue {
     /// The device event suppression flags last written (only the device writes them):
     /// rewriting an unchanged value would still pull the driver's cache line.
     event_flags: Option<u16>,
+    /// Inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), when the frontend set it up.
+    inflight: Option<PackedInflight>,
+    /// Chains a previous backend left in flight, `(entry, ring slots)`, popped (from their
+    /// saved copies) before the ring.
+    resubmit: VecDeque<(u16, u16)>,
+    /// Chains marked since the last used descriptor, `(entry, avail position before the
+    /// pop)`, so a rewind can unmark them.
+    since_used: Vec<(u16, u16)>,
+    /// A private descriptor ring a resubmitted chain is parsed from (allocated on first
+    /// use), and the saved descriptors read into it.
+    scratch: Vec<u8>,
+    saved: Vec<RawPackedDesc>,
+    /// Tests: stop a tracked `add_used` after this step, as a crash would (see
+    /// `add_used_tracked`).
+    #[cfg(test)]
+    crash_after: Option<u8>,
 }
 
 // SAFETY: the raw pointers point into `mem`, which the queue keeps alive through its Arc;
@@ -175,7 +202,79 @@ impl PackedQueue {
             event_idx: cfg.event_idx,
             indirect: cfg.indirect,
             event_flags: None,
+            inflight: None,
+            resubmit: VecDeque::new(),
+            since_used: Vec::new(),
+            scratch: Vec::new(),
+            saved: Vec::new(),
+            #[cfg(test)]
+            crash_after: None,
         })
+    }
+
+    /// Attaches inflight tracking from queue `index` of `map` (packed layout). Returns
+    /// `false` (and tracks nothing) if the map has no packed region for this queue and
+    /// size. See [`PackedQueue::set_inflight`].
+    pub fn attach_inflight(&mut self, map: &Arc<InflightMap>, index: u16) -> bool {
+        match map.packed_queue(index, self.size) {
+            Some(t) => {
+                self.set_inflight(t);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Attaches inflight tracking. A region nobody laid out yet is initialized at the
+    /// queue's position (the vring base). A region a previous backend used is recovered
+    /// (see the module docs): the queue resumes at its used position, with the chains it
+    /// left in flight resubmitted first, oldest first. A region inconsistent with itself
+    /// is logged and initialized afresh.
+    pub fn set_inflight(&mut self, mut t: PackedInflight) {
+        let base = (self.next_used, self.used_wrap);
+        if !t.is_initialized() {
+            t.init(base);
+        } else {
+            let r = t.recover(|slot| {
+                if slot < self.size {
+                    u16::from_le(self.desc_flags(slot).load(Ordering::Acquire))
+                } else {
+                    0
+                }
+            });
+            match r {
+                Ok(r) => {
+                    (self.next_used, self.used_wrap) = r.used;
+                    (self.next_avail, self.avail_wrap) = if r.slots == 0 {
+                        r.used
+                    } else {
+                        // slots <= size (checked by recover).
+                        self.advance(r.used.0, r.used.1, r.slots as u16)
+                    };
+                    self.signalled_used = self.next_used;
+                    self.signalled_wrap = self.used_wrap;
+                    if !r.chains.is_empty() || base != r.used {
+                        tracing::info!(
+                            resubmitted = r.chains.len(),
+                            base = encode(base.0, base.1),
+                            next_avail = self.next_avail(),
+                            next_used = self.next_used(),
+                            "resubmitting inflight requests (packed ring)"
+                        );
+                    }
+                    self.resubmit = r.chains.into();
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        base = encode(base.0, base.1),
+                        "inflight region not usable ({why}); starting it afresh at the vring base"
+                    );
+                    t.init(base);
+                }
+            }
+        }
+        self.since_used.clear();
+        self.inflight = Some(t);
     }
 
     /// Queue size in descriptors.
@@ -198,6 +297,14 @@ impl PackedQueue {
         if slot < self.size {
             self.next_avail = slot;
             self.avail_wrap = base & WRAP_BIT != 0;
+            if let Some(t) = &mut self.inflight {
+                // The chains popped since `base` go back to the ring: unmark them.
+                if let Some(k) = self.since_used.iter().position(|&(_, at)| at == base) {
+                    for (entry, _) in self.since_used.drain(k..).rev() {
+                        t.unmark(entry);
+                    }
+                }
+            }
         }
     }
 
@@ -234,6 +341,9 @@ impl PackedQueue {
     /// # Errors
     /// None.
     pub fn available(&self) -> Result<u16, QueueError> {
+        if !self.resubmit.is_empty() {
+            return Ok(1);
+        }
         let flags = u16::from_le(self.desc_flags(self.next_avail).load(Ordering::Acquire));
         Ok(u16::from(packed_available(flags, self.avail_wrap)))
     }
@@ -245,6 +355,9 @@ impl PackedQueue {
     /// [`QueueError::Chain`] for a malformed chain, with the ring slot of its head. The
     /// slots walked are consumed (at least one); the caller fails the queue.
     pub fn pop(&mut self, chain: &mut DescriptorChain) -> Result<bool, QueueError> {
+        if let Some((entry, num)) = self.resubmit.pop_front() {
+            return self.pop_saved(entry, num, chain);
+        }
         // The Acquire load of the head's flags orders the reads of the chain after it (the
         // driver publishes the head's flags last).
         if self.available()? == 0 {
@@ -265,9 +378,90 @@ impl PackedQueue {
         };
         let (slot, wrap) =
             self.advance(self.next_avail, self.avail_wrap, chain.desc_count().max(1));
+        let before = encode(self.next_avail, self.avail_wrap);
         self.next_avail = slot;
         self.avail_wrap = wrap;
         r.map_err(|error| QueueError::Chain { head, error })?;
+        if let Some(t) = &mut self.inflight {
+            let (ring, size) = (self.desc, self.size);
+            let entry = t.mark(chain.desc_count(), |k| {
+                let at = (u32::from(head) + u32::from(k)) % u32::from(size);
+                // SAFETY: at < size: a slot of the ring checked in `new`, alive with
+                // `self.mem`.
+                unsafe { RawPackedDesc::read(ring, at as u16) }
+            });
+            if entry.is_none() {
+                tracing::warn!(
+                    slot = head,
+                    "inflight region has no free entry for a chain; it is not tracked"
+                );
+            }
+            chain.set_inflight_entry(entry);
+            if let Some(e) = entry {
+                if self.since_used.len() >= usize::from(self.size) {
+                    self.since_used.clear();
+                }
+                self.since_used.push((e, before));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Pops a chain a previous backend left in flight, from the copy of its ring
+    /// descriptors in the inflight region (the ring slots may have been overwritten),
+    /// parsed and validated like a ring chain.
+    fn pop_saved(
+        &mut self,
+        entry: u16,
+        num: u16,
+        chain: &mut DescriptorChain,
+    ) -> Result<bool, QueueError> {
+        let Some(t) = &self.inflight else {
+            return Ok(false);
+        };
+        t.saved_chain(entry, num, &mut self.saved);
+        let ring_len = usize::from(self.size) * DESC_SIZE as usize;
+        if self.scratch.len() != ring_len {
+            self.scratch = vec![0; ring_len];
+        }
+        let n = self.saved.len();
+        for (k, d) in self.saved.iter().enumerate() {
+            // Available under wrap counter 1 in the private ring.
+            let flags = (d.flags & !(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) | VIRTQ_DESC_F_AVAIL;
+            let at = k * DESC_SIZE as usize;
+            let e = &mut self.scratch[at..at + DESC_SIZE as usize];
+            e[0..8].copy_from_slice(&d.addr.to_le_bytes());
+            e[8..12].copy_from_slice(&d.len.to_le_bytes());
+            e[12..14].copy_from_slice(&d.id.to_le_bytes());
+            e[14..16].copy_from_slice(&flags.to_le_bytes());
+        }
+        if n < usize::from(self.size) {
+            // A saved chain whose last descriptor says NEXT ends here (not available).
+            let at = n * DESC_SIZE as usize;
+            self.scratch[at + FLAGS_OFF..at + FLAGS_OFF + 2].fill(0);
+        }
+        // SAFETY: `scratch` holds `size` descriptors and lives across the call; slot 0 <
+        // size.
+        let r = unsafe {
+            chain.parse_packed(
+                &self.mem,
+                self.scratch.as_ptr(),
+                self.size,
+                0,
+                true,
+                self.indirect,
+            )
+        };
+        r.map_err(|error| QueueError::Chain { head: entry, error })?;
+        if usize::from(chain.desc_count()) != n || n != usize::from(num) {
+            return Err(QueueError::Chain {
+                head: entry,
+                error: ChainError::Unavailable {
+                    slot: chain.desc_count(),
+                },
+            });
+        }
+        chain.set_inflight_entry(Some(entry));
         Ok(true)
     }
 
@@ -289,6 +483,25 @@ impl PackedQueue {
     /// descriptor of a batch gets its flags only then, so the driver sees the whole batch
     /// at once.
     pub fn add_used(&mut self, id: u16, desc_count: u16, len: u32) {
+        self.add_used_entry(id, desc_count, len, None);
+    }
+
+    /// [`PackedQueue::add_used`] for a chain this queue popped: with inflight tracking the
+    /// chain's mark is cleared once its used descriptor is published (at once).
+    pub fn add_used_chain(&mut self, chain: &DescriptorChain, len: u32) {
+        self.add_used_entry(
+            chain.head(),
+            chain.desc_count(),
+            len,
+            chain.inflight_entry(),
+        );
+    }
+
+    fn add_used_entry(&mut self, id: u16, desc_count: u16, len: u32, entry: Option<u16>) {
+        if self.inflight.is_some() {
+            self.add_used_tracked(id, desc_count, len, entry);
+            return;
+        }
         let slot = self.next_used;
         let mut flags = if self.used_wrap {
             VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
@@ -315,6 +528,78 @@ impl PackedQueue {
         self.next_used = s;
         self.used_wrap = w;
         self.unsignalled = self.unsignalled.saturating_add(u32::from(n));
+    }
+
+    /// With inflight tracking: writes and publishes one used descriptor on its own, in the
+    /// order the region's rules need (see [`crate::inflight`]): id and length, the region's
+    /// used position and free list (uncommitted), the flags, the mark cleared, committed.
+    /// A crash leaves at most this one descriptor to reconcile, and no published flags
+    /// past an unpublished one.
+    fn add_used_tracked(&mut self, id: u16, desc_count: u16, len: u32, entry: Option<u16>) {
+        // Anything batched before tracking started goes out first.
+        self.publish_used();
+        self.since_used.clear();
+        let slot = self.next_used;
+        let mut flags = if self.used_wrap {
+            VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+        } else {
+            0
+        };
+        if len > 0 {
+            flags |= VIRTQ_DESC_F_WRITE;
+        }
+        let n = desc_count.clamp(1, self.size);
+        let (s, w) = self.advance(slot, self.used_wrap, n);
+        self.write_used(slot, id, len);
+        if self.crashes_after(0) {
+            return;
+        }
+        if let Some(t) = &mut self.inflight {
+            t.complete_begin(entry, (s, w));
+        }
+        if self.crashes_after(1) {
+            return;
+        }
+        fence(Ordering::Release);
+        self.desc_flags(slot)
+            .store(flags.to_le(), Ordering::Release);
+        if self.crashes_after(2) {
+            return;
+        }
+        let steps = self.end_steps();
+        if let Some(t) = &mut self.inflight {
+            t.complete_end_steps(entry, steps);
+        }
+        self.next_used = s;
+        self.used_wrap = w;
+        self.unsignalled = self.unsignalled.saturating_add(u32::from(n));
+    }
+
+    #[cfg(test)]
+    fn crashes_after(&self, step: u8) -> bool {
+        self.crash_after == Some(step)
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    fn crashes_after(&self, _step: u8) -> bool {
+        false
+    }
+
+    /// Steps of the region's commit to run (3: all; tests stop earlier).
+    #[cfg(test)]
+    fn end_steps(&self) -> u8 {
+        match self.crash_after {
+            Some(3) => 1,
+            Some(4) => 2,
+            _ => 3,
+        }
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    fn end_steps(&self) -> u8 {
+        3
     }
 
     /// Publishes the used descriptors added so far: writes the flags of the batch's first

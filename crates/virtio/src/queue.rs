@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::chain::DescriptorChain;
-use crate::inflight::InflightQueue;
+use crate::inflight::{InflightMap, InflightQueue};
 use crate::memory::GuestMemory;
 use crate::packed::PackedQueue;
 use crate::split::{QueueError, SplitQueue, VringConfig};
@@ -97,8 +97,9 @@ impl Virtqueue {
     pub fn add_used(&mut self, chain: &DescriptorChain, len: u32) {
         match self {
             Self::Split(q) => q.add_used(chain.head(), len),
-            // The packed ring skips the chain's ring slots (§2.8.6).
-            Self::Packed(q) => q.add_used(chain.head(), chain.desc_count(), len),
+            // The packed ring skips the chain's ring slots (§2.8.6); with inflight
+            // tracking the chain knows its entry in the region.
+            Self::Packed(q) => q.add_used_chain(chain, len),
         }
     }
 
@@ -123,8 +124,25 @@ impl Virtqueue {
         each!(self, q => q.set_notification(enable))
     }
 
-    /// Attaches inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD). Split rings only:
-    /// returns `false` (and tracks nothing) for a packed ring.
+    /// Attaches inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) from queue `index`
+    /// of `map`, in the layout of the ring (split or packed): chains a previous backend
+    /// left in flight are resubmitted first. Returns `false` (and tracks nothing) if the
+    /// map has no region for this queue in that layout (another queue size, too small).
+    pub fn attach_inflight(&mut self, map: &Arc<InflightMap>, index: u16) -> bool {
+        match self {
+            Self::Split(q) => match map.queue(index, q.size()) {
+                Some(t) => {
+                    q.set_inflight(t);
+                    true
+                }
+                None => false,
+            },
+            Self::Packed(q) => q.attach_inflight(map, index),
+        }
+    }
+
+    /// Attaches a split-layout tracker. Split rings only: returns `false` (and tracks
+    /// nothing) for a packed ring (use [`Virtqueue::attach_inflight`]).
     pub fn set_inflight(&mut self, t: InflightQueue) -> bool {
         match self {
             Self::Split(q) => {
