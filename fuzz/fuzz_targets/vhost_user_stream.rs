@@ -253,6 +253,7 @@ fuzz_target!(|data: &[u8]| {
                 frontend_pid: None,
                 poll: Duration::ZERO,
                 mandated: VirtioFeatures::empty(),
+                unoffered: VirtioFeatures::empty(),
                 vectors: Arc::new(VectorTable::new(num_queues)),
             },
         );
