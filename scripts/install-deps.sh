@@ -4,7 +4,7 @@
 # guest, busybox for its initramfs, fio and e2fsprogs for the guest's real-workload matrix,
 # DPDK (dpdk-testpmd: the virtio-net driver and the
 # reference vhost-user backend of the net tests and benches/net.sh), and the VDUSE guest's
-# 6.12 kernel (tests/guest/vduse/fetch-kernel.sh).
+# 6.12 kernel (tests/guest/vduse/fetch-kernel.sh), and libvirt-clients (virt-xml-validate).
 set -euo pipefail
 
 need=()
@@ -27,6 +27,10 @@ ls /usr/lib/*/dpdk/pmds-*/librte_net_vhost.so >/dev/null 2>&1 || need+=(librte-n
 # 6.12 kernel's modules.
 command -v vdpa >/dev/null || [ -x /usr/sbin/vdpa ] || [ -x /sbin/vdpa ] || need+=(iproute2)
 command -v xz >/dev/null || need+=(xz-utils)
+# libvirt's domain XML schema and virt-xml-validate, for the README's libvirt examples
+# (crates/daemon/tests/service.rs validates contrib/libvirt/*.xml).
+command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
+command -v xmllint >/dev/null || need+=(libxml2-utils)
 
 if [ ${#need[@]} -eq 0 ]; then
     echo "install-deps: all packages present"

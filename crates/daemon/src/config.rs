@@ -2,6 +2,8 @@
 //! specs. Every error names the device and the field, and says what is allowed.
 //!
 //! ```toml
+//! metrics = "127.0.0.1:9464" # optional: serve OpenMetrics at http://ADDR/metrics
+//!
 //! [[device]]
 //! name = "blk0"            # 1..=32 of [A-Za-z0-9_.-], unique
 //! mgmtdev = "blk"          # device type: "blk" or "net"
@@ -159,8 +161,21 @@ pub struct DeviceEntry {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
+    /// `ADDR:PORT` of the metrics endpoint (off when absent).
+    #[serde(default)]
+    metrics: Option<String>,
     #[serde(default)]
     device: Vec<DeviceEntry>,
+}
+
+/// A validated config file.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// The devices, in file order, each with the table it was validated from (a reload
+    /// compares tables to tell a changed device from an unchanged one).
+    pub devices: Vec<(DeviceEntry, DeviceSpec)>,
+    /// Where to serve metrics (`metrics = "127.0.0.1:9464"`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Default length of the frames of a `source` net backend.
@@ -776,36 +791,59 @@ pub fn default_devices() -> Vec<DeviceSpec> {
 /// # Errors
 /// [`ConfigError::Parse`] for TOML or schema errors, [`ConfigError::Field`] for values,
 /// including duplicate names.
+#[cfg(test)]
 pub fn parse_config(path: &Path, text: &str) -> Result<Vec<DeviceSpec>, ConfigError> {
+    Ok(parse_daemon_config(path, text)?
+        .devices
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect())
+}
+
+/// Parses and validates a config file's text: its devices and the daemon's settings.
+///
+/// # Errors
+/// As [`parse_config`]; a `metrics` value that is not `IP:PORT` is a [`ConfigError::Parse`].
+pub fn parse_daemon_config(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
     let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    let mut specs: Vec<DeviceSpec> = Vec::new();
-    for (i, entry) in file.device.iter().enumerate() {
+    let metrics = file
+        .metrics
+        .as_deref()
+        .map(|m| {
+            m.parse().map_err(|_| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("metrics: {m:?} is not an address IP:PORT"),
+            })
+        })
+        .transpose()?;
+    let mut devices: Vec<(DeviceEntry, DeviceSpec)> = Vec::new();
+    for (i, entry) in file.device.into_iter().enumerate() {
         let spec = entry.validate(i)?;
-        if specs.iter().any(|s| s.name == spec.name) {
+        if devices.iter().any(|(_, s)| s.name == spec.name) {
             return Err(ConfigError::Field {
                 device: spec.name,
                 field: "name",
                 reason: "duplicate device name".into(),
             });
         }
-        specs.push(spec);
+        devices.push((entry, spec));
     }
-    Ok(specs)
+    Ok(DaemonConfig { devices, metrics })
 }
 
-/// Reads and validates a config file.
+/// Reads and validates a config file: its devices and the daemon's settings.
 ///
 /// # Errors
-/// As [`parse_config`], plus [`ConfigError::Read`].
-pub fn load_config(path: &Path) -> Result<Vec<DeviceSpec>, ConfigError> {
+/// As [`parse_daemon_config`], plus [`ConfigError::Read`].
+pub fn load_daemon_config(path: &Path) -> Result<DaemonConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse_config(path, &text)
+    parse_daemon_config(path, &text)
 }
 
 #[cfg(test)]

@@ -11,18 +11,21 @@ mod cli;
 mod client;
 mod config;
 mod ctl;
+mod metrics;
 mod registry;
+mod service;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use signal_hook::consts::{SIGINT, SIGTERM};
-use tracing::info;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tracing::{info, warn};
 
-use crate::config::{default_devices, load_config};
-use crate::registry::Registry;
+use crate::config::{default_devices, load_daemon_config, DeviceSpec};
+use crate::registry::{DeviceView, Registry};
 
 /// uvdpa: vDPA devices in userspace.
 #[derive(Debug, Parser)]
@@ -49,8 +52,18 @@ enum Command {
         #[arg(long)]
         run_dir: Option<PathBuf>,
         /// TOML file listing the devices; without it the embedded default is served.
+        /// SIGHUP re-reads it: devices added to it are added, devices removed from it are
+        /// removed, changed ones are re-created, unchanged ones are left alone.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Serve OpenMetrics/Prometheus text at http://ADDR/metrics (e.g.
+        /// 127.0.0.1:9464); overrides the config file's `metrics`.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
+        /// Validate FILE as a config file and exit (0: valid; 1: the error), serving
+        /// nothing.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "metrics", "run_dir"])]
+        check_config: Option<PathBuf>,
     },
     /// Device types: `mgmtdev show`.
     Mgmtdev {
@@ -82,10 +95,57 @@ fn default_run_dir() -> PathBuf {
     }
 }
 
-fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), String> {
-    let specs = match &config {
-        Some(path) => load_config(path).map_err(|e| e.to_string())?,
-        None => default_devices(),
+/// Prints what a served device is and how to attach it.
+fn print_device(v: &DeviceView) {
+    if v.transport == "vduse" {
+        println!("{}: VDUSE virtio-{} at {}", v.name, v.mgmtdev, v.socket);
+        match (&v.vdpa, &v.kernel_dev) {
+            (Some(bus), Some(d)) => println!("  on the vDPA bus as {bus}: {d}"),
+            (Some(bus), None) => println!("  on the vDPA bus as {bus}"),
+            _ => println!("  bind with: vdpa dev add name {} mgmtdev vduse", v.name),
+        }
+        if !v.qemu.is_empty() {
+            println!("  attach with: {}", v.qemu);
+        }
+    } else {
+        println!("{}: vhost-user-{} at {}", v.name, v.mgmtdev, v.socket);
+        println!("  attach with: {}", v.qemu);
+        if let Some(vdev) = &v.testpmd {
+            println!("  or: dpdk-testpmd --vdev '{vdev}' ...");
+        }
+    }
+}
+
+/// `uvdpa daemon --check-config FILE`.
+fn check_config(path: &std::path::Path) -> Result<(), String> {
+    let cfg = load_daemon_config(path).map_err(|e| service::error_chain(&e))?;
+    let names: Vec<&str> = cfg.devices.iter().map(|(_, s)| s.name.as_str()).collect();
+    println!(
+        "{}: valid: {} device(s){}{}",
+        path.display(),
+        names.len(),
+        if names.is_empty() { "" } else { ": " },
+        names.join(", ")
+    );
+    if let Some(m) = cfg.metrics {
+        println!("  metrics at http://{m}/metrics");
+    }
+    Ok(())
+}
+
+fn run_daemon(
+    run_dir: Option<PathBuf>,
+    config: Option<PathBuf>,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<(), String> {
+    let (specs, entries, file_metrics): (Vec<DeviceSpec>, _, _) = match &config {
+        Some(path) => {
+            let cfg = load_daemon_config(path).map_err(|e| service::error_chain(&e))?;
+            let entries = cfg.devices.iter().map(|(e, _)| e.clone()).collect();
+            let specs = cfg.devices.into_iter().map(|(_, s)| s).collect();
+            (specs, entries, cfg.metrics)
+        }
+        None => (default_devices(), Vec::new(), None),
     };
     if specs.is_empty() {
         info!("no devices configured: add them with `uvdpa dev add`");
@@ -101,7 +161,7 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
         .map_err(|e| format!("Cannot create run directory {}: {e}", run_dir.display()))?;
 
     // Install the handlers before serving, so a signal during start-up is not lost.
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(|e| format!("Cannot install signal handlers: {e}"))?;
 
     let primary = ctl::serve(&run_dir, registry.clone()).map_err(|e| {
@@ -110,27 +170,21 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
             run_dir.display()
         )
     })?;
+    let metrics = match metrics_addr.or(file_metrics) {
+        Some(addr) => match metrics::serve(addr, registry.clone()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                primary.shutdown();
+                registry.del_all();
+                return Err(format!("Cannot serve metrics on {addr}: {e}"));
+            }
+        },
+        None => None,
+    };
     for p in prepared {
         let name = p.name().to_string();
         match registry.install(p) {
-            Ok(v) if v.transport == "vduse" => {
-                println!("{}: VDUSE virtio-{} at {}", v.name, v.mgmtdev, v.socket);
-                match (&v.vdpa, &v.kernel_dev) {
-                    (Some(bus), Some(d)) => println!("  on the vDPA bus as {bus}: {d}"),
-                    (Some(bus), None) => println!("  on the vDPA bus as {bus}"),
-                    _ => println!("  bind with: vdpa dev add name {} mgmtdev vduse", v.name),
-                }
-                if !v.qemu.is_empty() {
-                    println!("  attach with: {}", v.qemu);
-                }
-            }
-            Ok(v) => {
-                println!("{}: vhost-user-{} at {}", v.name, v.mgmtdev, v.socket);
-                println!("  attach with: {}", v.qemu);
-                if let Some(vdev) = &v.testpmd {
-                    println!("  or: dpdk-testpmd --vdev '{vdev}' ...");
-                }
-            }
+            Ok(v) => print_device(&v),
             Err(e) => {
                 primary.shutdown();
                 registry.del_all();
@@ -139,10 +193,54 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
         }
     }
     println!("control socket: {}", primary.path().display());
+    if let Some(m) = &metrics {
+        println!("metrics: http://{}/metrics", m.addr());
+    }
     info!(run_dir = %run_dir.display(), "uvdpa daemon ready");
+    let mut declared = service::Declared::new(entries);
+    service::notify_ready(&registry);
 
-    let sig = signals.forever().next();
-    info!(signal = ?sig, "shutting down");
+    let mut stop = None;
+    for sig in signals.forever() {
+        if sig != SIGHUP {
+            stop = Some(sig);
+            break;
+        }
+        let Some(path) = &config else {
+            info!("SIGHUP: no config file to reload (the daemon runs the embedded default)");
+            continue;
+        };
+        service::notify_reloading();
+        match load_daemon_config(path) {
+            Ok(cfg) => {
+                if cfg.metrics != file_metrics && metrics_addr.is_none() {
+                    warn!("SIGHUP: a changed `metrics` address takes effect at the next start");
+                }
+                let report = declared.reload(&registry, cfg.devices);
+                for v in &report.added {
+                    print_device(v);
+                }
+                info!(
+                    path = %path.display(),
+                    added = report.added.len(),
+                    removed = report.removed.len(),
+                    failed = report.failed.len(),
+                    "config reloaded"
+                );
+            }
+            Err(e) => warn!(
+                path = %path.display(),
+                "SIGHUP: config not reloaded, devices unchanged: {}",
+                service::error_chain(&e)
+            ),
+        }
+        service::notify_ready(&registry);
+    }
+    info!(signal = ?stop, "shutting down");
+    service::notify_stopping();
+    if let Some(m) = metrics {
+        m.shutdown();
+    }
     primary.shutdown();
     registry.del_all();
     Ok(())
@@ -151,7 +249,16 @@ fn run_daemon(run_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), S
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Daemon { run_dir, config } => {
+        Command::Daemon {
+            check_config: Some(path),
+            ..
+        } => check_config(&path),
+        Command::Daemon {
+            run_dir,
+            config,
+            metrics,
+            check_config: None,
+        } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("UVDPA_LOG")
@@ -165,7 +272,7 @@ fn main() -> ExitCode {
                         && std::env::var_os("NO_COLOR").is_none(),
                 )
                 .init();
-            run_daemon(run_dir, config)
+            run_daemon(run_dir, config, metrics)
         }
         Command::Mgmtdev { args } => manage(&cli.ctl, "mgmtdev", &args, cli.json, cli.pretty),
         Command::Dev { args } => manage(&cli.ctl, "dev", &args, cli.json, cli.pretty),

@@ -21,6 +21,7 @@ use uvdpa_devices::net::device::{NetBackendSpec, NetDevice, MAX_NET_QUEUE_SIZE};
 use uvdpa_devices::net::switch::SwitchRegistry;
 use uvdpa_restrack::{Owner, ResHandle, ResType, Tracker};
 use uvdpa_vduse::server::{VduseOptions, VduseServer};
+use uvdpa_vhost_user::server::SessionCounters;
 use uvdpa_vhost_user::{ResCtx, ServerOptions, SessionState, VhostUserServer};
 use uvdpa_virtio::interrupts::VectorTable;
 use uvdpa_virtio::stats::QueueStats;
@@ -428,6 +429,35 @@ pub struct VstatsView {
     pub errors: u64,
 }
 
+/// What the metrics endpoint reads of one device: shared handles to its counters, copied
+/// out of the registry under its lock (held for the copy only), so a scrape reads the
+/// counters without holding any lock a queue worker or the control socket needs.
+pub struct MetricsSource {
+    /// Device name.
+    pub name: String,
+    /// `vhost-user` or `vduse`.
+    pub transport: &'static str,
+    /// Status bits (virtio 1.2 §2.1) as of the copy.
+    pub status: u8,
+    /// A frontend (or the kernel's driver) is attached.
+    pub connected: bool,
+    /// The per-queue counters (shared memory the workers add to).
+    pub stats: Arc<StatsTable>,
+    /// Frontend connections (vhost-user only).
+    pub sessions: Option<Arc<SessionCounters>>,
+    /// What kind of device, with what the metrics need of it.
+    pub kind: MetricsKind,
+}
+
+/// The type-specific part of a [`MetricsSource`].
+pub enum MetricsKind {
+    /// A blk device (its latency histograms).
+    Blk(Arc<BlkDevice>),
+    /// A net device: the role of each queue under the negotiated features (or, before a
+    /// driver negotiated, the layout of a device with MQ).
+    Net(Vec<Option<QueueRole>>),
+}
+
 /// A created device with its type's configuration (a copy of its spec's kind).
 enum Dev {
     Blk(BlkConfig, Arc<BlkDevice>),
@@ -478,6 +508,15 @@ impl Served {
         match self {
             Served::VhostUser(s) => s.stats(),
             Served::Vduse(s) => s.stats(),
+        }
+    }
+
+    /// Frontend connections so far (vhost-user; a VDUSE device has one kernel driver and
+    /// no sessions to count).
+    fn sessions(&self) -> Option<Arc<SessionCounters>> {
+        match self {
+            Served::VhostUser(s) => Some(s.sessions().clone()),
+            Served::Vduse(_) => None,
         }
     }
 
@@ -1115,6 +1154,45 @@ impl Registry {
             "capacity changed"
         );
         Ok((Self::view(m), notified))
+    }
+
+    /// Handles to every device's counters for one metrics scrape, sorted by name.
+    pub fn metrics_sources(&self) -> Vec<MetricsSource> {
+        let devs = self.lock();
+        devs.values()
+            .map(|m| {
+                let st = m.server.session_state();
+                let kind = match &m.dev {
+                    Dev::Blk(_, blk) => MetricsKind::Blk(blk.clone()),
+                    Dev::Net(n, _) => {
+                        let negotiated = if st.features == 0 {
+                            VirtioFeatures::VIRTIO_NET_F_MQ
+                        } else {
+                            VirtioFeatures::from_raw(st.features)
+                        };
+                        MetricsKind::Net(
+                            (0..m.spec.num_queues())
+                                .map(|i| QueueRole::of(i, n.config.max_queue_pairs, negotiated))
+                                .collect(),
+                        )
+                    }
+                };
+                MetricsSource {
+                    name: m.spec.name.clone(),
+                    transport: m.spec.transport.name(),
+                    status: st.status,
+                    connected: st.connected,
+                    stats: m.server.stats().clone(),
+                    sessions: m.server.sessions(),
+                    kind,
+                }
+            })
+            .collect()
+    }
+
+    /// Names of the devices served, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
     }
 
     /// Counters of queue `qidx`, and a duplicate of the stats table's memfd with its

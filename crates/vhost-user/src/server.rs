@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -34,6 +34,19 @@ struct Shared {
     /// How to tell the current session's frontend that the config space changed; `None`
     /// while no frontend is connected.
     notifier: Arc<Mutex<Option<ConfigNotifier>>>,
+    sessions: Arc<SessionCounters>,
+}
+
+/// Frontend connections of one device's socket since it was created (read with relaxed
+/// loads, e.g. by the daemon's metrics endpoint).
+#[derive(Debug, Default)]
+pub struct SessionCounters {
+    /// Sessions started (frontends accepted).
+    pub connects: AtomicU64,
+    /// Sessions ended (the frontend left, broke the protocol, or the server stopped).
+    pub disconnects: AtomicU64,
+    /// Connections refused because a frontend was already connected.
+    pub refused: AtomicU64,
 }
 
 /// Per-device options of a vhost-user server.
@@ -97,6 +110,7 @@ fn peer_pid(s: &UnixStream) -> Option<u32> {
 fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
     let pid = peer_pid(&stream);
     info!(device = name, frontend_pid = pid, "frontend connected");
+    sh.sessions.connects.fetch_add(1, Ordering::Relaxed);
     {
         let mut st = sh.state.lock().unwrap_or_else(|e| e.into_inner());
         *st = SessionState {
@@ -140,6 +154,7 @@ fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
     }
     *sh.notifier.lock().unwrap_or_else(|e| e.into_inner()) = None;
     session.close();
+    sh.sessions.disconnects.fetch_add(1, Ordering::Relaxed);
 }
 
 impl VhostUserServer {
@@ -173,6 +188,7 @@ impl VhostUserServer {
             shutdown: Arc::new(eventfd(0, EventfdFlags::CLOEXEC)?),
             opts,
             notifier: Arc::default(),
+            sessions: Arc::default(),
         };
         let sh = shared.clone();
         let n = name.to_string();
@@ -200,6 +216,11 @@ impl VhostUserServer {
     /// The device's per-queue counters (kept across sessions).
     pub fn stats(&self) -> &Arc<StatsTable> {
         &self.shared.stats
+    }
+
+    /// Frontend connections of this socket so far.
+    pub fn sessions(&self) -> &Arc<SessionCounters> {
+        &self.shared.sessions
     }
 
     /// The device's interrupt vector table (vector `i` = vring `i`'s call eventfd).
@@ -281,6 +302,7 @@ fn accept_loop(name: &str, listener: UnixListener, sh: Shared) {
                 frontend_pid = peer_pid(&stream),
                 "Refusing a second frontend: one is already connected"
             );
+            sh.sessions.refused.fetch_add(1, Ordering::Relaxed);
             drop(stream);
             continue;
         }

@@ -34,6 +34,7 @@ mod aio;
 mod aio_tests;
 mod backend;
 mod config;
+pub mod latency;
 mod queue;
 mod request;
 #[cfg(test)]
@@ -279,6 +280,8 @@ struct Shared {
     /// Held while the capacity changes (one resize at a time).
     resizing: Mutex<()>,
     log: RateLimiter,
+    /// Request latency of each queue (index = queue index).
+    latency: Box<[latency::LatencyHistogram]>,
 }
 
 /// A virtio-blk device. Cheap to share: all queue handlers hold its state in an `Arc`.
@@ -444,6 +447,9 @@ impl BlkDevice {
                 logical_block_size: lbs,
                 resizing: Mutex::new(()),
                 log: RateLimiter::new(LOG_PER_SEC),
+                latency: (0..cfg.num_queues)
+                    .map(|_| latency::LatencyHistogram::default())
+                    .collect(),
             }),
         })
     }
@@ -494,6 +500,15 @@ impl BlkDevice {
     /// io_uring could not be set up. `None` for RAM and null backends.
     pub fn aio(&self) -> Option<Aio> {
         self.shared.aio
+    }
+
+    /// The request latency histogram of queue `index` (kept across sessions), if the
+    /// device has that queue.
+    pub fn latency(&self, index: u16) -> Option<latency::LatencySnapshot> {
+        self.shared
+            .latency
+            .get(usize::from(index))
+            .map(latency::LatencyHistogram::snapshot)
     }
 
     /// The request processor of queue `index` (shared by both I/O modes).

@@ -6,6 +6,7 @@
 //! buffers have grown to the largest request seen.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use uvdpa_virtio::worker::{DeviceFault, QueueHandler};
 use uvdpa_virtio::{DescriptorChain, Segment};
@@ -51,6 +52,14 @@ impl BlkQueue {
     /// The device state shared by its queues.
     pub(super) fn shared(&self) -> &Shared {
         &self.shared
+    }
+
+    /// Counts a request that started at `started` and is over now in the queue's latency
+    /// histogram.
+    pub(crate) fn record_latency(&self, started: Instant) {
+        if let Some(h) = self.shared.latency.get(usize::from(self.index)) {
+            h.record(started.elapsed());
+        }
     }
 
     /// Logs a failed request (debug level, rate-limited per device).
@@ -118,6 +127,7 @@ impl BlkQueue {
 
 impl QueueHandler for BlkQueue {
     fn handle(&mut self, chain: &DescriptorChain) -> Result<u32, DeviceFault> {
+        let started = Instant::now();
         let Some(status_at) = chain.writable_len().checked_sub(1) else {
             guest_debug!(
                 self.shared.log,
@@ -143,6 +153,7 @@ impl QueueHandler for BlkQueue {
             }
         };
         chain.write_at(status_at as usize, &[status]);
+        self.record_latency(started);
         // Data bytes never reach the status byte, so the sum is at most writable_len.
         Ok(written.min(status_at) + 1)
     }

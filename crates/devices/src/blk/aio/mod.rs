@@ -49,6 +49,7 @@ use std::io;
 use std::os::fd::BorrowedFd;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use uvdpa_virtio::worker::{DeviceFault, GroupHandler, WorkerCtl, WorkerError, WorkerQueue};
 use uvdpa_virtio::{DescriptorChain, GuestMemory, Segment};
@@ -142,6 +143,9 @@ struct Slot {
     len: usize,
     op: Op,
     retries: u32,
+    /// When the request went to the ring (its latency is counted when it completes);
+    /// `None` for one completed synchronously (counted by the queue handler).
+    started: Option<Instant>,
 }
 
 /// What a request needs next.
@@ -244,6 +248,10 @@ impl AioGroup {
 
     /// Adds slot `i`'s used entry (unless `q` is `None`: an abandoned ring) and frees it.
     fn complete(&mut self, q: Option<&mut WorkerQueue>, i: usize, used: u32, done: &mut Done) {
+        let started = self.slots.get_mut(i).and_then(|s| s.started.take());
+        if let (Some(t), true) = (started, q.is_some()) {
+            self.blk.record_latency(t);
+        }
         if let (Some(q), Some(slot)) = (q, self.slots.get(i)) {
             q.queue.add_used(&slot.chain, used);
             done.n += 1;
@@ -285,8 +293,12 @@ impl AioGroup {
             if self.mem.is_none() {
                 self.mem = Some(q.queue.memory().clone());
             }
+            let started = Instant::now();
             match self.start(i) {
                 Ok(None) => {
+                    if let Some(slot) = self.slots.get_mut(i) {
+                        slot.started = Some(started);
+                    }
                     self.busy += 1;
                 }
                 Ok(Some(used)) => {
