@@ -21,8 +21,7 @@
 //! mandate = ["VIRTIO_BLK_F_FLUSH"]  # features the driver must accept (FEATURES_OK)
 //! coalesce_usecs = 0       # interrupt coalescing per queue vector (0 = off)
 //! coalesce_frames = 0
-//! unoffer = ["VIRTIO_F_RING_PACKED"]  # features the device must not offer (vduse
-//!                          # default: packed rings, see VDUSE_DEFAULT_UNOFFER; [] offers all)
+//! unoffer = ["VIRTIO_F_RING_PACKED"]  # features the device must not offer
 //! transport = "vhost-user" # vhost-user (a socket) | vduse (a kernel vDPA device)
 //! bind = "vduse"           # vduse: add it to the vDPA bus (vdpa mgmtdev vduse) | "none"
 //! bounce_size = "64M"      # vduse: the kernel's bounce buffer, > the largest request
@@ -234,9 +233,6 @@ impl Transport {
 /// Smallest default VDUSE bounce buffer: the kernel's own default (64 MiB). A blk device
 /// gets the power of two above its largest request (`seg_max` × `size_max`) if that is more.
 pub const VDUSE_DEFAULT_BOUNCE: u64 = 64 << 20;
-/// What a VDUSE device withholds unless `unoffer` is given: VIRTIO_F_RING_PACKED (bit 34),
-/// as its reconnect log tracks split rings only.
-pub const VDUSE_DEFAULT_UNOFFER: u64 = 1 << 34;
 /// Largest VDUSE bounce buffer the kernel accepts (1 GiB, `VDUSE_MAX_BOUNCE_SIZE`).
 pub const VDUSE_MAX_BOUNCE: u64 = 1 << 30;
 /// Smallest: the kernel's `VDUSE_MIN_BOUNCE_SIZE` (1 MiB).
@@ -508,11 +504,6 @@ impl DeviceEntry {
                 "coalesce_usecs",
                 format!("{}: 0..=1000000 microseconds", coalesce.0),
             ));
-        }
-        if self.unoffer.is_none() && matches!(transport, Transport::Vduse { .. }) {
-            // The VDUSE reconnect log (a daemon restart without losing requests) covers
-            // split rings; `unoffer = []` offers packed rings without that guarantee.
-            unoffer |= VDUSE_DEFAULT_UNOFFER;
         }
         Ok(DeviceSpec {
             coalesce,
@@ -957,6 +948,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d[0].transport, Transport::VhostUser);
+        assert_eq!((d[0].unoffer, d[0].poll_us), (0, BLK_DEFAULT_POLL_US));
+        // VDUSE offers everything by default (packed rings included) and does not poll.
+        let vduse =
+            "[[device]]\nname = \"v\"\nmgmtdev = \"blk\"\nsize = \"1M\"\ntransport = \"vduse\"\n";
+        let d = parse_config(Path::new("t.toml"), vduse).unwrap();
+        assert_eq!((d[0].unoffer, d[0].poll_us), (0, 0));
+        let d = parse_config(Path::new("t.toml"), &format!("{vduse}unoffer = []\n")).unwrap();
+        assert_eq!(d[0].unoffer, 0);
     }
 
     #[test]

@@ -13,12 +13,14 @@
 //! 24     u16    ring size the inflight area is laid out for
 //! 26     u16    number of vrings
 //! 4096   the inflight area: the vhost-user "Inflight I/O tracking" layout per vring
-//!        ([`uvdpa_virtio::inflight`]), split rings
+//!        ([`uvdpa_virtio::inflight`]) of the negotiated ring layout, split or packed;
+//!        sized for packed (the larger), laid out anew at every DRIVER_OK
 //! ```
 //!
 //! Restart: the header gives the status and features to replay through the status
-//! machine; each split ring resumes at its used index with the heads still marked in
-//! flight resubmitted first (libvduse keeps a similar log).
+//! machine; a split ring resumes at its used index, a packed ring at the position its
+//! region recorded, and the chains still marked in flight are resubmitted first (libvduse
+//! keeps a similar log, for split rings).
 
 use std::fs::OpenOptions;
 use std::io;
@@ -28,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use uvdpa_virtio::inflight::{queue_region_size, InflightMap};
+use uvdpa_virtio::inflight::{InflightLayout, InflightMap};
 
 const MAGIC: &[u8; 8] = b"UVDPAVD1";
 /// Offset of the inflight area in the file.
@@ -64,8 +66,10 @@ fn map_header(fd: &OwnedFd) -> io::Result<NonNull<u8>> {
 }
 
 impl ReconnectLog {
+    /// Bytes of the inflight area: room for the packed layout, which is larger than the
+    /// split one, so either fits.
     fn inflight_len(num_queues: u16, queue_size: u16) -> u64 {
-        (usize::from(num_queues) * queue_region_size(queue_size)) as u64
+        InflightLayout::Packed.region_size(num_queues, queue_size) as u64
     }
 
     /// A fresh log at `path` (replacing any old one) for `num_queues` rings of
@@ -86,14 +90,15 @@ impl ReconnectLog {
         file.set_len(len)?;
         let fd = OwnedFd::from(file);
         let header = map_header(&fd)?;
-        let inflight = InflightMap::open(
+        let inflight = InflightMap::open_in(
+            InflightLayout::Packed,
             rustix::io::dup(&fd)?,
             INFLIGHT_OFFSET,
             Self::inflight_len(num_queues, queue_size),
             num_queues,
             queue_size,
         )?;
-        inflight.init_headers();
+        inflight.init_layout(InflightLayout::Split)?;
         let log = Self {
             path: path.to_path_buf(),
             header,
@@ -135,7 +140,8 @@ impl ReconnectLog {
         }
         let fd = OwnedFd::from(file);
         let header = map_header(&fd)?;
-        let inflight = InflightMap::open(
+        let inflight = InflightMap::open_in(
+            InflightLayout::Packed,
             rustix::io::dup(&fd)?,
             INFLIGHT_OFFSET,
             Self::inflight_len(num_queues, queue_size),

@@ -51,6 +51,7 @@ use crate::message::{MessageError, Request, RequestKind, Response, RingLayout, V
 use crate::netlink::{MgmtDev, VdpaNetlink};
 use crate::reconnect::ReconnectLog;
 use crate::sys::{VduseDevRequest, REQUEST_SIZE};
+use uvdpa_virtio::inflight::InflightLayout;
 
 #[cfg(test)]
 mod tests;
@@ -723,7 +724,7 @@ fn handle(sh: &Shared, req: &Request) -> Response {
     let Inner { rt, log } = &mut *guard;
     let id = req.request_id;
     let resp = match req.kind {
-        RequestKind::SetStatus { status } => match set_status(sh, rt, status) {
+        RequestKind::SetStatus { status } => match set_status(sh, rt, log.as_ref(), status) {
             Ok(()) => {
                 if let Some(log) = log {
                     log.record(status, rt.acked().bits());
@@ -774,7 +775,12 @@ fn handle(sh: &Shared, req: &Request) -> Response {
     resp
 }
 
-fn set_status(sh: &Shared, rt: &mut DeviceRuntime, status: u8) -> Result<(), String> {
+fn set_status(
+    sh: &Shared,
+    rt: &mut DeviceRuntime,
+    log: Option<&ReconnectLog>,
+    status: u8,
+) -> Result<(), String> {
     if status == 0 {
         // Acknowledged only once every vring stopped (in-flight requests completed).
         rt.reset_status();
@@ -794,6 +800,14 @@ fn set_status(sh: &Shared, rt: &mut DeviceRuntime, status: u8) -> Result<(), Str
     }
     rt.set_status(status).map_err(|e| e.to_string())?;
     if new.contains(DeviceStatus::DRIVER_OK) && !old.contains(DeviceStatus::DRIVER_OK) {
+        if let Some(log) = log {
+            // A fresh start: the log's inflight area is laid out anew for this ring layout
+            // (no ring runs, so nothing tracks in it).
+            let packed = rt.acked().contains(VirtioFeatures::VIRTIO_F_RING_PACKED);
+            log.inflight()
+                .init_layout(InflightLayout::for_ring(packed))
+                .map_err(|e| format!("reconnect log: {e}"))?;
+        }
         start_vrings(sh, rt, false)?;
     }
     Ok(())

@@ -32,7 +32,7 @@ start_daemon
 first=$daemon
 wait_blockdev vda 60 || { tail -40 "$UVDPA_OUT/daemon.log" >&2; die "no /dev/vda"; }
 
-# The writers: fio writes 32 MiB in 64 KiB blocks with 16 requests in flight (crc32c
+# The writers: fio writes 32 MiB in 4 KiB blocks with 32 requests in flight (crc32c
 # verify headers in every block); alongside, four dd writers stamp 64 KiB blocks
 # (block i holds "rs0-block-<i>-" repeated) in the second half of the disk, each index going
 # to /tmp/acked once dd returned (O_DIRECT + fsync: the write completed).
@@ -47,8 +47,8 @@ done
 W
 : > /tmp/acked
 cat > /tmp/writers.sh <<'W'
-fio --name=w --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16 --rw=write \
-    --bs=64k --size=32M --verify=crc32c --do_verify=0 --output=/tmp/fio-write.out &
+fio --name=w --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=32 --rw=write \
+    --bs=4k --size=32M --verify=crc32c --do_verify=0 --output=/tmp/fio-write.out &
 for k in 0 1 2 3; do sh /tmp/writer.sh "$1" "$k" & done
 fail=0
 for k in 1 2 3 4 5; do wait %$k || fail=1; done
@@ -57,13 +57,16 @@ W
 sh /tmp/writers.sh "$blocks" &
 writer=$!
 
-# kill the daemon once the writers are well under way
+# kill the daemon once the writers are under way, at a moment the block layer has writes in
+# flight (/sys/block/vda/inflight: reads, writes), so the new daemon has some to resubmit
 t=0
-while [ "$(wc -l < /tmp/acked)" -lt 40 ] && [ "$t" -lt 600 ]; do sleep 0.1; t=$((t + 1)); done
+while [ "$(wc -l < /tmp/acked)" -lt 8 ] && [ "$t" -lt 600 ]; do sleep 0.1; t=$((t + 1)); done
+t=0
+while [ "$(awk '{print $2}' /sys/block/vda/inflight)" -lt 4 ] && [ "$t" -lt 2000 ]; do t=$((t + 1)); done
 before=$(wc -l < /tmp/acked)
-[ "$before" -ge 40 ] || die "the writers did not get going ($before blocks)"
+[ "$before" -ge 8 ] || die "the writers did not get going ($before blocks)"
 kill -9 "$first"
-say "daemon SIGKILLed after $before acknowledged writes"
+say "daemon SIGKILLed after $before acknowledged writes, $(awk '{print $2}' /sys/block/vda/inflight) writes in flight"
 sleep 2
 stalled=$(wc -l < /tmp/acked)
 [ "$stalled" -le $((before + 4)) ] || die "writes kept completing without a daemon ($before -> $stalled)"
@@ -91,8 +94,8 @@ while [ "$i" -lt "$blocks" ]; do
     i=$((i + 1))
 done
 say "every acknowledged block reads back"
-deadline 120 fio --name=w --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16 --rw=write \
-    --bs=64k --size=32M --verify=crc32c --verify_only --verify_fatal=1 --output=/tmp/fio-verify.out ||
+deadline 120 fio --name=w --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=32 --rw=write \
+    --bs=4k --size=32M --verify=crc32c --verify_only --verify_fatal=1 --output=/tmp/fio-verify.out ||
     { cat /tmp/fio-verify.out >&2; die "fio's blocks do not verify"; }
 say "fio's 32 MiB written across the restart verify"
 cmp -n 67108864 /tmp/img /dev/vda || die "the image differs from the device"
