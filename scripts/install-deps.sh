@@ -27,6 +27,8 @@ ls /usr/lib/*/dpdk/pmds-*/librte_net_vhost.so >/dev/null 2>&1 || need+=(librte-n
 # 6.12 kernel's modules.
 command -v vdpa >/dev/null || [ -x /usr/sbin/vdpa ] || [ -x /sbin/vdpa ] || need+=(iproute2)
 command -v xz >/dev/null || need+=(xz-utils)
+# tcpdump reads back the pcapng files of `uvdpa dev capture` (crates/daemon/tests/capture.rs).
+command -v tcpdump >/dev/null || [ -x /usr/bin/tcpdump ] || need+=(tcpdump)
 # libvirt's domain XML schema and virt-xml-validate, for the README's libvirt examples
 # (crates/daemon/tests/service.rs validates contrib/libvirt/*.xml).
 command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)

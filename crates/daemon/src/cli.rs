@@ -49,6 +49,9 @@ pub enum Cmd {
         /// At most one signal per this many completion batches (0 = off).
         frames: u32,
     },
+    /// `dev capture NAME [qidx N] [count N] [snaplen N] -w FILE|-`: live capture of a net
+    /// device's frames to pcapng.
+    DevCapture(CaptureArgs),
     /// `dev set NAME capacity SIZE`: resize a blk device while it is served.
     DevSetCapacity {
         /// Device.
@@ -56,6 +59,53 @@ pub enum Cmd {
         /// New capacity in bytes.
         bytes: u64,
     },
+}
+
+/// The arguments of `dev capture`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureArgs {
+    /// Device.
+    pub name: String,
+    /// One virtqueue (as in `vstats show`: even receive, odd transmit), or every data queue.
+    pub qidx: Option<u32>,
+    /// Stop after this many frames.
+    pub count: Option<u64>,
+    /// Most bytes kept per frame (the daemon's default when unset).
+    pub snaplen: Option<u32>,
+    /// The pcapng file; `-` for standard output.
+    pub file: String,
+}
+
+const CAPTURE_USAGE: &str =
+    "usage: dev capture NAME [qidx N] [count N] [snaplen N] -w FILE.pcapng|-";
+
+fn parse_capture(name: &str, rest: &[&str]) -> Result<Cmd, String> {
+    let mut a = CaptureArgs {
+        name: name.to_string(),
+        qidx: None,
+        count: None,
+        snaplen: None,
+        file: String::new(),
+    };
+    let mut file = None;
+    let mut it = rest.iter();
+    while let Some(k) = it.next() {
+        let v = it
+            .next()
+            .ok_or_else(|| format!("Attribute {k} needs a value ({CAPTURE_USAGE})"))?;
+        match *k {
+            "qidx" => a.qidx = Some(number(k, v)?),
+            "count" => a.count = Some(number(k, v)?),
+            "snaplen" => a.snaplen = Some(number(k, v)?),
+            "-w" => file = Some(v.to_string()),
+            other => return Err(format!("Unknown attribute {other:?} ({CAPTURE_USAGE})")),
+        }
+    }
+    if a.count == Some(0) {
+        return Err("Attribute count: at least 1".into());
+    }
+    a.file = file.ok_or_else(|| format!("dev capture needs `-w FILE` ({CAPTURE_USAGE})"))?;
+    Ok(Cmd::DevCapture(a))
 }
 
 fn number<T: std::str::FromStr>(attr: &str, v: &str) -> Result<T, String> {
@@ -172,6 +222,10 @@ pub fn parse(object: &str, args: &[String]) -> Result<Cmd, String> {
                 )
             })?,
         }),
+        ("dev", ["capture", name, rest @ ..]) if !name.starts_with('-') => {
+            parse_capture(name, rest)
+        }
+        ("dev", ["capture", ..]) => Err(CAPTURE_USAGE.into()),
         ("dev", ["set", ..]) => Err(
             "usage: dev set NAME qidx N coalesce usecs U frames F | dev set NAME capacity SIZE"
                 .into(),
@@ -304,6 +358,41 @@ mod tests {
         let json = serde_json::to_value(&*a).unwrap();
         let back: DeviceEntry = serde_json::from_value(json).unwrap();
         assert_eq!(back, *a);
+    }
+
+    #[test]
+    fn capture_parses() {
+        assert_eq!(
+            p(
+                "dev",
+                "capture n0 qidx 1 count 10 snaplen 128 -w /tmp/x.pcapng"
+            ),
+            Ok(Cmd::DevCapture(CaptureArgs {
+                name: "n0".into(),
+                qidx: Some(1),
+                count: Some(10),
+                snaplen: Some(128),
+                file: "/tmp/x.pcapng".into(),
+            }))
+        );
+        assert_eq!(
+            p("dev", "capture n0 -w -"),
+            Ok(Cmd::DevCapture(CaptureArgs {
+                name: "n0".into(),
+                qidx: None,
+                count: None,
+                snaplen: None,
+                file: "-".into(),
+            }))
+        );
+        let e = |s| p("dev", s).unwrap_err();
+        assert!(e("capture n0").contains("-w FILE"));
+        assert!(e("capture").contains("usage"));
+        assert!(e("capture -w x").contains("usage"));
+        assert!(e("capture n0 -w").contains("needs a value"));
+        assert!(e("capture n0 qidx x -w f").contains("qidx"));
+        assert!(e("capture n0 count 0 -w f").contains("count"));
+        assert!(e("capture n0 dir rx -w f").contains("dir"));
     }
 
     #[test]

@@ -118,7 +118,7 @@ pub fn render_text(out: &mut impl Write, cmd: &Cmd, v: &Value) -> std::io::Resul
                 render_dev(out, d)?;
             }
         }
-        Cmd::DevDel(_) | Cmd::DevSetCoalesce { .. } => {}
+        Cmd::DevDel(_) | Cmd::DevSetCoalesce { .. } | Cmd::DevCapture(_) => {}
         Cmd::DevSetCapacity { .. } => {
             let d = &v["dev"];
             let bytes = d["capacity"].as_u64().unwrap_or(0);
@@ -329,6 +329,8 @@ pub fn run(ctl: &Path, cmd: &Cmd, o: Output) -> Result<(), String> {
         Cmd::DevSetCapacity { name, bytes } => {
             ("dev.set", json!({ "name": name, "capacity": bytes }))
         }
+        // Not one request and a reply: the connection stays open while it runs.
+        Cmd::DevCapture(a) => return crate::capture::run(ctl, a),
     };
     let (reply, fds) = request(ctl, action, payload)?;
     let mut out = std::io::stdout().lock();

@@ -14,6 +14,7 @@
 //! | `dev.set` | `{"name", "qidx", "usecs", "frames"}` (coalescing) | `{}` |
 //! | `dev.set` | `{"name", "capacity"}` (blk: bytes) | `{"dev": DeviceView, "notified"}` |
 //! | `res.show` | `{"type": null or TYPE}` | `{"counts": {TYPE: N}, "entries": [EntryInfo]}` |
+//! | `dev.capture` | `{"name", "qidx": null or N, "snaplen": null or N}` | `{"capture": CaptureView}` (+ the capture ring's memfd); detached when this client disconnects |
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,7 +26,7 @@ use uvdpa_ipc::{code, IpcError, Primary, Reply, Request};
 use uvdpa_restrack::{Owner, ResHandle, ResType};
 
 use crate::config::DeviceEntry;
-use crate::registry::{mgmtdevs, Registry, RegistryError};
+use crate::registry::{mgmtdevs, Registry, RegistryError, CAPTURE_DEFAULT_SNAPLEN};
 
 /// The control socket's file name inside the run directory.
 pub const CTL_NAME: &str = "uvdpa.ctl";
@@ -91,6 +92,16 @@ struct SetArg {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct CaptureArg {
+    name: String,
+    #[serde(default)]
+    qidx: Option<u32>,
+    #[serde(default)]
+    snaplen: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ResArg {
     #[serde(default, rename = "type")]
     ty: Option<String>,
@@ -121,7 +132,11 @@ pub fn serve(run_dir: &Path, registry: Arc<Registry>) -> Result<Primary, IpcErro
             .unwrap_or_else(|e| e.into_inner())
             .insert(peer.client_id, h);
     });
+    let r = registry.clone();
     primary.on_disconnect(move |peer| {
+        // A capture lives as long as its client's connection: a CLI that exits, even
+        // killed, closes the socket and the capture is detached here.
+        r.capture_stop(peer.client_id);
         clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -210,6 +225,19 @@ pub fn serve(run_dir: &Path, registry: Arc<Registry>) -> Result<Primary, IpcErro
                     .to_string(),
             )),
         }
+    })?;
+
+    let r = registry.clone();
+    primary.register("dev.capture", move |req, peer| {
+        let a: CaptureArg = payload(req)?;
+        let snaplen = a.snaplen.unwrap_or(CAPTURE_DEFAULT_SNAPLEN);
+        let (view, fd) = r
+            .capture_start(&a.name, a.qidx, snaplen, peer.client_id, peer.pid)
+            .map_err(from_registry)?;
+        Ok(Reply::with_fds(
+            json!({ "capture": to_json(&view)? }),
+            vec![fd],
+        ))
     })?;
 
     let tracker = registry.tracker().clone();

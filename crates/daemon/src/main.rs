@@ -7,6 +7,7 @@
 //! `uvdpa [-j] [-p] [--ctl PATH] OBJECT COMMAND ...` talks to a running daemon over its
 //! control socket `<run-dir>/uvdpa.ctl`.
 
+mod capture;
 mod cli;
 mod client;
 mod config;

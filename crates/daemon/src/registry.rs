@@ -2,7 +2,8 @@
 //! them at start (config file) or at run time (`uvdpa dev add`), each served on its own
 //! vhost-user socket. Views returned here are the stable JSON schema of `uvdpa ... -j`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,7 @@ use tracing::{info, warn};
 use uvdpa_devices::blk::{
     BackendSpec, BlkConfig, BlkDevice, BlkFeatures, DEFAULT_QUEUE_SIZE as DEFAULT_BLK_QUEUE_SIZE,
 };
+use uvdpa_devices::net::capture::{CaptureError, CapturePoint, CaptureRing};
 use uvdpa_devices::net::config::{
     MacDisplay, QueueRole, VirtioNetConfig, DEFAULT_MTU, MAX_QUEUE_PAIRS, VIRTIO_NET_S_LINK_UP,
 };
@@ -93,6 +95,22 @@ pub enum RegistryError {
         /// Number of queues.
         queues: u16,
     },
+    /// A live capture could not be attached.
+    #[error("Cannot capture device {name}: {reason}")]
+    Capture {
+        /// Device name.
+        name: String,
+        /// Why not.
+        reason: String,
+    },
+    /// A capture is already attached to the device (or this client already captures).
+    #[error("Cannot capture device {name}: {reason}")]
+    CaptureBusy {
+        /// Device name.
+        name: String,
+        /// Who holds it.
+        reason: String,
+    },
 }
 
 impl RegistryError {
@@ -103,10 +121,12 @@ impl RegistryError {
                 -(rustix::io::Errno::NODEV.raw_os_error())
             }
             RegistryError::Exists(_) => -(rustix::io::Errno::EXIST.raw_os_error()),
-            RegistryError::Create { .. } | RegistryError::Set { .. } => {
-                -(rustix::io::Errno::INVAL.raw_os_error())
+            RegistryError::Create { .. }
+            | RegistryError::Set { .. }
+            | RegistryError::Capture { .. } => -(rustix::io::Errno::INVAL.raw_os_error()),
+            RegistryError::StillHeld { .. } | RegistryError::CaptureBusy { .. } => {
+                -(rustix::io::Errno::BUSY.raw_os_error())
             }
-            RegistryError::StillHeld { .. } => -(rustix::io::Errno::BUSY.raw_os_error()),
         }
     }
 }
@@ -573,6 +593,40 @@ struct Managed {
     entry: ResHandle,
 }
 
+/// A live capture attached by an IPC client (`uvdpa dev capture`), kept until the client
+/// disconnects or the device goes.
+struct ActiveCapture {
+    device: String,
+    point: Arc<CapturePoint>,
+    /// Listed by `res show capture` while attached.
+    entry: ResHandle,
+}
+
+/// What `dev.capture` attached, for the client (with the ring's memfd).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CaptureView {
+    /// Device name.
+    pub name: String,
+    /// The virtqueues captured (receive queues even, transmit queues odd).
+    pub queues: Vec<u16>,
+    /// Sub-rings in the memfd (one per queue pair, or one for a single queue).
+    pub rings: u32,
+    /// Data bytes per sub-ring.
+    pub ring_size: u64,
+    /// Most bytes copied per frame.
+    pub snaplen: u32,
+    /// The resource entry (`capture/N`).
+    pub res: String,
+}
+
+/// Default snaplen of `dev capture` (tcpdump's).
+pub const CAPTURE_DEFAULT_SNAPLEN: u32 = 262_144;
+/// Capture memory for all sub-rings together, before rounding each down to a power of
+/// two within [`CAPTURE_MIN_RING`]..=[`CAPTURE_MAX_RING`].
+const CAPTURE_BUDGET: u64 = 16 << 20;
+const CAPTURE_MIN_RING: u64 = 1 << 20;
+const CAPTURE_MAX_RING: u64 = 8 << 20;
+
 /// How long `dev del` waits for the last reference to a device (restrack, seed 003).
 pub const DEL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -583,6 +637,8 @@ pub struct Registry {
     tracker: Tracker,
     /// The in-daemon L2 switches net devices with the `switch` backend join.
     switches: SwitchRegistry,
+    /// Live captures by IPC client id.
+    captures: Mutex<HashMap<u64, ActiveCapture>>,
 }
 
 /// Names of the set bits of a feature word of a `blk` or `net` device (unknown bits as
@@ -700,6 +756,7 @@ impl Registry {
             devices: Mutex::new(BTreeMap::new()),
             tracker,
             switches: SwitchRegistry::new(),
+            captures: Mutex::default(),
         }
     }
 
@@ -855,6 +912,7 @@ impl Registry {
             .lock()
             .remove(name)
             .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        self.capture_stop_device(name);
         // Disconnect the frontend: its workers finish their in-flight requests, hand their
         // rings back and drop their references to the device.
         m.server.shutdown();
@@ -877,6 +935,149 @@ impl Registry {
         let names: Vec<String> = self.lock().keys().cloned().collect();
         for n in names {
             let _ = self.del(&n);
+        }
+    }
+
+    fn captures(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ActiveCapture>> {
+        self.captures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Attaches a live capture of net device `name` for IPC client `client` (process
+    /// `pid`): virtqueue `qidx` only, or every data queue; frames cut at `snaplen`.
+    /// Returns what was attached and the ring's memfd. The capture lasts until
+    /// [`Registry::capture_stop`] for that client (its connection closed) or the device is
+    /// deleted.
+    ///
+    /// # Errors
+    /// [`RegistryError::NotFound`], [`RegistryError::NoQueue`] for a queue out of range,
+    /// [`RegistryError::Capture`] for a blk device, the control queue, a bad snaplen or
+    /// no memory, [`RegistryError::CaptureBusy`] when the device or the client already
+    /// has a capture.
+    pub fn capture_start(
+        &self,
+        name: &str,
+        qidx: Option<u32>,
+        snaplen: u32,
+        client: u64,
+        pid: i32,
+    ) -> Result<(CaptureView, OwnedFd), RegistryError> {
+        let err = |reason: String| RegistryError::Capture {
+            name: name.into(),
+            reason,
+        };
+        let devs = self.lock();
+        let m = devs
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        let Dev::Net(spec, net) = &m.dev else {
+            return Err(err("only net devices can be captured".into()));
+        };
+        let pairs = spec.config.max_queue_pairs;
+        let data_queues = 2 * u32::from(pairs);
+        let queues: Vec<u16> = match qidx {
+            None => (0..2 * pairs).collect(),
+            Some(q) if q < data_queues => vec![q as u16],
+            Some(q) if q == data_queues => {
+                return Err(err(format!("queue {q} is the control queue")))
+            }
+            Some(q) => {
+                return Err(RegistryError::NoQueue {
+                    name: name.into(),
+                    qidx: q,
+                    queues: m.spec.num_queues(),
+                })
+            }
+        };
+        let mut caps = self.captures();
+        if let Some(c) = caps.get(&client) {
+            return Err(RegistryError::CaptureBusy {
+                name: name.into(),
+                reason: format!("this client already captures {}", c.device),
+            });
+        }
+        let rings = if qidx.is_some() { 1 } else { u32::from(pairs) };
+        let per_ring =
+            (CAPTURE_BUDGET / u64::from(rings)).clamp(CAPTURE_MIN_RING, CAPTURE_MAX_RING);
+        let ring_size = 1u64 << (63 - per_ring.leading_zeros());
+        let ring =
+            CaptureRing::new(name, rings, ring_size, snaplen).map_err(|e| err(error_chain(&e)))?;
+        let fd = ring
+            .fd()
+            .try_clone_to_owned()
+            .map_err(|e| err(format!("cannot duplicate the ring's fd: {e}")))?;
+        let point = net.capture_point().clone();
+        match point.attach(Arc::new(ring), qidx.map(|q| q as u16)) {
+            Ok(()) => {}
+            Err(CaptureError::Busy) => {
+                let holder = caps
+                    .values()
+                    .find(|c| c.device == name)
+                    .map(|c| format!(" (by {})", c.entry.id()))
+                    .unwrap_or_default();
+                return Err(RegistryError::CaptureBusy {
+                    name: name.into(),
+                    reason: format!("a capture is already attached{holder}"),
+                });
+            }
+            Err(e) => return Err(err(error_chain(&e))),
+        }
+        let res_name = match qidx {
+            Some(q) => format!("{name}-q{q}"),
+            None => name.to_string(),
+        };
+        let entry = self.tracker.create(
+            ResType::Capture,
+            res_name,
+            Some(m.entry.id()),
+            Owner::of_pid(u32::try_from(pid).unwrap_or(0)),
+        );
+        entry.add();
+        let view = CaptureView {
+            name: name.into(),
+            queues,
+            rings,
+            ring_size,
+            snaplen,
+            res: entry.id().to_string(),
+        };
+        info!(device = name, client, pid, queues = ?view.queues, "capture attached");
+        caps.insert(
+            client,
+            ActiveCapture {
+                device: name.into(),
+                point,
+                entry,
+            },
+        );
+        Ok((view, fd))
+    }
+
+    /// Detaches the capture of IPC client `client`, if it has one (its connection
+    /// closed). Returns whether it had one.
+    pub fn capture_stop(&self, client: u64) -> bool {
+        let Some(c) = self.captures().remove(&client) else {
+            return false;
+        };
+        c.point.detach();
+        info!(device = %c.device, client, "capture detached");
+        let _ = c.entry.del(Duration::ZERO);
+        true
+    }
+
+    /// Detaches the captures of device `name` (it is being deleted).
+    fn capture_stop_device(&self, name: &str) {
+        let gone: Vec<ActiveCapture> = {
+            let mut caps = self.captures();
+            let ids: Vec<u64> = caps
+                .iter()
+                .filter(|(_, c)| c.device == name)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter().filter_map(|id| caps.remove(&id)).collect()
+        };
+        for c in gone {
+            c.point.detach();
+            let _ = c.entry.del(Duration::ZERO);
         }
     }
 

@@ -9,7 +9,7 @@ use thiserror::Error;
 
 /// The kind of a tracked resource; each kind has its own table and its own id space.
 ///
-/// The short name (`dev`, `session`, `mr`, `vq`, `irq`, `worker`, `ipc`) is what
+/// The short name (`dev`, `session`, `mr`, `vq`, `irq`, `worker`, `ipc`, `capture`) is what
 /// `Display`/`FromStr`, serde and the CLI (`uvdpa res show TYPE`) use. The order of the
 /// variants is the order of `ResType::ALL`, of `Tracker::counts` and of snapshots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -35,11 +35,14 @@ pub enum ResType {
     /// A connected IPC client, a secondary such as the CLI (`ipc`).
     #[serde(rename = "ipc")]
     IpcClient,
+    /// A live capture attached to a net device by a secondary (`capture`).
+    #[serde(rename = "capture")]
+    Capture,
 }
 
 impl ResType {
     /// Every resource type, in table order.
-    pub const ALL: [ResType; 7] = [
+    pub const ALL: [ResType; 8] = [
         ResType::Device,
         ResType::Session,
         ResType::MemRegion,
@@ -47,9 +50,10 @@ impl ResType {
         ResType::Vector,
         ResType::Worker,
         ResType::IpcClient,
+        ResType::Capture,
     ];
 
-    /// The short name: `dev`, `session`, `mr`, `vq`, `irq`, `worker` or `ipc`.
+    /// The short name: `dev`, `session`, `mr`, `vq`, `irq`, `worker`, `ipc` or `capture`.
     pub fn as_str(self) -> &'static str {
         match self {
             ResType::Device => "dev",
@@ -59,6 +63,7 @@ impl ResType {
             ResType::Vector => "irq",
             ResType::Worker => "worker",
             ResType::IpcClient => "ipc",
+            ResType::Capture => "capture",
         }
     }
 
@@ -72,6 +77,7 @@ impl ResType {
             ResType::Vector => 4,
             ResType::Worker => 5,
             ResType::IpcClient => 6,
+            ResType::Capture => 7,
         }
     }
 }
@@ -86,7 +92,9 @@ impl fmt::Display for ResType {
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum ParseError {
     /// The type name is not one of the short names of `ResType`.
-    #[error("Unknown resource type {0:?} (expected dev, session, mr, vq, irq, worker or ipc)")]
+    #[error(
+        "Unknown resource type {0:?} (expected dev, session, mr, vq, irq, worker, ipc or capture)"
+    )]
     UnknownType(String),
     /// The string is not of the form `TYPE/ID` with a decimal `u32` id.
     #[error("Malformed resource id {0:?} (expected TYPE/ID, e.g. dev/3)")]
@@ -96,7 +104,8 @@ pub enum ParseError {
 impl FromStr for ResType {
     type Err = ParseError;
 
-    /// Parses a short name (`dev`, `session`, `mr`, `vq`, `irq`, `worker`, `ipc`); exact match.
+    /// Parses a short name (`dev`, `session`, `mr`, `vq`, `irq`, `worker`, `ipc`,
+    /// `capture`); exact match.
     ///
     /// # Errors
     /// `ParseError::UnknownType` for anything else.
@@ -280,7 +289,7 @@ mod tests {
         let names: Vec<String> = ResType::ALL.iter().map(|t| t.to_string()).collect();
         assert_eq!(
             names,
-            ["dev", "session", "mr", "vq", "irq", "worker", "ipc"]
+            ["dev", "session", "mr", "vq", "irq", "worker", "ipc", "capture"]
         );
         assert_eq!(
             "device".parse::<ResType>(),

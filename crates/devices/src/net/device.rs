@@ -7,6 +7,7 @@ use std::sync::Arc;
 use uvdpa_virtio::worker::{ChainGroup, DeviceFault, GroupHandler, QueueHandler};
 use uvdpa_virtio::{VirtioDevice, VirtioFeatures};
 
+use super::capture::CapturePoint;
 use super::config::{ctrl_queue_index, NetConfig, MIN_MTU};
 use super::ctrl::{CtrlHandler, NetCtrlState};
 use super::pair::{PairBackend, PairHandler};
@@ -62,6 +63,9 @@ pub struct NetDevice {
     queue_size: u16,
     backend: Backend,
     ctrl: Arc<NetCtrlState>,
+    /// Where a live capture attaches (`uvdpa dev capture`); every queue pair's worker
+    /// looks at it once per batch.
+    capture: Arc<CapturePoint>,
 }
 
 /// Why a net device could not be created.
@@ -150,7 +154,13 @@ impl NetDevice {
             queue_size,
             backend,
             ctrl,
+            capture: Arc::default(),
         })
+    }
+
+    /// Where a live capture of this device's frames attaches.
+    pub fn capture_point(&self) -> &Arc<CapturePoint> {
+        &self.capture
     }
 
     /// The device's configuration (MAC, MTU, queue pairs, link).
@@ -317,6 +327,8 @@ impl VirtioDevice for NetDevice {
             0 => self.config.mtu,
             m => m,
         };
-        Ok(Box::new(PairHandler::new(backend, features, mtu)))
+        Ok(Box::new(
+            PairHandler::new(backend, features, mtu).with_capture(self.capture.clone(), pair),
+        ))
     }
 }

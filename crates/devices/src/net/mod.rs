@@ -10,9 +10,11 @@
 //! - [`switch`]: an in-daemon L2 learning switch connecting devices.
 //! - [`device`]: [`device::NetDevice`], the device a transport serves.
 //! - [`pair`]: the data path of one queue pair (receive and transmit queue in one worker).
+//! - [`capture`]: live capture, frames mirrored into a shared-memory ring for the CLI.
 
 pub use device::{NetBackendSpec, NetDevice, NetDeviceError};
 
+pub mod capture;
 pub mod config;
 pub mod ctrl;
 pub mod device;

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use uvdpa_virtio::worker::{GroupHandler, WorkerCtl, WorkerError, WorkerQueue};
 use uvdpa_virtio::{DescriptorChain, Segment, VirtioFeatures};
 
+use super::capture::{CapturePoint, CaptureTap, FrameSrc};
 use super::hdr::{VirtioNetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_LEN};
 use super::switch::SwitchPort;
 use super::tap::Tap;
@@ -59,6 +60,8 @@ pub struct PairHandler {
     /// `bounce[..pending]` holds a received frame waiting for receive buffers.
     pending: usize,
     log: RateLimiter,
+    /// Live capture: checked once per batch, frames mirrored while one is attached.
+    cap: CaptureTap,
 }
 
 /// Where a frame to deliver comes from.
@@ -94,7 +97,15 @@ impl PairHandler {
             scratch: vec![0; VIRTIO_NET_HDR_LEN + MAX_FRAME],
             pending: 0,
             log: RateLimiter::new(10),
+            cap: CaptureTap::new(Arc::default(), 0),
         }
+    }
+
+    /// Mirrors this handler's frames, as queue pair `pair`, to captures attached at
+    /// `point`.
+    pub fn with_capture(mut self, point: Arc<CapturePoint>, pair: u16) -> Self {
+        self.cap = CaptureTap::new(point, pair);
+        self
     }
 
     /// Whether the backend can have frames for the receive queue without a transmit.
@@ -254,6 +265,10 @@ impl PairHandler {
             let frame_len = len - VIRTIO_NET_HDR_LEN;
             counts.tx += 1;
             counts.tx_bytes += frame_len as u64;
+            if self.cap.wants(false) {
+                let src = FrameSrc::Segments(self.tx_chain.readable(), VIRTIO_NET_HDR_LEN);
+                self.cap.record(false, frame_len, src);
+            }
             match &self.backend {
                 PairBackend::Loopback => {
                     if let Some(rx) = rx.as_deref_mut() {
@@ -288,6 +303,17 @@ impl PairHandler {
                             Delivered::Done => {
                                 counts.rx += 1;
                                 counts.rx_bytes += frame_len as u64;
+                                if self.cap.wants(true) {
+                                    let src = if needs_fix {
+                                        FrameSrc::Bytes(&self.scratch[VIRTIO_NET_HDR_LEN..len])
+                                    } else {
+                                        FrameSrc::Segments(
+                                            self.tx_chain.readable(),
+                                            VIRTIO_NET_HDR_LEN,
+                                        )
+                                    };
+                                    self.cap.record(true, frame_len, src);
+                                }
                             }
                             Delivered::NoSpace | Delivered::Dropped => counts.rx_drops += 1,
                         }
@@ -341,6 +367,10 @@ impl PairHandler {
                 Delivered::Done => {
                     counts.rx += 1;
                     counts.rx_bytes += (len - VIRTIO_NET_HDR_LEN) as u64;
+                    if self.cap.wants(true) {
+                        let frame = &self.bounce[VIRTIO_NET_HDR_LEN..len];
+                        self.cap.record(true, frame.len(), FrameSrc::Bytes(frame));
+                    }
                 }
                 Delivered::Dropped => {
                     counts.rx_drops += 1;
@@ -508,6 +538,8 @@ impl GroupHandler for PairHandler {
             if ctl.abandoned() {
                 return Err(WorkerError::Abandoned);
             }
+            // One relaxed load while no capture is attached or detached.
+            self.cap.refresh();
             let (mut rx, mut tx) = split_queues(queues);
             let mut counts = Counts::default();
             let mut busy = false;
