@@ -378,8 +378,7 @@ impl CaptureRing {
         // `used > size`: a tail the consumer corrupted; treat the ring as full.
         let fits = used <= size as u64 && (size as u64 - used) >= (pad + rec) as u64;
         if !fits || rec > size {
-            self.atomic_u64(h + OFF_DROPS)
-                .fetch_add(1, Ordering::Relaxed);
+            bump(self.atomic_u64(h + OFF_DROPS));
             return false;
         }
         let area = self.data(ring);
@@ -399,8 +398,7 @@ impl CaptureRing {
             src.copy_to(p.add(REC_HDR), cap);
         }
         head_a.store(head.wrapping_add((pad + rec) as u64), Ordering::Release);
-        self.atomic_u64(h + OFF_FRAMES)
-            .fetch_add(1, Ordering::Relaxed);
+        bump(self.atomic_u64(h + OFF_FRAMES));
         true
     }
 
@@ -467,6 +465,13 @@ impl CaptureRing {
         tail_a.store(tail, Ordering::Release);
         n
     }
+}
+
+/// Adds one to a counter only the producer writes: a load and a store, no locked
+/// read-modify-write on the data path.
+#[inline]
+fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
 }
 
 /// Writes a record header at `p`.
