@@ -161,17 +161,6 @@ pub fn run(ctl: &Path, a: &CaptureArgs) -> Result<(), String> {
         signal_hook::flag::register(sig, stop.clone())
             .map_err(|e| format!("Cannot install signal handlers: {e}"))?;
     }
-    // Open the output first: a path that cannot be written is reported before the
-    // daemon starts copying anything.
-    let out: Box<dyn Write> = if a.file == "-" {
-        Box::new(io::stdout().lock())
-    } else {
-        Box::new(
-            std::fs::File::create(&a.file).map_err(|e| format!("Cannot create {}: {e}", a.file))?,
-        )
-    };
-    let out = BufWriter::with_capacity(1 << 20, out);
-
     // The connection stays open for the whole capture: it is what keeps it attached.
     let sec = Secondary::connect(ctl)
         .map_err(|e| format!("Cannot reach the daemon at {}: {e}", ctl.display()))?;
@@ -194,6 +183,17 @@ pub fn run(ctl: &Path, a: &CaptureArgs) -> Result<(), String> {
         .next()
         .ok_or("The daemon sent no capture ring")?;
     let ring = CaptureRing::open(fd).map_err(|e| format!("Cannot map the capture ring: {e}"))?;
+    // The output is created once the daemon accepted: a refused capture leaves no empty
+    // file behind (a path that cannot be written ends the capture at once: exiting closes
+    // the connection, which detaches it).
+    let out: Box<dyn Write> = if a.file == "-" {
+        Box::new(io::stdout().lock())
+    } else {
+        Box::new(
+            std::fs::File::create(&a.file).map_err(|e| format!("Cannot create {}: {e}", a.file))?,
+        )
+    };
+    let out = BufWriter::with_capacity(1 << 20, out);
     let mut pcap = PcapngOut::new(out, &view)?;
     pcap.get_mut()
         .flush()
