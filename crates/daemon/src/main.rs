@@ -72,7 +72,7 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Devices: `dev add|del|show|config show|vstats show ...`.
+    /// Devices: `dev add|del|show|config show|vstats show|capture ...`.
     Dev {
         /// Command and arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
