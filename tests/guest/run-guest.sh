@@ -33,7 +33,7 @@
 #   --packed               packed virtqueues: packed=on on every virtio device
 #                          (blk and net; used only if the backend offers it)
 #   --smp N                guest vCPUs (default 1)
-#   --mode verify|write|read|loop|matrix|ping|responder, --seed N, --count N, --bs BYTES,
+#   --mode verify|write|read|loop|matrix|migrate|ping|responder, --seed N, --count N, --bs BYTES,
 #   --secs N               passed to the guest as uvdpa.* (see ./init)
 #   --append STR           extra kernel command line (e.g. uvdpa.selftest=corrupt,
 #                          or "uvdpa.ip=10.77.0.2/24 uvdpa.peer=10.77.0.1")

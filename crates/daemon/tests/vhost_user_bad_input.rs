@@ -320,9 +320,9 @@ fn malformed_messages_fail_the_session_not_the_daemon() {
             vec![],
         ),
         (
-            "vring addr with dirty logging",
+            "vring addr with an unknown flag",
             SET_VRING_ADDR,
-            vring_addr(0, 1),
+            vring_addr(0, 2),
             vec![],
         ),
         (

@@ -872,3 +872,117 @@ fn inflight_buffer_follows_the_negotiated_ring_layout() {
     }
     assert!(d.stop().success());
 }
+
+/// Live migration's dirty logging (vhost-user "Dirty logging"): with VHOST_F_LOG_ALL and
+/// LOG_SHMFD negotiated, a log set with SET_LOG_BASE and the used ring's guest address given
+/// with VHOST_VRING_F_LOG, blk reads mark exactly the pages the device wrote (data, status
+/// bytes, used ring); with LOG_ALL switched off again nothing is marked.
+#[test]
+fn dirty_log_marks_pages_the_device_writes() {
+    use uvdpa_virtio::DirtyLog;
+    use vhost::vhost_user::message::VhostUserVringAddrFlags;
+    use vhost::VhostUserDirtyLogRegion;
+
+    const LOG_ALL: u64 = 1 << 26;
+    let d = Daemon::start(
+        "dl",
+        &blk_config("dl", "backend = \"ram\"\nsize = \"16M\""),
+        &["dl"],
+    );
+    let mut fe = Frontend::connect(d.sock("dl"), 1).unwrap();
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    assert!(offered & LOG_ALL != 0, "VHOST_F_LOG_ALL offered");
+    let base = (1 << 32) | (1 << 30) | (1 << 28);
+    fe.set_features(base).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    assert!(pf.contains(P::LOG_SHMFD), "LOG_SHMFD offered");
+    fe.set_protocol_features(P::MQ | P::REPLY_ACK | P::CONFIG | P::LOG_SHMFD)
+        .unwrap();
+    fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    let (_fd, mem) = share_memory(&fe);
+    let (mut dq, call, kick) = start_ring0(&mut fe, &mem, 64, true);
+
+    // Data on the device to read back.
+    let data = pattern(7, 3 * 4096);
+    mem.write(0x30_0000, &data).unwrap();
+    let (_, st) = blk_request(&mut dq, 1, 8, Some((0x30_0000, 3 * 4096, false)), 0);
+    dq.publish();
+    kick.write(1).unwrap();
+    wait_call(&call);
+    assert!(dq.pop_used().is_some());
+    assert_eq!(status_byte(&dq, st), 0);
+
+    // Migration starts, in QEMU's order: the log, LOG_ALL, the rings' log addresses.
+    let log_size = MEM / 4096 / 8;
+    let log_fd = rustix::fs::memfd_create("log", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&log_fd, log_size).unwrap();
+    let log = DirtyLog::map(&log_fd, log_size, 0).unwrap();
+    fe.set_log_base(
+        0,
+        Some(VhostUserDirtyLogRegion {
+            mmap_size: log_size,
+            mmap_offset: 0,
+            mmap_handle: log_fd.as_raw_fd(),
+        }),
+    )
+    .unwrap();
+    fe.set_features(base | LOG_ALL).unwrap();
+    let (desc, avail, used) = (dq.desc, dq.avail, dq.used);
+    let ring = move |log_addr: Option<u64>| VringConfigData {
+        queue_max_size: 64,
+        queue_size: 64,
+        flags: if log_addr.is_some() {
+            VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits()
+        } else {
+            0
+        },
+        desc_table_addr: UADDR + desc,
+        used_ring_addr: UADDR + used,
+        avail_ring_addr: UADDR + avail,
+        log_addr,
+    };
+    fe.set_vring_addr(0, &ring(Some(dq.used))).unwrap();
+    // The restarted ring may already have written its notification fields (used ring).
+    let early = log.dirty_pages();
+    assert!(
+        early.iter().all(|&p| p == dq.used / 4096),
+        "before any request only the used ring may be marked: {early:x?}"
+    );
+    log.clear();
+
+    // Two reads: one page-aligned 4 KiB buffer, one 8 KiB buffer across three pages.
+    let (_, st1) = blk_request(&mut dq, 0, 8, Some((0x31_0000, 4096, true)), 1);
+    let (_, st2) = blk_request(&mut dq, 0, 16, Some((0x35_0800, 8192, true)), 2);
+    dq.publish();
+    kick.write(1).unwrap();
+    wait_call(&call);
+    assert!(dq.pop_used().is_some() && dq.pop_used().is_some());
+    assert_eq!((status_byte(&dq, st1), status_byte(&dq, st2)), (0, 0));
+    let mut back = vec![0u8; 8192];
+    mem.read(0x35_0800, &mut back).unwrap();
+    assert!(back == data[4096..]);
+    let used_page = dq.used / 4096;
+    let status_page = st1 / 4096;
+    assert_eq!(status_page, st2 / 4096);
+    let mut want = vec![used_page, status_page, 0x310, 0x350, 0x351, 0x352];
+    want.sort_unstable();
+    assert_eq!(log.dirty_pages(), want, "exactly the written pages");
+
+    // Migration ends (or is cancelled): LOG_ALL off, addresses without F_LOG; no logging.
+    fe.set_features(base).unwrap();
+    fe.set_vring_addr(0, &ring(None)).unwrap();
+    log.clear();
+    let (_, st3) = blk_request(&mut dq, 0, 8, Some((0x36_0000, 4096, true)), 3);
+    dq.publish();
+    kick.write(1).unwrap();
+    wait_call(&call);
+    assert!(dq.pop_used().is_some());
+    assert_eq!(status_byte(&dq, st3), 0);
+    assert!(log.dirty_pages().is_empty(), "logging off: no bits");
+
+    // The ring stops where it got to (the switchover's GET_VRING_BASE).
+    assert_eq!(fe.get_vring_base(0).unwrap(), 4);
+    drop(fe);
+    assert!(d.stop().success());
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 use uvdpa_restrack::{Owner, ResHandle, ResId, ResType, Tracker};
+use uvdpa_virtio::dirty::{DirtyLog, QueueLog};
 use uvdpa_virtio::inflight::InflightMap;
 use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
 use uvdpa_virtio::stats::{QueueStatsRef, StatsTable};
@@ -49,6 +50,9 @@ pub struct VringState {
     pub started: bool,
     /// The ring is enabled (vhost-user SET_VRING_ENABLE, VDUSE `ready`).
     pub enabled: bool,
+    /// Guest-physical address of the used ring for dirty logging (vhost-user
+    /// SET_VRING_ADDR with VHOST_VRING_F_LOG: `log_guest_addr`).
+    pub log_addr: Option<u64>,
     /// Owned by its group's running worker.
     running: bool,
     /// Resource entries of the running vring (virtqueue, worker, call vector); released
@@ -174,6 +178,9 @@ pub struct DeviceRuntime {
     session_entry: Option<ResHandle>,
     mem_entries: Vec<ResHandle>,
     inflight: Option<Arc<InflightMap>>,
+    /// The frontend's dirty bitmap (vhost-user SET_LOG_BASE); used while the acked
+    /// features hold VHOST_F_LOG_ALL.
+    log: Option<Arc<DirtyLog>>,
     vectors: Arc<VectorTable>,
     notify_config: ConfigNotifier,
     closed: bool,
@@ -227,6 +234,7 @@ impl DeviceRuntime {
             session_entry: None,
             mem_entries: Vec::new(),
             inflight: None,
+            log: None,
             vectors,
             notify_config,
             closed: false,
@@ -378,6 +386,7 @@ impl DeviceRuntime {
         self.needs_reset.store(false, Ordering::Release);
         self.acked = VirtioFeatures::empty();
         self.inflight = None;
+        self.log = None;
         info!(device = %self.name, "device reset");
     }
 
@@ -474,6 +483,28 @@ impl DeviceRuntime {
             self.update_vring(i)?;
         }
         Ok(())
+    }
+
+    /// Installs (or drops) the dirty log; running vrings restart to pick it up. It is used
+    /// while the acked features hold VHOST_F_LOG_ALL (see [`DeviceRuntime::logging`]).
+    ///
+    /// # Errors
+    /// A ring that cannot restart.
+    pub fn set_dirty_log(&mut self, log: Option<Arc<DirtyLog>>) -> Result<(), RuntimeError> {
+        let running = self.stop_running_vrings();
+        self.log = log;
+        for i in running {
+            self.update_vring(i)?;
+        }
+        Ok(())
+    }
+
+    /// The dirty log the vrings write, when logging is on: a log is set and the driver
+    /// acked VHOST_F_LOG_ALL.
+    pub fn logging(&self) -> Option<&Arc<DirtyLog>> {
+        self.log
+            .as_ref()
+            .filter(|_| self.acked.contains(VirtioFeatures::VHOST_F_LOG_ALL))
     }
 
     /// Stops vring `i` if it runs, applies `change`, and starts it if it should run.
@@ -628,6 +659,12 @@ impl DeviceRuntime {
                 if !queue.attach_inflight(map, index) {
                     warn!(device = %self.name, vring = m, size = cfg.size, packed, "inflight buffer has no region for this vring (queue size or layout); not tracked");
                 }
+            }
+            if let Some(log) = self.logging() {
+                queue.set_dirty_log(Some(QueueLog {
+                    log: log.clone(),
+                    used_gpa: v.log_addr,
+                }));
             }
             queues.push(WorkerQueue {
                 index,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 use uvdpa_runtime::{ConfigNotifier, DeviceRuntime, RuntimeParams};
 pub use uvdpa_runtime::{ResCtx, SessionState};
+use uvdpa_virtio::dirty::DirtyLog;
 use uvdpa_virtio::inflight::{InflightLayout, InflightMap};
 use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
 use uvdpa_virtio::memory::MAX_REGIONS;
@@ -24,9 +25,10 @@ use uvdpa_virtio::split::MAX_QUEUE_SIZE;
 use uvdpa_virtio::stats::StatsTable;
 use uvdpa_virtio::{DeviceStatus, GuestMemory, MemoryRegion, VirtioDevice, VirtioFeatures};
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
-    VhostUserMsgValidator, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64,
-    VhostUserVringAddr, VhostUserVringAddrFlags, VhostUserVringState, VHOST_USER_CONFIG_SIZE,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserMemory,
+    VhostUserMemoryRegion, VhostUserMsgValidator, VhostUserProtocolFeatures,
+    VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr, VhostUserVringAddrFlags,
+    VhostUserVringState, VHOST_USER_CONFIG_SIZE,
 };
 use vm_memory::ByteValued;
 
@@ -35,8 +37,57 @@ use crate::error::Error;
 
 pub use uvdpa_runtime::STOP_TIMEOUT;
 
+/// Whether and how this backend does dirty page logging for live migration, from the
+/// environment variable `UVDPA_DIRTY_LOG` read once per process:
+/// - unset or `on`: VHOST_F_LOG_ALL and LOG_SHMFD are offered and every device write is
+///   logged while the frontend asks for it;
+/// - `off`: neither is offered (QEMU then refuses to migrate the VM: a migration blocker);
+/// - `skip`: offered, but nothing is logged (a test switch that shows a migration test
+///   catches lost writes; never for real use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyLogMode {
+    /// Offered and done.
+    On,
+    /// Not offered.
+    Off,
+    /// Offered, not done (tests).
+    Skip,
+}
+
+/// The process's [`DirtyLogMode`] (`UVDPA_DIRTY_LOG`).
+pub fn dirty_log_mode() -> DirtyLogMode {
+    static MODE: std::sync::OnceLock<DirtyLogMode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("UVDPA_DIRTY_LOG").as_deref() {
+        Ok("off") => DirtyLogMode::Off,
+        Ok("skip") => {
+            warn!("UVDPA_DIRTY_LOG=skip: dirty logging offered but not done; live migration will lose device writes");
+            DirtyLogMode::Skip
+        }
+        Ok("on") | Err(_) => DirtyLogMode::On,
+        Ok(other) => {
+            warn!("UVDPA_DIRTY_LOG={other:?} is not on/off/skip; dirty logging stays on");
+            DirtyLogMode::On
+        }
+    })
+}
+
+/// Transport features offered over vhost-user besides the device's own.
+fn transport_features() -> VirtioFeatures {
+    let log = if dirty_log_mode() == DirtyLogMode::Off {
+        VirtioFeatures::empty()
+    } else {
+        VirtioFeatures::VHOST_F_LOG_ALL
+    };
+    VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES | log
+}
+
 /// Protocol features this backend implements (REPLY_ACK is always offered).
 pub fn supported_protocol_features(device_type: u32) -> VhostUserProtocolFeatures {
+    let log = if dirty_log_mode() == DirtyLogMode::Off {
+        VhostUserProtocolFeatures::empty()
+    } else {
+        VhostUserProtocolFeatures::LOG_SHMFD
+    };
     // VHOST_USER_PROTOCOL_F_NET_MTU (`MTU` in rust-vmm) for network devices (device ID 1).
     let net_mtu = if device_type == 1 {
         VhostUserProtocolFeatures::MTU
@@ -44,6 +95,7 @@ pub fn supported_protocol_features(device_type: u32) -> VhostUserProtocolFeature
         VhostUserProtocolFeatures::empty()
     };
     net_mtu
+        | log
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
@@ -93,6 +145,8 @@ pub struct Session {
     /// At most one entry per mapped region.
     region_repeats: Vec<((u64, u64), u32)>,
     backend: BackendChannel,
+    /// SET_LOG_FD's eventfd, kept (this backend logs synchronously and never signals it).
+    log_fd: Option<OwnedFd>,
 }
 
 fn decode<T: ByteValued + Default + VhostUserMsgValidator>(
@@ -184,7 +238,7 @@ impl Session {
                 poll,
                 mandated,
                 unoffered,
-                transport_features: VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES,
+                transport_features: transport_features(),
                 strict_status_order: false,
                 addrs_are_uaddr: true,
                 vectors,
@@ -199,6 +253,7 @@ impl Session {
             protocol_negotiated: false,
             region_repeats: Vec::new(),
             backend,
+            log_fd: None,
         }
     }
 
@@ -436,16 +491,26 @@ impl Session {
                 expect_fds("SET_VRING_ADDR", req, 0)?;
                 let a: VhostUserVringAddr = decode("SET_VRING_ADDR", &req.body)?;
                 let i = self.vring_index(a.index)?;
-                if VhostUserVringAddrFlags::from_bits(a.flags).is_none_or(|f| !f.is_empty()) {
-                    return Err(Error::InvalidParam {
-                        request: "SET_VRING_ADDR",
-                        reason: format!("flags {:#x} (dirty logging is not supported)", {
-                            a.flags
-                        }),
-                    });
-                }
+                let log = match VhostUserVringAddrFlags::from_bits(a.flags) {
+                    Some(f) if f.is_empty() => None,
+                    Some(f)
+                        if f.bits() == VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits()
+                            && dirty_log_mode() != DirtyLogMode::Off =>
+                    {
+                        Some(a.log)
+                    }
+                    _ => {
+                        return Err(Error::InvalidParam {
+                            request: "SET_VRING_ADDR",
+                            reason: format!("flags {:#x} (only VHOST_VRING_F_LOG)", { a.flags }),
+                        })
+                    }
+                };
                 let addrs = (a.descriptor, a.available, a.used);
-                self.rt.reconfigure(i, |v| v.addr = Some(addrs))?;
+                self.rt.reconfigure(i, |v| {
+                    v.addr = Some(addrs);
+                    v.log_addr = log;
+                })?;
                 Ok(None)
             }
             R::SET_VRING_BASE => {
@@ -613,6 +678,43 @@ impl Session {
                 self.rt.set_inflight(Some(map))?;
                 Ok(None)
             }
+            R::SET_LOG_BASE => {
+                self.need(
+                    "SET_LOG_BASE",
+                    VhostUserProtocolFeatures::LOG_SHMFD,
+                    "LOG_SHMFD",
+                )?;
+                expect_fds("SET_LOG_BASE", req, 1)?;
+                let m: VhostUserLog = decode("SET_LOG_BASE", &req.body)?;
+                let fd = req.fds.first().ok_or(Error::WrongFdCount {
+                    request: "SET_LOG_BASE",
+                    got: 0,
+                    expected: 1,
+                })?;
+                let log = DirtyLog::map(fd, m.mmap_size, m.mmap_offset).map_err(|e| {
+                    Error::InvalidParam {
+                        request: "SET_LOG_BASE",
+                        reason: e.to_string(),
+                    }
+                })?;
+                info!(device = %self.name, bytes = log.len(), "dirty log set");
+                if dirty_log_mode() == DirtyLogMode::On {
+                    self.rt.set_dirty_log(Some(Arc::new(log)))?;
+                }
+                // With LOG_SHMFD the frontend waits for a reply once the log is mapped
+                // (QEMU checks only the request code; rust-vmm reads a VhostUserLog).
+                Ok(Some(m.as_slice().to_vec()))
+            }
+            R::SET_LOG_FD => {
+                self.need(
+                    "SET_LOG_FD",
+                    VhostUserProtocolFeatures::LOG_SHMFD,
+                    "LOG_SHMFD",
+                )?;
+                expect_fds("SET_LOG_FD", req, 1)?;
+                self.log_fd = req.fds.first().and_then(|f| f.try_clone().ok());
+                Ok(None)
+            }
             R::SET_STATUS => {
                 self.need("SET_STATUS", VhostUserProtocolFeatures::STATUS, "STATUS")?;
                 expect_fds("SET_STATUS", req, 0)?;
@@ -719,13 +821,18 @@ impl Session {
             return Err(Error::UnofferedFeatures { unknown });
         }
         let features = VirtioFeatures::from_raw(value);
-        let transport = VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES;
+        let transport =
+            VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES | VirtioFeatures::VHOST_F_LOG_ALL;
+        let logging = features.contains(VirtioFeatures::VHOST_F_LOG_ALL);
+        if logging != self.rt.acked().contains(VirtioFeatures::VHOST_F_LOG_ALL) {
+            info!(device = %self.name, on = logging, "dirty logging (VHOST_F_LOG_ALL) switched");
+        }
         if !self.protocol.contains(VhostUserProtocolFeatures::STATUS) {
             // Without SET_STATUS, SET_FEATURES is where FEATURES_OK is decided.
             self.rt.check_features(features - transport)?;
         }
         self.rt.set_features(features, transport)?;
-        if !features.contains(transport) {
+        if !features.contains(VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES) {
             // Without protocol features, rings are enabled as soon as they start.
             for i in 0..self.rt.num_vrings() {
                 self.rt.reconfigure(i, |v| v.enabled = true)?;
@@ -936,6 +1043,7 @@ impl Session {
     pub fn close(&mut self) {
         self.rt.close();
         self.region_repeats.clear();
+        self.log_fd = None;
     }
 }
 

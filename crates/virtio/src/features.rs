@@ -10,6 +10,9 @@ bitflags! {
     /// so a feature word can be carried around whole and checked against the device's offer.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
     pub struct VirtioFeatures: u64 {
+        /// VHOST_F_LOG_ALL (bit 26): vhost dirty page logging for live migration
+        /// (transport-level on vhost-user; never seen by the device).
+        const VHOST_F_LOG_ALL = 1 << 26;
         /// VIRTIO_RING_F_INDIRECT_DESC (bit 28): indirect descriptor tables (§2.7.5.3).
         const VIRTIO_RING_F_INDIRECT_DESC = 1 << 28;
         /// VIRTIO_RING_F_EVENT_IDX (bit 29): used_event/avail_event notification suppression (§2.7.7).

@@ -9,6 +9,7 @@
 
 pub mod chain;
 pub mod device;
+pub mod dirty;
 pub mod features;
 pub mod inflight;
 pub mod interrupts;
@@ -22,6 +23,7 @@ pub mod worker;
 
 pub use chain::{ChainError, DescriptorChain, Segment};
 pub use device::VirtioDevice;
+pub use dirty::{DirtyLog, QueueLog};
 pub use features::VirtioFeatures;
 pub use memory::{GuestMemory, MemoryError, MemoryRegion};
 pub use queue::Virtqueue;

@@ -54,6 +54,7 @@ use std::sync::Arc;
 use crate::chain::{packed_available, ChainError, DescriptorChain, RawPackedDesc, DESC_SIZE};
 pub use crate::chain::{VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED};
 use crate::chain::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use crate::dirty::QueueLog;
 use crate::inflight::{InflightMap, PackedInflight};
 use crate::memory::GuestMemory;
 use crate::split::{QueueError, VringConfig, MAX_QUEUE_SIZE};
@@ -131,6 +132,8 @@ pub struct PackedQueue {
     /// use), and the saved descriptors read into it.
     scratch: Vec<u8>,
     saved: Vec<RawPackedDesc>,
+    /// Dirty page logging (live migration), while the frontend has it on.
+    log: Option<QueueLog>,
     /// Tests: stop a tracked `add_used` after this step, as a crash would (see
     /// `add_used_tracked`).
     #[cfg(test)]
@@ -207,6 +210,7 @@ impl PackedQueue {
             since_used: Vec::new(),
             scratch: Vec::new(),
             saved: Vec::new(),
+            log: None,
             #[cfg(test)]
             crash_after: None,
         })
@@ -275,6 +279,40 @@ impl PackedQueue {
         }
         self.since_used.clear();
         self.inflight = Some(t);
+    }
+
+    /// Turns dirty page logging on (`Some`) or off: from now on every used descriptor and
+    /// event suppression write of this queue marks its page in the log.
+    pub fn set_dirty_log(&mut self, log: Option<QueueLog>) {
+        self.log = log;
+    }
+
+    /// The dirty log in use, if logging is on.
+    pub fn dirty_log(&self) -> Option<&QueueLog> {
+        self.log.as_ref()
+    }
+
+    /// Logs used descriptor `slot` (after its flags were written).
+    #[inline]
+    fn log_desc(&self, slot: u16) {
+        if let Some(l) = &self.log {
+            let at = usize::from(slot) * DESC_SIZE as usize;
+            l.log
+                .log_host(&self.mem, self.desc.wrapping_add(at), DESC_SIZE as usize);
+        }
+    }
+
+    /// Logs `len` bytes written at `off` into the device event suppression area.
+    #[inline]
+    fn log_device_area(&self, off: usize, len: usize) {
+        if let Some(l) = &self.log {
+            match l.used_gpa {
+                Some(gpa) => l.log.log(gpa.saturating_add(off as u64), len as u64),
+                None => l
+                    .log
+                    .log_host(&self.mem, self.device.wrapping_add(off), len),
+            }
+        }
     }
 
     /// Queue size in descriptors.
@@ -522,6 +560,7 @@ impl PackedQueue {
             self.write_used(slot, id, len);
             self.desc_flags(slot)
                 .store(flags.to_le(), Ordering::Release);
+            self.log_desc(slot);
         }
         let n = desc_count.clamp(1, self.size);
         let (s, w) = self.advance(slot, self.used_wrap, n);
@@ -563,6 +602,7 @@ impl PackedQueue {
         fence(Ordering::Release);
         self.desc_flags(slot)
             .store(flags.to_le(), Ordering::Release);
+        self.log_desc(slot);
         if self.crashes_after(2) {
             return;
         }
@@ -612,12 +652,18 @@ impl PackedQueue {
             self.desc_flags(slot)
                 .store(flags.to_le(), Ordering::Release);
         }
-        self.shadow.clear();
         if let Some((slot, flags)) = self.batch_head.take() {
             fence(Ordering::Release);
             self.desc_flags(slot)
                 .store(flags.to_le(), Ordering::Release);
+            if self.log.is_some() {
+                self.log_desc(slot);
+                for k in 0..self.shadow.len() {
+                    self.log_desc(self.shadow[k].0);
+                }
+            }
         }
+        self.shadow.clear();
     }
 
     /// Writes a used descriptor's id and length (its flags are written by the caller).
@@ -694,6 +740,7 @@ impl PackedQueue {
             if self.event_flags != Some(RING_EVENT_FLAGS_DISABLE) {
                 flags.store(RING_EVENT_FLAGS_DISABLE.to_le(), Ordering::Relaxed);
                 self.event_flags = Some(RING_EVENT_FLAGS_DISABLE);
+                self.log_device_area(EVENT_FLAGS, 2);
             }
             return Ok(false);
         }
@@ -706,6 +753,7 @@ impl PackedQueue {
             flags.store(RING_EVENT_FLAGS_ENABLE.to_le(), Ordering::Relaxed);
             self.event_flags = Some(RING_EVENT_FLAGS_ENABLE);
         }
+        self.log_device_area(0, 4);
         fence(Ordering::SeqCst);
         Ok(self.available()? > 0)
     }

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use crate::chain::DescriptorChain;
+use crate::dirty::QueueLog;
 use crate::inflight::{InflightMap, InflightQueue};
 use crate::memory::GuestMemory;
 use crate::packed::PackedQueue;
@@ -93,8 +94,14 @@ impl Virtqueue {
 
     /// Records `chain` as used with `len` bytes written into its device-writable part. Not
     /// visible to the driver before [`Virtqueue::publish_used`].
+    ///
+    /// With dirty logging on, the chain's device-writable buffers are logged in full (the
+    /// device wrote them before completing the chain), then the used ring writes.
     #[inline]
     pub fn add_used(&mut self, chain: &DescriptorChain, len: u32) {
+        if let Some(l) = self.dirty_log() {
+            l.log.log_chain(self.memory(), chain);
+        }
         match self {
             Self::Split(q) => q.add_used(chain.head(), len),
             // The packed ring skips the chain's ring slots (§2.8.6); with inflight
@@ -107,6 +114,17 @@ impl Virtqueue {
     #[inline]
     pub fn publish_used(&mut self) {
         each!(self, q => q.publish_used())
+    }
+
+    /// Turns dirty page logging (live migration) on with `Some`, off with `None`.
+    pub fn set_dirty_log(&mut self, log: Option<QueueLog>) {
+        each!(self, q => q.set_dirty_log(log))
+    }
+
+    /// The dirty log in use, if logging is on.
+    #[inline]
+    pub fn dirty_log(&self) -> Option<&QueueLog> {
+        each!(self, q => q.dirty_log())
     }
 
     /// Whether the driver wants a used-buffer notification for what was published since

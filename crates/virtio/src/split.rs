@@ -12,6 +12,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::chain::{ChainError, DescriptorChain, DESC_SIZE};
+use crate::dirty::QueueLog;
 use crate::inflight::InflightQueue;
 use crate::memory::{GuestMemory, MemoryError};
 
@@ -124,6 +125,8 @@ pub struct SplitQueue {
     inflight: Option<InflightQueue>,
     /// Heads found in flight at start, processed before new avail entries.
     resubmit: std::collections::VecDeque<u16>,
+    /// Dirty page logging (live migration), while the frontend has it on.
+    log: Option<QueueLog>,
 }
 
 // SAFETY: the raw pointers point into `mem`, which the queue keeps alive through its Arc;
@@ -182,6 +185,7 @@ impl SplitQueue {
             avail_shadow: cfg.next_avail,
             inflight: None,
             resubmit: std::collections::VecDeque::new(),
+            log: None,
         };
         q.next_used = q.used_idx().load(Ordering::Acquire);
         q.signalled_used = q.next_used;
@@ -205,6 +209,28 @@ impl SplitQueue {
         }
         self.resubmit = heads.into_iter().collect();
         self.inflight = Some(t);
+    }
+
+    /// Turns dirty page logging on (`Some`) or off: from now on every write this queue
+    /// makes to its used ring marks the page in the log.
+    pub fn set_dirty_log(&mut self, log: Option<QueueLog>) {
+        self.log = log;
+    }
+
+    /// The dirty log in use, if logging is on.
+    pub fn dirty_log(&self) -> Option<&QueueLog> {
+        self.log.as_ref()
+    }
+
+    /// Logs `len` bytes written at `off` into the used ring (after the write).
+    #[inline]
+    fn log_used(&self, off: usize, len: usize) {
+        if let Some(l) = &self.log {
+            match l.used_gpa {
+                Some(gpa) => l.log.log(gpa.saturating_add(off as u64), len as u64),
+                None => l.log.log_host(&self.mem, self.used.wrapping_add(off), len),
+            }
+        }
     }
 
     /// Queue size in descriptors.
@@ -318,6 +344,7 @@ impl SplitQueue {
             std::ptr::write_volatile(p, u32::from(head).to_le());
             std::ptr::write_volatile(p.add(1), len.to_le());
         }
+        self.log_used(slot, 8);
         self.next_used = self.next_used.wrapping_add(1);
         self.pending_signal = true;
         if self.inflight.is_some() {
@@ -336,6 +363,7 @@ impl SplitQueue {
     pub fn publish_used(&mut self) {
         self.used_idx()
             .store(self.next_used.to_le(), Ordering::Release);
+        self.log_used(2, 2);
     }
 
     /// Whether the driver wants a used-buffer notification for what was published since
@@ -376,12 +404,14 @@ impl SplitQueue {
                 let off = 4 + 8 * usize::from(self.size);
                 self.u16_at(self.used, off)
                     .store(self.next_avail.to_le(), Ordering::Relaxed);
+                self.log_used(off, 2);
             }
         } else {
             let v = if enable { 0 } else { VRING_USED_F_NO_NOTIFY };
             if self.used_flags != Some(v) {
                 self.u16_at(self.used, 0)
                     .store(v.to_le(), Ordering::Relaxed);
+                self.log_used(0, 2);
                 self.used_flags = Some(v);
             }
         }

@@ -63,6 +63,16 @@ impl Daemon {
 
     /// As [`Daemon::start`] in an existing directory (to restart over the same files).
     pub fn start_in(dir: PathBuf, config: &str, names: &[&str]) -> Daemon {
+        Self::start_in_env(dir, config, names, &[])
+    }
+
+    /// As [`Daemon::start_in`], with extra environment variables for the daemon.
+    pub fn start_in_env(
+        dir: PathBuf,
+        config: &str,
+        names: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let cfg = dir.join("uvdpa.toml");
         std::fs::write(&cfg, config).unwrap();
         let log = dir.join(format!(
@@ -75,6 +85,7 @@ impl Daemon {
             .arg("--config")
             .arg(&cfg)
             .env("UVDPA_LOG", "debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
