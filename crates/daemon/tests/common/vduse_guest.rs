@@ -142,6 +142,7 @@ impl VduseGuest {
             cmd.arg("--append").arg(a);
         }
         for (k, v) in &self.env {
+            let v = guest_visible(v, &out);
             cmd.arg("--env").arg(format!("{k}={v}"));
         }
         // run.sh kills QEMU at the timeout itself; stdout and stderr are collected
@@ -164,6 +165,24 @@ impl VduseGuest {
             elapsed: start.elapsed(),
         }
     }
+}
+
+/// `value` as the guest sees it: a file under /tmp, /run or /dev/shm (the guest's own
+/// tmpfs, where a checkout or target dir under /tmp is invisible) is copied into the out
+/// dir, which the guest mounts at /out, and named there; anything else is unchanged.
+fn guest_visible(value: &str, out: &Path) -> String {
+    let p = Path::new(value);
+    let hidden = ["/tmp/", "/run/", "/dev/shm/"]
+        .iter()
+        .any(|d| value.starts_with(d));
+    if !hidden || !p.is_file() {
+        return value.to_string();
+    }
+    let bin = out.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let name = p.file_name().unwrap();
+    std::fs::copy(p, bin.join(name)).unwrap();
+    format!("/out/bin/{}", name.to_string_lossy())
 }
 
 /// Boots the VDUSE guest, runs `script` (shell text) in it, and returns the result.
