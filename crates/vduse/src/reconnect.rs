@@ -72,6 +72,33 @@ impl ReconnectLog {
         InflightLayout::Packed.region_size(num_queues, queue_size) as u64
     }
 
+    /// Maps the header page and the inflight area of the log file `fd` (the area sized for
+    /// the packed layout, which either ring layout fits).
+    fn map(
+        fd: OwnedFd,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> io::Result<(NonNull<u8>, Arc<InflightMap>)> {
+        let header = map_header(&fd)?;
+        let inflight = InflightMap::open_in(
+            InflightLayout::Packed,
+            fd,
+            INFLIGHT_OFFSET,
+            Self::inflight_len(num_queues, queue_size),
+            num_queues,
+            queue_size,
+        );
+        match inflight {
+            Ok(inflight) => Ok((header, inflight)),
+            Err(e) => {
+                // SAFETY: the page `map_header` just mapped; nothing else refers to it.
+                let _ =
+                    unsafe { rustix::mm::munmap(header.as_ptr().cast(), INFLIGHT_OFFSET as usize) };
+                Err(e)
+            }
+        }
+    }
+
     /// A fresh log at `path` (replacing any old one) for `num_queues` rings of
     /// `queue_size` descriptors, status 0.
     ///
@@ -84,20 +111,10 @@ impl ReconnectLog {
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .custom_flags(libc_cloexec())
             .open(path)?;
         let len = INFLIGHT_OFFSET + Self::inflight_len(num_queues, queue_size);
         file.set_len(len)?;
-        let fd = OwnedFd::from(file);
-        let header = map_header(&fd)?;
-        let inflight = InflightMap::open_in(
-            InflightLayout::Packed,
-            rustix::io::dup(&fd)?,
-            INFLIGHT_OFFSET,
-            Self::inflight_len(num_queues, queue_size),
-            num_queues,
-            queue_size,
-        )?;
+        let (header, inflight) = Self::map(OwnedFd::from(file), num_queues, queue_size)?;
         inflight.init_layout(InflightLayout::Split)?;
         let log = Self {
             path: path.to_path_buf(),
@@ -126,11 +143,7 @@ impl ReconnectLog {
     /// Missing file, a file that is not a log (magic), or one laid out for another device
     /// (its sizes differ from `num_queues`/`queue_size`, or it is too short).
     pub fn open(path: &Path, num_queues: u16, queue_size: u16) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc_cloexec())
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
         let len = INFLIGHT_OFFSET + Self::inflight_len(num_queues, queue_size);
         if file.metadata()?.len() < len {
             return Err(io::Error::new(
@@ -138,16 +151,7 @@ impl ReconnectLog {
                 format!("{} is shorter than a log for this device", path.display()),
             ));
         }
-        let fd = OwnedFd::from(file);
-        let header = map_header(&fd)?;
-        let inflight = InflightMap::open_in(
-            InflightLayout::Packed,
-            rustix::io::dup(&fd)?,
-            INFLIGHT_OFFSET,
-            Self::inflight_len(num_queues, queue_size),
-            num_queues,
-            queue_size,
-        )?;
+        let (header, inflight) = Self::map(OwnedFd::from(file), num_queues, queue_size)?;
         let log = Self {
             path: path.to_path_buf(),
             header,
@@ -218,11 +222,6 @@ impl Drop for ReconnectLog {
         let _ =
             unsafe { rustix::mm::munmap(self.header.as_ptr().cast(), INFLIGHT_OFFSET as usize) };
     }
-}
-
-/// O_CLOEXEC for `OpenOptionsExt::custom_flags`.
-fn libc_cloexec() -> i32 {
-    rustix::fs::OFlags::CLOEXEC.bits() as i32
 }
 
 #[cfg(test)]
