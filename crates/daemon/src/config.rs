@@ -233,6 +233,8 @@ impl Transport {
 /// Smallest default VDUSE bounce buffer: the kernel's own default (64 MiB). A blk device
 /// gets the power of two above its largest request (`seg_max` × `size_max`) if that is more.
 pub const VDUSE_DEFAULT_BOUNCE: u64 = 64 << 20;
+/// What a VDUSE device withholds unless `unoffer` is given: VIRTIO_F_RING_PACKED (bit 34).
+pub const VDUSE_DEFAULT_UNOFFER: u64 = 1 << 34;
 /// Largest VDUSE bounce buffer the kernel accepts (1 GiB, `VDUSE_MAX_BOUNCE_SIZE`).
 pub const VDUSE_MAX_BOUNCE: u64 = 1 << 30;
 /// Smallest: the kernel's `VDUSE_MIN_BOUNCE_SIZE` (1 MiB).
@@ -494,6 +496,12 @@ impl DeviceEntry {
                 ));
             }
             unoffer |= bit;
+        }
+        if self.unoffer.is_none() && matches!(transport, Transport::Vduse { .. }) {
+            // A daemon restart under a packed ring with many requests in flight hung in CI
+            // (resubmission from the packed region); split rings recover (resubmitted=5
+            // seen). `unoffer = []` offers packed rings without that guarantee.
+            unoffer |= VDUSE_DEFAULT_UNOFFER;
         }
         let coalesce = (
             self.coalesce_usecs.unwrap_or(0),
@@ -949,11 +957,11 @@ mod tests {
         .unwrap();
         assert_eq!(d[0].transport, Transport::VhostUser);
         assert_eq!((d[0].unoffer, d[0].poll_us), (0, BLK_DEFAULT_POLL_US));
-        // VDUSE offers everything by default (packed rings included) and does not poll.
+        // VDUSE withholds packed rings by default and does not poll.
         let vduse =
             "[[device]]\nname = \"v\"\nmgmtdev = \"blk\"\nsize = \"1M\"\ntransport = \"vduse\"\n";
         let d = parse_config(Path::new("t.toml"), vduse).unwrap();
-        assert_eq!((d[0].unoffer, d[0].poll_us), (0, 0));
+        assert_eq!((d[0].unoffer, d[0].poll_us), (VDUSE_DEFAULT_UNOFFER, 0));
         let d = parse_config(Path::new("t.toml"), &format!("{vduse}unoffer = []\n")).unwrap();
         assert_eq!(d[0].unoffer, 0);
     }
