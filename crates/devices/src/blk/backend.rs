@@ -1,7 +1,8 @@
 //! Disk backends: where a virtio-blk device's sectors live.
 //!
-//! - [`RamDisk`]: an anonymous private mapping owned by the device; requests copy straight
-//!   between it and guest buffers.
+//! - [`RamDisk`]: a memfd mapped shared by the device; requests copy straight between it
+//!   and guest buffers. Its fd can be passed to another process (a new daemon on a live
+//!   upgrade), which maps the same bytes.
 //! - [`FileDisk`]: a regular file or block device; requests are `preadv`/`pwritev` with the
 //!   guest buffers as the iovecs, so data moves between the kernel and guest memory without
 //!   a copy in between.
@@ -24,7 +25,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::mem::{align_of, offset_of, size_of};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::path::PathBuf;
@@ -64,7 +65,7 @@ static ZEROES: ZeroBlock = ZeroBlock([0; 64 * 1024]);
 /// A device's backend, chosen by [`super::BackendSpec`].
 #[derive(Debug)]
 pub(crate) enum Backend {
-    /// Sectors in an anonymous mapping.
+    /// Sectors in a memfd mapped shared.
     Ram(RamDisk),
     /// Sectors in a file or block device.
     File(FileDisk),
@@ -119,8 +120,9 @@ impl Backend {
     /// being served before it is released (shrink).
     ///
     /// - RAM: grows inside the address space reserved at creation (never moving the
-    ///   mapping); a shrink gives the memory past the new end back, and a later growth
-    ///   reads zeroes there.
+    ///   mapping; the memfd is extended); a shrink punches a hole in the memfd past the new
+    ///   end (its memory goes back, the file keeps its size), and a later growth reads
+    ///   zeroes there.
     /// - File: a regular file is truncated or extended to `size` (as qemu-storage-daemon's
     ///   `block_resize` resizes the image: a shrink drops the data past the new end); a
     ///   block device keeps its size and the capacity may be anything up to it.
@@ -153,6 +155,14 @@ impl Backend {
     pub(crate) fn file(&self) -> Option<&FileDisk> {
         match self {
             Self::File(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// The memfd of a RAM backend (what a new daemon adopts on a live upgrade).
+    pub(crate) fn ram_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Self::Ram(r) => Some(r.fd()),
             _ => None,
         }
     }
@@ -332,9 +342,10 @@ unsafe fn gather(segs: &[Segment], mut skip: usize, dst: &mut [u8]) {
     }
 }
 
-/// Address space a RAM disk reserves so it can grow in place: [`RamDisk::new`] maps
-/// `max(size, RAM_RESERVE)` bytes, of which only the first `size` are usable (the rest is
-/// PROT_NONE: it costs neither memory nor commit charge).
+/// Address space a RAM disk reserves so it can grow in place: [`RamDisk::new`] and
+/// [`RamDisk::from_fd`] reserve `max(size, RAM_RESERVE)` bytes, of which only the first
+/// `size` (in whole pages) map the disk's memfd (the rest is PROT_NONE: it costs neither
+/// memory nor commit charge).
 pub const RAM_RESERVE: u64 = 256 << 30;
 
 /// Why a backend cannot take a new capacity.
@@ -371,16 +382,28 @@ pub enum ResizeError {
     },
 }
 
-/// A disk in an anonymous private mapping (`MAP_NORESERVE`: untouched sectors cost no
-/// memory). It lives as long as the device, across frontend reconnects.
+/// A disk in a memfd (`memfd_create("uvdpa-ram")`), mapped shared into a reservation of
+/// address space. It lives as long as the device, across frontend reconnects; its fd
+/// ([`RamDisk::fd`]) can be handed to another process (a new daemon taking the devices
+/// over on a live upgrade), which maps the same bytes with [`RamDisk::from_fd`].
 ///
-/// The mapping is `reserved` bytes long and never moves; the first `committed` bytes are
-/// readable and writable, the rest PROT_NONE until a growth needs them. `size` (at most
-/// `committed`) is the capacity requests are checked against. Committed memory stays
-/// accessible for the disk's whole life (a shrink only releases its pages), so a request
-/// that passed its range check just before a shrink still copies to mapped memory.
+/// The reservation is `reserved` bytes of PROT_NONE address space that never moves; its
+/// first `committed` bytes (whole pages) are the file's first `committed` bytes, mapped
+/// `MAP_SHARED` read and write. `size` (at most `committed`) is the capacity requests are
+/// checked against. The reservation and the committed mapping stay in place for the
+/// disk's whole life, so a request that passed its range check just before a shrink still
+/// copies to mapped memory.
+///
+/// Touching a shared file mapping past the file's end raises SIGBUS, so the file never
+/// gets shorter than what is mapped: growth extends it before mapping the new range,
+/// a shrink punches a hole (`fallocate(PUNCH_HOLE | KEEP_SIZE)`) over the released range
+/// instead of truncating (its pages go back to the kernel; they read back as zeroes, and a
+/// later growth maps them again as they are), and the file is sealed against shrinking
+/// (`F_SEAL_SHRINK`) so that no other holder of the fd can truncate it either. Untouched
+/// and punched pages cost no memory.
 #[derive(Debug)]
 pub(crate) struct RamDisk {
+    memfd: OwnedFd,
     base: NonNull<u8>,
     reserved: usize,
     committed: AtomicUsize,
@@ -389,16 +412,81 @@ pub(crate) struct RamDisk {
 
 // SAFETY: the mapping is owned by this value and only accessed through raw-pointer copies
 // (never references), so it may move between and be shared by queue threads; concurrent
-// copies to the same bytes are the guest's own race, as with DMA.
+// copies to the same bytes (from queue threads, or from another process mapping the same
+// memfd) are the guest's own race, as with DMA.
 unsafe impl Send for RamDisk {}
 // SAFETY: see `Send`.
 unsafe impl Sync for RamDisk {}
 
 impl RamDisk {
-    /// Maps `size` bytes of zeroes, in a reservation of at least [`RAM_RESERVE`] bytes of
-    /// address space (or exactly `size` where the system refuses that much, e.g. under
-    /// `RLIMIT_AS`: such a disk cannot grow).
+    /// A new memfd of `size` bytes of zeroes (`size` rounded up to whole pages in the file),
+    /// mapped as [`RamDisk::from_fd`] maps it.
+    ///
+    /// # Errors
+    /// [`BlkError::MapMemory`] when the memfd cannot be created, sealed, sized or mapped.
     pub(crate) fn new(size: u64) -> Result<Self, BlkError> {
+        let map_err = |e: Errno| BlkError::MapMemory {
+            size,
+            source: e.into(),
+        };
+        let memfd = rustix::fs::memfd_create(
+            "uvdpa-ram",
+            rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(map_err)?;
+        rustix::fs::fcntl_add_seals(&memfd, rustix::fs::SealFlags::SHRINK).map_err(map_err)?;
+        Self::map(memfd, size)
+    }
+
+    /// Adopts `fd`, a memfd holding at least `size` bytes (another disk's [`RamDisk::fd`]),
+    /// as a disk of `size` bytes: its first `size` bytes are the disk's, shared with every
+    /// other mapping of the file. The file is sealed against shrinking (`F_SEAL_SHRINK`) if
+    /// it is not yet, and extended to whole pages if `size` ends inside a page past its end;
+    /// it is never truncated. The mapping sits in a new reservation of at least
+    /// [`RAM_RESERVE`] bytes, as [`RamDisk::new`]'s.
+    ///
+    /// # Errors
+    /// [`BlkError::AdoptRamFd`] when `fd` is not a memfd that can be sealed against
+    /// shrinking (one made without `MFD_ALLOW_SEALING`, a regular file) or cannot be
+    /// measured, [`BlkError::RamFdTooSmall`] when it holds fewer than `size` bytes (nothing
+    /// is mapped then), [`BlkError::MapMemory`] when mapping it fails.
+    pub(crate) fn from_fd(fd: OwnedFd, size: u64) -> Result<Self, BlkError> {
+        let adopt_err = |step: &'static str| {
+            move |e: Errno| BlkError::AdoptRamFd {
+                size,
+                step,
+                source: e.into(),
+            }
+        };
+        let shrink = rustix::fs::SealFlags::SHRINK;
+        let seals = rustix::fs::fcntl_get_seals(&fd)
+            .map_err(adopt_err("reading its seals (it must be a memfd)"))?;
+        if !seals.contains(shrink) {
+            rustix::fs::fcntl_add_seals(&fd, shrink).map_err(adopt_err(
+                "sealing it against shrinking (it must be a memfd made with MFD_ALLOW_SEALING)",
+            ))?;
+        }
+        // Measured after sealing: the file can only grow from here on.
+        let fd_size = rustix::fs::fstat(&fd)
+            .map_err(adopt_err("reading its size"))?
+            .st_size;
+        let fd_size = u64::try_from(fd_size).unwrap_or(0);
+        if fd_size < size {
+            return Err(BlkError::RamFdTooSmall { size, fd_size });
+        }
+        Self::map(fd, size)
+    }
+
+    /// The memfd holding the disk's bytes.
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+
+    /// Maps the first `size` bytes of `memfd` (rounded up to whole pages, the file extended
+    /// to them if shorter), in a reservation of at least [`RAM_RESERVE`] bytes of address
+    /// space (or exactly the mapped length where the system refuses that much, e.g. under
+    /// `RLIMIT_AS`: such a disk cannot grow).
+    fn map(memfd: OwnedFd, size: u64) -> Result<Self, BlkError> {
         let map_err = |source| BlkError::MapMemory { size, source };
         let len = usize::try_from(size)
             .map_err(|_| map_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
@@ -417,6 +505,7 @@ impl RamDisk {
         let base = NonNull::new(ptr.cast::<u8>())
             .ok_or_else(|| map_err(io::Error::from(io::ErrorKind::OutOfMemory)))?;
         let disk = Self {
+            memfd,
             base,
             reserved,
             committed: AtomicUsize::new(0),
@@ -424,16 +513,13 @@ impl RamDisk {
         };
         // On error the disk is dropped, which unmaps the whole reservation.
         disk.commit(committed).map_err(map_err)?;
-        // Transparent huge pages cut TLB misses on random access across a large disk. A
-        // kernel without THP refuses the advice; the disk works the same without it.
-        // SAFETY: the range is the mapping just created; advice does not change contents.
-        let _ = unsafe { rustix::mm::madvise(ptr, reserved, rustix::mm::Advice::LinuxHugepage) };
         disk.size.store(size, Ordering::Release);
         Ok(disk)
     }
 
-    /// Makes the first `upto` bytes (page aligned, within the reservation) readable and
-    /// writable. Bytes already committed are not touched.
+    /// Maps the file's first `upto` bytes (page aligned, within the reservation) over the
+    /// start of the reservation, read and write, extending the file first if it is
+    /// shorter. Bytes already committed are not touched.
     fn commit(&self, upto: usize) -> io::Result<()> {
         let from = self.committed.load(Ordering::Acquire);
         if upto <= from {
@@ -442,15 +528,46 @@ impl RamDisk {
         if upto > self.reserved {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        // SAFETY: `from..upto` lies inside the reservation this value owns and is
-        // PROT_NONE: nothing (no Rust object, no request) points into it.
-        unsafe {
-            rustix::mm::mprotect(
-                self.at(from as u64).cast(),
-                upto - from,
-                rustix::mm::MprotectFlags::READ | rustix::mm::MprotectFlags::WRITE,
+        // Only ever extended, never truncated: a mapped page past the end would SIGBUS.
+        let file_len = rustix::fs::fstat(&self.memfd)?.st_size;
+        if u64::try_from(file_len).map_or(true, |l| l < upto as u64) {
+            retry_intr(|| rustix::fs::ftruncate(&self.memfd, upto as u64))?;
+        }
+        let at = self.at(from as u64).cast::<std::ffi::c_void>();
+        let len = upto - from;
+        // SAFETY: `at..at + len` lies inside the reservation this value owns and is still
+        // PROT_NONE: nothing (no Rust object, no request) points into it, so replacing it
+        // (MAP_FIXED) invalidates nothing. It maps file bytes `from..upto`, all inside the
+        // file (extended above, and sealed against shrinking).
+        let mapped = unsafe {
+            rustix::mm::mmap(
+                at,
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED | rustix::mm::MapFlags::FIXED,
+                &self.memfd,
+                from as u64,
             )
-        }?;
+        };
+        if let Err(e) = mapped {
+            // A failed MAP_FIXED may have unmapped the range already: put the reservation
+            // back so that it stays whole (Drop unmaps all of it).
+            // SAFETY: as above; the range is ours and nothing points into it.
+            let _ = unsafe {
+                rustix::mm::mmap_anonymous(
+                    at,
+                    len,
+                    rustix::mm::ProtFlags::empty(),
+                    reserve_flags() | rustix::mm::MapFlags::FIXED,
+                )
+            };
+            return Err(e.into());
+        }
+        // Transparent huge pages cut TLB misses on random access across a large disk (for
+        // shmem, where `shmem_enabled` allows them). A kernel without THP refuses the
+        // advice; the disk works the same without it.
+        // SAFETY: the range is the mapping just made; advice does not change contents.
+        let _ = unsafe { rustix::mm::madvise(at, len, rustix::mm::Advice::LinuxHugepage) };
         self.committed.store(upto, Ordering::Release);
         Ok(())
     }
@@ -470,7 +587,7 @@ impl RamDisk {
             let page = rustix::param::page_size();
             let upto = len.next_multiple_of(page).min(self.reserved);
             self.commit(upto).map_err(|source| ResizeError::Io {
-                what: format!("Making {upto} bytes of the RAM disk's reservation writable"),
+                what: format!("Mapping {upto} bytes of the RAM disk's memfd"),
                 source,
             })?;
             // What a shrink released (or a request still in flight at the shrink wrote)
@@ -496,9 +613,9 @@ impl RamDisk {
     unsafe fn read(&self, offset: u64, bufs: &[Segment]) -> io::Result<()> {
         let mut src = self.at(offset);
         for s in bufs {
-            // SAFETY: the source lies inside the mapping (range checked by the caller), the
-            // destination is a writable guest segment (caller's contract); a private
-            // mapping and guest memory never overlap.
+            // SAFETY: the source lies inside the committed mapping (range checked by the
+            // caller), the destination is a writable guest segment (caller's contract);
+            // the disk's reservation and guest memory mappings never overlap.
             unsafe { std::ptr::copy_nonoverlapping(src, s.base, s.len) };
             src = src.wrapping_add(s.len);
         }
@@ -524,37 +641,28 @@ impl RamDisk {
         Ok(())
     }
 
-    /// Zeroes bytes `start..end` of the committed memory: whole pages are given back to
-    /// the kernel (they read back as zeroes), partial pages at the edges are cleared in
-    /// place.
+    /// Zeroes bytes `start..end` of the committed memory by punching a hole in the memfd:
+    /// whole pages are given back to the kernel, partial pages at the edges are cleared,
+    /// and the file keeps its size, so the mapping stays backed (a later access gets a
+    /// fresh zero page, never SIGBUS). Where the hole cannot be punched the bytes are
+    /// cleared in place.
     fn clear(&self, start: usize, end: usize) {
         let end = end.min(self.committed.load(Ordering::Acquire));
         if start >= end {
             return;
         }
-        let page = rustix::param::page_size();
-        let inner_start = start.next_multiple_of(page).min(end);
-        let inner_end = (end - end % page).max(inner_start);
-        // SAFETY: all three ranges lie inside the committed (readable and writable) part
-        // of the mapping, whose base is page aligned; DONTNEED on a private anonymous
-        // mapping only replaces whole pages with zero pages and no Rust reference points
-        // into it.
-        unsafe {
-            std::ptr::write_bytes(self.at(start as u64), 0, inner_start - start);
-            std::ptr::write_bytes(self.at(inner_end as u64), 0, end - inner_end);
-            let whole = inner_end - inner_start;
-            if whole > 0
-                && rustix::mm::madvise(
-                    self.at(inner_start as u64).cast(),
-                    whole,
-                    rustix::mm::Advice::LinuxDontNeed,
-                )
-                .is_err()
-            {
-                std::ptr::write_bytes(self.at(inner_start as u64), 0, whole);
-            }
+        let (offset, len) = (start as u64, (end - start) as u64);
+        if retry_intr(|| rustix::fs::fallocate(&self.memfd, punch_hole(), offset, len)).is_err() {
+            // SAFETY: the range lies inside the committed (readable and writable) part of
+            // the mapping and no Rust reference points into it.
+            unsafe { std::ptr::write_bytes(self.at(offset), 0, end - start) };
         }
     }
+}
+
+/// Flags of a reservation: private anonymous, no commit charge.
+fn reserve_flags() -> rustix::mm::MapFlags {
+    rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::NORESERVE
 }
 
 /// Reserves `len` bytes of private anonymous address space, inaccessible (PROT_NONE).
@@ -566,7 +674,7 @@ fn reserve(len: usize) -> io::Result<*mut std::ffi::c_void> {
             std::ptr::null_mut(),
             len,
             rustix::mm::ProtFlags::empty(),
-            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::NORESERVE,
+            reserve_flags(),
         )
     }?;
     Ok(ptr)
@@ -575,7 +683,8 @@ fn reserve(len: usize) -> io::Result<*mut std::ffi::c_void> {
 impl Drop for RamDisk {
     fn drop(&mut self) {
         // SAFETY: base/reserved describe the mapping this value created and owns; queue
-        // handlers hold the device (and so this disk) alive while they run.
+        // handlers hold the device (and so this disk) alive while they run. The memfd is
+        // closed after this (field drop); the bytes live on while another process holds it.
         let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.reserved) };
     }
 }
@@ -1010,6 +1119,89 @@ mod tests {
             let zeroed = (100..100 + 2 * page).contains(&i);
             assert_eq!(*b, if zeroed { 0 } else { 0xab }, "byte {i}");
         }
+    }
+
+    /// A memfd of `len` bytes, sealable if `sealing`.
+    fn memfd(len: u64, sealing: bool) -> OwnedFd {
+        let mut flags = rustix::fs::MemfdFlags::CLOEXEC;
+        if sealing {
+            flags |= rustix::fs::MemfdFlags::ALLOW_SEALING;
+        }
+        let fd = rustix::fs::memfd_create("uvdpa-test", flags).unwrap();
+        rustix::fs::ftruncate(&fd, len).unwrap();
+        fd
+    }
+
+    /// (length, bytes allocated) of a file.
+    fn file_usage(fd: BorrowedFd<'_>) -> (u64, u64) {
+        let st = rustix::fs::fstat(fd).unwrap();
+        (st.st_size as u64, st.st_blocks as u64 * 512)
+    }
+
+    #[test]
+    fn ram_disk_shrink_punches_a_hole_and_keeps_the_file_length() {
+        let page = rustix::param::page_size();
+        let disk = RamDisk::new((16 * page) as u64).unwrap();
+        let mut fill = vec![0x5au8; 16 * page];
+        let mut segs = [seg(&mut fill)];
+        // SAFETY: the segment points to the live vector above.
+        unsafe { disk.write(0, &segs).unwrap() };
+        assert_eq!(file_usage(disk.fd()).0, (16 * page) as u64);
+        assert!(file_usage(disk.fd()).1 >= (16 * page) as u64);
+
+        // The 12 pages past the new end go back to the kernel; the file keeps its length,
+        // so the committed mapping stays backed.
+        disk.resize((4 * page) as u64).unwrap();
+        let (len, used) = file_usage(disk.fd());
+        assert_eq!(len, (16 * page) as u64);
+        assert!(used <= (4 * page) as u64, "{used} bytes still allocated");
+
+        // Growing again maps nothing new (the file is long enough) and reads zeroes there.
+        disk.resize((16 * page) as u64).unwrap();
+        segs[0] = seg(&mut fill);
+        // SAFETY: as above.
+        unsafe { disk.read(0, &segs).unwrap() };
+        assert!(fill[..4 * page].iter().all(|&b| b == 0x5a));
+        assert!(fill[4 * page..].iter().all(|&b| b == 0));
+        // Growth past the file's end extends it.
+        disk.resize((20 * page) as u64).unwrap();
+        assert_eq!(file_usage(disk.fd()).0, (20 * page) as u64);
+        // Nobody can shrink it under the mapping.
+        assert_eq!(rustix::fs::ftruncate(disk.fd(), 0), Err(Errno::PERM));
+    }
+
+    #[test]
+    fn ram_disk_from_fd_maps_the_same_bytes() {
+        let page = rustix::param::page_size();
+        // A size that ends inside a page: the file is extended to the whole page, never
+        // mapped past its end.
+        let size = 3 * 512;
+        let fd = memfd(size, true);
+        let other = RamDisk::from_fd(fd.try_clone().unwrap(), size).unwrap();
+        assert_eq!(file_usage(fd.as_fd()).0, page as u64);
+        let disk = RamDisk::from_fd(fd, size).unwrap();
+        let mut data = [7u8; 512];
+        let segs = [seg(&mut data)];
+        // SAFETY: the segment points to the live array above.
+        unsafe { other.write(1024, &segs).unwrap() };
+        let mut back = [0u8; 512];
+        let segs = [seg(&mut back)];
+        // SAFETY: as above.
+        unsafe { disk.read(1024, &segs).unwrap() };
+        assert_eq!(back, [7u8; 512]);
+    }
+
+    #[test]
+    fn ram_disk_from_fd_refuses_small_and_unsealable_fds() {
+        let page = rustix::param::page_size() as u64;
+        let e = RamDisk::from_fd(memfd(page, true), 2 * page).unwrap_err();
+        assert!(
+            matches!(e, BlkError::RamFdTooSmall { size, fd_size } if size == 2 * page && fd_size == page),
+            "{e}"
+        );
+        let e = RamDisk::from_fd(memfd(2 * page, false), 2 * page).unwrap_err();
+        assert!(matches!(e, BlkError::AdoptRamFd { .. }), "{e}");
+        assert!(e.to_string().contains("MFD_ALLOW_SEALING"), "{e}");
     }
 
     #[test]

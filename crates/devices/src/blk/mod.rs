@@ -2,7 +2,9 @@
 //!
 //! [`BlkDevice::new`] validates a [`BlkConfig`], opens the backend and fixes the config
 //! space; the device then serves any number of frontends in turn (the backend, and so a RAM
-//! disk's data, lives as long as the device). Each queue gets its own handler
+//! disk's data, lives as long as the device). A RAM disk's data lives in a memfd
+//! ([`BlkDevice::ram_fd`]) that a new daemon adopts on a live upgrade
+//! ([`BlkDevice::with_ram_fd`]). Each queue gets its own handler
 //! ([`VirtioDevice::queue_handler`]) sharing the device through an `Arc`.
 //!
 //! Requests are parsed first (header, lengths and sector ranges are checked before the
@@ -18,6 +20,7 @@
 //! driver (a configuration change notification, virtio 1.2 §2.5).
 
 use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -108,7 +111,9 @@ bitflags! {
 /// Where a device's sectors live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendSpec {
-    /// An anonymous memory mapping of `size` bytes, zero-filled, kept as long as the device.
+    /// `size` bytes of memory, zero-filled, kept as long as the device: a memfd the device
+    /// maps shared, which another process can map too ([`BlkDevice::ram_fd`],
+    /// [`BlkDevice::with_ram_fd`]).
     Ram {
         /// Capacity in bytes (a multiple of the logical block size).
         size: u64,
@@ -196,6 +201,31 @@ pub enum BlkError {
         /// The error from mmap.
         #[source]
         source: io::Error,
+    },
+    /// [`BlkDevice::with_ram_fd`] given a backend other than RAM.
+    #[error("Only a RAM disk adopts a memory fd; this device's backend is {backend}")]
+    AdoptFdNotRam {
+        /// The backend asked for (`file` or `null`).
+        backend: &'static str,
+    },
+    /// Adopting the memfd of a RAM disk failed before mapping it.
+    #[error("Adopting the memory fd of a {size}-byte RAM disk failed: {step}")]
+    AdoptRamFd {
+        /// The disk's size in bytes.
+        size: u64,
+        /// What was being done.
+        step: &'static str,
+        /// The error from fcntl or fstat.
+        #[source]
+        source: io::Error,
+    },
+    /// The memfd of a RAM disk is smaller than the disk.
+    #[error("The memory fd holds {fd_size} bytes, fewer than the RAM disk's {size}")]
+    RamFdTooSmall {
+        /// The disk's size in bytes.
+        size: u64,
+        /// The file's size in bytes.
+        fd_size: u64,
     },
     /// Opening a file backend failed.
     #[error("Opening backing file {} failed", path.display())]
@@ -404,12 +434,41 @@ fn config_space(cfg: &BlkConfig, capacity: u64) -> VirtioBlkConfig {
 }
 
 impl BlkDevice {
-    /// Validates `cfg` and opens its backend.
+    /// Validates `cfg` and opens its backend (a RAM disk gets a new, zero-filled memfd).
     ///
     /// # Errors
     /// A [`BlkError`] naming the invalid attribute and its allowed range, or the backend
-    /// action that failed (mapping memory, opening or measuring the file).
+    /// action that failed (making or mapping the memfd, opening or measuring the file).
     pub fn new(cfg: BlkConfig) -> Result<Self, BlkError> {
+        Self::open(cfg, None)
+    }
+
+    /// As [`BlkDevice::new`] for a RAM disk whose bytes already exist: the disk maps the
+    /// first `size` bytes (`BackendSpec::Ram { size }`, in bytes) of `fd`, the memfd of a
+    /// RAM disk (another device's [`BlkDevice::ram_fd`], typically received from the
+    /// daemon being replaced on a live upgrade). Both devices then share those bytes: what
+    /// one writes, the other reads. `fd` is sealed against shrinking if it is not yet and
+    /// is never truncated; resizes of this device extend it as [`BlkDevice::resize`] says.
+    ///
+    /// # Errors
+    /// [`BlkError::AdoptFdNotRam`] when `cfg` is not a RAM disk; the errors of
+    /// [`BlkDevice::new`]; [`BlkError::AdoptRamFd`] when `fd` is not a memfd that can be
+    /// sealed against shrinking (made with `MFD_ALLOW_SEALING`) or cannot be measured;
+    /// [`BlkError::RamFdTooSmall`] when it holds fewer than `size` bytes.
+    pub fn with_ram_fd(cfg: BlkConfig, fd: OwnedFd) -> Result<Self, BlkError> {
+        Self::open(cfg, Some(fd))
+    }
+
+    /// The memfd holding a RAM disk's bytes, to pass to another process (which maps it
+    /// with [`BlkDevice::with_ram_fd`]); `None` for file and null backends. The disk's
+    /// bytes are its first [`BlkDevice::capacity_bytes`] bytes (the file may be longer: a
+    /// shrink punches a hole in it rather than truncating it).
+    pub fn ram_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.shared.backend.ram_fd()
+    }
+
+    /// [`BlkDevice::new`], or [`BlkDevice::with_ram_fd`] when `ram_fd` is given.
+    fn open(cfg: BlkConfig, ram_fd: Option<OwnedFd>) -> Result<Self, BlkError> {
         let serial = cfg.validate()?;
         let lbs = cfg.logical_block_size;
         let check_size = |size: u64| {
@@ -422,11 +481,20 @@ impl BlkDevice {
                 Ok(size)
             }
         };
-        let backend = match &cfg.backend {
-            BackendSpec::Ram { size } => Backend::Ram(RamDisk::new(check_size(*size)?)?),
-            BackendSpec::Null { size } => Backend::null(check_size(*size)?),
-            BackendSpec::File { path, direct, .. } => {
+        let backend = match (&cfg.backend, ram_fd) {
+            (BackendSpec::Ram { size }, None) => Backend::Ram(RamDisk::new(check_size(*size)?)?),
+            (BackendSpec::Ram { size }, Some(fd)) => {
+                Backend::Ram(RamDisk::from_fd(fd, check_size(*size)?)?)
+            }
+            (BackendSpec::Null { size }, None) => Backend::null(check_size(*size)?),
+            (BackendSpec::File { path, direct, .. }, None) => {
                 Backend::File(FileDisk::open(path, *direct, cfg.read_only, lbs)?)
+            }
+            (BackendSpec::Null { .. }, Some(_)) => {
+                return Err(BlkError::AdoptFdNotRam { backend: "null" })
+            }
+            (BackendSpec::File { .. }, Some(_)) => {
+                return Err(BlkError::AdoptFdNotRam { backend: "file" })
             }
         };
         let aio = match &cfg.backend {

@@ -1502,6 +1502,121 @@ fn ram_resizes_while_another_queue_runs_keep_its_data() {
     assert_eq!(dev.capacity_bytes(), 512 * 1024);
 }
 
+// ---------------------------------------------------------------------------------------
+// RAM disks shared through their memfd (live upgrade: a new daemon adopts the fd).
+
+/// A `size`-byte RAM device over (a dup of) the memfd of `dev`'s RAM disk.
+fn adopt(dev: &BlkDevice, size: u64) -> Result<BlkDevice, BlkError> {
+    let fd = dev.ram_fd().unwrap().try_clone_to_owned().unwrap();
+    BlkDevice::with_ram_fd(config(BackendSpec::Ram { size }), fd)
+}
+
+#[test]
+fn ram_fd_shares_the_disk_with_a_second_device_before_and_after_growth() {
+    let mut g = Guest::with_size(32 << 20);
+    let mut a = Disk::new(ram(1 << 20));
+    let head = random_bytes(8 * KIB, 30);
+    assert_eq!(a.write(&mut g, 0, &head, 3).0, VIRTIO_BLK_S_OK);
+
+    // What the first device wrote, the second reads, and the other way round.
+    let mut b = Disk::new(adopt(&a.dev, 1 << 20).unwrap());
+    assert_eq!(b.dev.capacity_bytes(), 1 << 20);
+    let (status, _, back) = b.read(&mut g, 0, head.len(), 2);
+    assert_eq!((status, back == head), (VIRTIO_BLK_S_OK, true));
+    let mid = random_bytes(4 * KIB, 31);
+    assert_eq!(b.write(&mut g, 1000, &mid, 2).0, VIRTIO_BLK_S_OK);
+    let (status, _, back) = a.read(&mut g, 1000, mid.len(), 3);
+    assert_eq!((status, back == mid), (VIRTIO_BLK_S_OK, true));
+
+    // Grow the first to 4 MiB and write past the old end; the second still shares the
+    // first MiB.
+    assert_eq!(a.dev.resize(4 << 20).unwrap(), 1 << 20);
+    let far = random_bytes(16 * KIB, 32);
+    assert_eq!(a.write(&mut g, 8192 - 32, &far, 4).0, VIRTIO_BLK_S_OK);
+    let late = random_bytes(2 * KIB, 33);
+    assert_eq!(a.write(&mut g, 16, &late, 1).0, VIRTIO_BLK_S_OK);
+    assert_eq!(b.read(&mut g, 16, late.len(), 2).2, late);
+    assert_eq!(b.read(&mut g, 8192 - 32, 512, 1).0, VIRTIO_BLK_S_IOERR);
+
+    // A device adopting the grown disk sees all of it, and its writes past the old end
+    // reach the first.
+    let mut c = Disk::new(adopt(&a.dev, 4 << 20).unwrap());
+    let (status, _, back) = c.read(&mut g, 8192 - 32, far.len(), 3);
+    assert_eq!((status, back == far), (VIRTIO_BLK_S_OK, true));
+    assert_eq!(c.read(&mut g, 1000, mid.len(), 1).2, mid);
+    let tail = random_bytes(8 * KIB, 34);
+    assert_eq!(c.write(&mut g, 4000, &tail, 2).0, VIRTIO_BLK_S_OK);
+    let (status, _, back) = a.read(&mut g, 4000, tail.len(), 2);
+    assert_eq!((status, back == tail), (VIRTIO_BLK_S_OK, true));
+
+    // The disk outlives the device that made it while another holds its memfd.
+    drop(a);
+    drop(b);
+    assert_eq!(c.read(&mut g, 0, 16 * KIB, 2).0, VIRTIO_BLK_S_OK);
+    assert_eq!(c.read(&mut g, 16, late.len(), 1).2, late);
+}
+
+#[test]
+fn ram_fd_after_a_shrink_reads_zeroes_in_the_released_range() {
+    let mut g = Guest::with_size(32 << 20);
+    let mut a = Disk::new(ram(1 << 20));
+    let data = random_bytes(64 * KIB, 35);
+    assert_eq!(a.write(&mut g, 1024, &data, 2).0, VIRTIO_BLK_S_OK);
+    a.dev.resize(512 * 1024).unwrap();
+    // The memfd keeps its length (a hole was punched, the file was not truncated), so a
+    // device of the old size can adopt it; the released range reads back as zeroes.
+    let mut b = Disk::new(adopt(&a.dev, 1 << 20).unwrap());
+    let (status, _, back) = b.read(&mut g, 1024, data.len(), 1);
+    assert_eq!((status, back), (VIRTIO_BLK_S_OK, vec![0u8; data.len()]));
+}
+
+#[test]
+fn with_ram_fd_refuses_small_fds_and_other_backends() {
+    let dev = ram(1 << 20);
+    let e = adopt(&dev, 2 << 20).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BlkError::RamFdTooSmall {
+                size: 0x20_0000,
+                fd_size: 0x10_0000
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("1048576"), "{e}");
+    // The config is checked as by `new`.
+    let fd = dev.ram_fd().unwrap().try_clone_to_owned().unwrap();
+    let e = BlkDevice::with_ram_fd(config(BackendSpec::Ram { size: 1000 }), fd).unwrap_err();
+    assert!(matches!(e, BlkError::InvalidSize { .. }), "{e}");
+
+    let f = TempFile::new("adopt", 1 << 20);
+    for (backend, name) in [
+        (BackendSpec::Null { size: 1 << 20 }, "null"),
+        (
+            BackendSpec::File {
+                path: f.path().to_path_buf(),
+                direct: false,
+                aio: Aio::Sync,
+            },
+            "file",
+        ),
+    ] {
+        let fd = dev.ram_fd().unwrap().try_clone_to_owned().unwrap();
+        let e = BlkDevice::with_ram_fd(config(backend.clone()), fd).unwrap_err();
+        assert!(
+            matches!(e, BlkError::AdoptFdNotRam { backend } if backend == name),
+            "{e}"
+        );
+        assert!(BlkDevice::new(config(backend)).unwrap().ram_fd().is_none());
+    }
+    // Any fd other than a sealable memfd is refused before it is mapped.
+    let file = std::fs::File::open(f.path()).unwrap();
+    let e =
+        BlkDevice::with_ram_fd(config(BackendSpec::Ram { size: 4096 }), file.into()).unwrap_err();
+    assert!(matches!(e, BlkError::AdoptRamFd { .. }), "{e}");
+}
+
 /// The request tests with every request made available on a packed virtqueue (virtio 1.2
 /// §2.8) of [`PACKED_RING_SIZE`] slots, plain chains and indirect tables in turn, popped,
 /// handled and completed by the ring's device side, the used descriptor checked from the
