@@ -257,6 +257,8 @@ pub struct DeviceSpec {
     pub unoffer: u64,
     /// How drivers reach it.
     pub transport: Transport,
+    /// The table it was validated from (a live upgrade hands it to the new daemon).
+    pub entry: DeviceEntry,
 }
 
 impl DeviceSpec {
@@ -514,6 +516,7 @@ impl DeviceEntry {
             ));
         }
         Ok(DeviceSpec {
+            entry: self.clone(),
             coalesce,
             mandate,
             unoffer,

@@ -14,6 +14,7 @@
 //! | `dev.set` | `{"name", "qidx", "usecs", "frames"}` (coalescing) | `{}` |
 //! | `dev.set` | `{"name", "capacity"}` (blk: bytes) | `{"dev": DeviceView, "notified"}` |
 //! | `res.show` | `{"type": null or TYPE}` | `{"counts": {TYPE: N}, "entries": [EntryInfo]}` |
+//! | `upgrade.*` | see [`crate::upgrade`] (live upgrade: `uvdpa daemon --takeover`) | |
 //! | `dev.capture` | `{"name", "qidx": null or N, "snaplen": null or N}` | `{"capture": CaptureView}` (+ the capture ring's memfd); detached when this client disconnects |
 
 use std::collections::HashMap;
@@ -112,9 +113,19 @@ struct ResArg {
 /// # Errors
 /// Binding failed (another daemon owns the run directory, permissions).
 pub fn serve(run_dir: &Path, registry: Arc<Registry>) -> Result<Primary, IpcError> {
+    serve_at(&run_dir.join(CTL_NAME), registry)
+}
+
+/// As [`serve`], with the socket at `path` (a daemon taking over binds beside the old
+/// one's socket and moves its own over it when it has taken over).
+///
+/// # Errors
+/// As [`serve`].
+pub fn serve_at(path: &Path, registry: Arc<Registry>) -> Result<Primary, IpcError> {
     // Actions are registered before anyone is served (a CLI started right after the
     // daemon would otherwise race the registrations).
-    let primary = Primary::bind_unstarted(run_dir.join(CTL_NAME))?;
+    let primary = Primary::bind_unstarted(path)?;
+    let handover = crate::upgrade::register(&primary, registry.clone())?;
 
     // Every IPC client is a tracked resource while it is connected.
     let clients: Arc<Mutex<HashMap<u64, ResHandle>>> = Arc::default();
@@ -137,6 +148,9 @@ pub fn serve(run_dir: &Path, registry: Arc<Registry>) -> Result<Primary, IpcErro
         // A capture lives as long as its client's connection: a CLI that exits, even
         // killed, closes the socket and the capture is detached here.
         r.capture_stop(peer.client_id);
+        // A takeover its client began and did not commit is rolled back; a committed
+        // one ends this daemon.
+        handover.client_gone(peer.client_id);
         clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())

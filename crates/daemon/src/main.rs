@@ -15,6 +15,7 @@ mod ctl;
 mod metrics;
 mod registry;
 mod service;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -65,6 +66,11 @@ enum Command {
         /// nothing.
         #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "metrics", "run_dir"])]
         check_config: Option<PathBuf>,
+        /// Live upgrade: take every device over from the daemon running in the run
+        /// directory (its frontends stay connected), then run as the daemon; the old one
+        /// exits. Devices come from the old daemon; --config is only read on SIGHUP.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Device types: `mgmtdev show`.
     Mgmtdev {
@@ -138,6 +144,7 @@ fn run_daemon(
     run_dir: Option<PathBuf>,
     config: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
+    takeover: bool,
 ) -> Result<(), String> {
     let (specs, entries, file_metrics): (Vec<DeviceSpec>, _, _) = match &config {
         Some(path) => {
@@ -148,7 +155,9 @@ fn run_daemon(
         }
         None => (default_devices(), Vec::new(), None),
     };
-    if specs.is_empty() {
+    // A takeover serves the old daemon's devices; the file is for later reloads.
+    let specs = if takeover { Vec::new() } else { specs };
+    if specs.is_empty() && !takeover {
         info!("no devices configured: add them with `uvdpa dev add`");
     }
     let run_dir = run_dir.unwrap_or_else(default_run_dir);
@@ -165,14 +174,30 @@ fn run_daemon(
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(|e| format!("Cannot install signal handlers: {e}"))?;
 
-    let primary = ctl::serve(&run_dir, registry.clone()).map_err(|e| {
-        format!(
-            "Cannot open the control socket in {}: {e}",
-            run_dir.display()
-        )
-    })?;
+    let primary = if takeover {
+        let t = upgrade::takeover(&run_dir, &registry, |p| ctl::serve_at(p, registry.clone()))
+            .map_err(|e| format!("Takeover failed: {e}"))?;
+        println!(
+            "takeover: {} devices from pid {}, pause {:.3} ms",
+            t.devices,
+            t.from_pid,
+            t.pause.as_secs_f64() * 1e3
+        );
+        for v in registry.show(None).unwrap_or_default() {
+            print_device(&v);
+        }
+        service::notify_main_pid();
+        t.primary
+    } else {
+        ctl::serve(&run_dir, registry.clone()).map_err(|e| {
+            format!(
+                "Cannot open the control socket in {}: {e}",
+                run_dir.display()
+            )
+        })?
+    };
     let metrics = match metrics_addr.or(file_metrics) {
-        Some(addr) => match metrics::serve(addr, registry.clone()) {
+        Some(addr) => match serve_metrics(addr, &registry, takeover) {
             Ok(m) => Some(m),
             Err(e) => {
                 primary.shutdown();
@@ -237,6 +262,16 @@ fn run_daemon(
         }
         service::notify_ready(&registry);
     }
+    if upgrade::handed_over() {
+        // Everything belongs to the new daemon now: its sockets, its control socket
+        // (moved over ours, so ours is not removed), the devices' files.
+        info!("devices handed over: exiting");
+        if let Some(m) = metrics {
+            m.shutdown();
+        }
+        primary.shutdown();
+        return Ok(());
+    }
     info!(signal = ?stop, "shutting down");
     service::notify_stopping();
     if let Some(m) = metrics {
@@ -245,6 +280,25 @@ fn run_daemon(
     primary.shutdown();
     registry.del_all();
     Ok(())
+}
+
+/// Serves metrics at `addr`; after a takeover the old daemon may hold the port for a few
+/// moments more, so binding is retried for up to 5 s.
+fn serve_metrics(
+    addr: SocketAddr,
+    registry: &Arc<Registry>,
+    takeover: bool,
+) -> Result<metrics::MetricsServer, String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match metrics::serve(addr, registry.clone()) {
+            Ok(m) => return Ok(m),
+            Err(e) if !takeover || std::time::Instant::now() >= deadline => {
+                return Err(e.to_string())
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -259,6 +313,7 @@ fn main() -> ExitCode {
             config,
             metrics,
             check_config: None,
+            takeover,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -273,7 +328,7 @@ fn main() -> ExitCode {
                         && std::env::var_os("NO_COLOR").is_none(),
                 )
                 .init();
-            run_daemon(run_dir, config, metrics)
+            run_daemon(run_dir, config, metrics, takeover)
         }
         Command::Mgmtdev { args } => manage(&cli.ctl, "mgmtdev", &args, cli.json, cli.pretty),
         Command::Dev { args } => manage(&cli.ctl, "dev", &args, cli.json, cli.pretty),

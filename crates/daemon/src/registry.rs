@@ -24,7 +24,7 @@ use uvdpa_devices::net::switch::SwitchRegistry;
 use uvdpa_restrack::{Owner, ResHandle, ResType, Tracker};
 use uvdpa_vduse::server::{VduseOptions, VduseServer};
 use uvdpa_vhost_user::server::SessionCounters;
-use uvdpa_vhost_user::{ResCtx, ServerOptions, SessionState, VhostUserServer};
+use uvdpa_vhost_user::{ResCtx, ServerHandover, ServerOptions, SessionState, VhostUserServer};
 use uvdpa_virtio::interrupts::VectorTable;
 use uvdpa_virtio::stats::QueueStats;
 use uvdpa_virtio::stats::StatsTable;
@@ -49,6 +49,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+mod handover;
 
 /// Registry errors; each maps to an errno-like code for IPC replies.
 #[derive(Debug, Error)]
@@ -103,6 +105,9 @@ pub enum RegistryError {
         /// Why not.
         reason: String,
     },
+    /// A live upgrade cannot move the devices (or one of them).
+    #[error("Cannot hand the devices over: {0}")]
+    Handover(String),
     /// A capture is already attached to the device (or this client already captures).
     #[error("Cannot capture device {name}: {reason}")]
     CaptureBusy {
@@ -124,9 +129,9 @@ impl RegistryError {
             RegistryError::Create { .. }
             | RegistryError::Set { .. }
             | RegistryError::Capture { .. } => -(rustix::io::Errno::INVAL.raw_os_error()),
-            RegistryError::StillHeld { .. } | RegistryError::CaptureBusy { .. } => {
-                -(rustix::io::Errno::BUSY.raw_os_error())
-            }
+            RegistryError::StillHeld { .. }
+            | RegistryError::CaptureBusy { .. }
+            | RegistryError::Handover(_) => -(rustix::io::Errno::BUSY.raw_os_error()),
         }
     }
 }
@@ -791,6 +796,19 @@ impl Registry {
     /// [`RegistryError::Create`] with the backend's reason, or naming mandated features the
     /// device does not offer.
     pub fn prepare(&self, spec: DeviceSpec) -> Result<Prepared, RegistryError> {
+        self.prepare_with(spec, None)
+    }
+
+    /// As [`Registry::prepare`]; a `ram` blk device maps `ram` (the memfd of the disk a
+    /// previous daemon served) instead of a new one.
+    ///
+    /// # Errors
+    /// As [`Registry::prepare`]; `ram` given for another backend.
+    pub fn prepare_with(
+        &self,
+        spec: DeviceSpec,
+        ram: Option<OwnedFd>,
+    ) -> Result<Prepared, RegistryError> {
         let create = |reason: String| RegistryError::Create {
             name: spec.name.clone(),
             reason,
@@ -798,7 +816,13 @@ impl Registry {
         let dev = match &spec.kind {
             DeviceKind::Blk(cfg) => Dev::Blk(
                 cfg.clone(),
-                Arc::new(BlkDevice::new(cfg.clone()).map_err(|e| create(e.to_string()))?),
+                Arc::new(
+                    match ram {
+                        Some(fd) => BlkDevice::with_ram_fd(cfg.clone(), fd),
+                        None => BlkDevice::new(cfg.clone()),
+                    }
+                    .map_err(|e| create(error_chain(&e)))?,
+                ),
             ),
             DeviceKind::Net(n) => Dev::Net(
                 n.clone(),
@@ -829,6 +853,16 @@ impl Registry {
     /// # Errors
     /// As [`Registry::add`].
     pub fn install(&self, p: Prepared) -> Result<DeviceView, RegistryError> {
+        self.install_with(p, None)
+    }
+
+    /// As [`Registry::install`]; with `adopt`, a vhost-user device is rebuilt from what a
+    /// previous daemon's server left ([`VhostUserServer::adopt`]) and stays paused.
+    fn install_with(
+        &self,
+        p: Prepared,
+        adopt: Option<ServerHandover>,
+    ) -> Result<DeviceView, RegistryError> {
         let Prepared { spec, dev } = p;
         let mut devs = self.lock();
         if devs.contains_key(&spec.name) {
@@ -855,13 +889,22 @@ impl Registry {
                         mandated,
                         unoffered,
                     };
-                    Served::VhostUser(
-                        VhostUserServer::start_with(&spec.name, &sock, dev.virtio(), opts)
-                            .map_err(|e| RegistryError::Create {
-                                name: spec.name.clone(),
-                                reason: format!("cannot serve on {}: {e}", sock.display()),
-                            })?,
-                    )
+                    let server = match adopt {
+                        None => VhostUserServer::start_with(&spec.name, &sock, dev.virtio(), opts)
+                            .map_err(|e| format!("cannot serve on {}: {e}", sock.display())),
+                        Some(h) => VhostUserServer::adopt(&spec.name, &sock, dev.virtio(), opts, h)
+                            .map_err(|e| error_chain(&e)),
+                    };
+                    Served::VhostUser(server.map_err(|reason| RegistryError::Create {
+                        name: spec.name.clone(),
+                        reason,
+                    })?)
+                }
+                Transport::Vduse { .. } if adopt.is_some() => {
+                    return Err(RegistryError::Create {
+                        name: spec.name.clone(),
+                        reason: "a VDUSE device cannot be adopted".into(),
+                    })
                 }
                 Transport::Vduse { bind, bounce_size } => {
                     let opts = VduseOptions {

@@ -42,6 +42,13 @@ pub fn notify_ready(registry: &Registry) {
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
+/// `MAINPID=<this process>`: after a live upgrade the new daemon is the service's main
+/// process (the unit needs `NotifyAccess=all` for systemd to take it from a process that
+/// is not the main one yet).
+pub fn notify_main_pid() {
+    notify(&[NotifyState::MainPid(std::process::id())]);
+}
+
 /// `RELOADING=1` with the monotonic time systemd 253+ asks for; `notify_ready` ends it.
 pub fn notify_reloading() {
     match NotifyState::monotonic_usec_now() {

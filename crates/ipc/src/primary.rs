@@ -63,14 +63,15 @@ pub struct Primary {
 impl std::fmt::Debug for Primary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Primary")
-            .field("path", &self.shared.path)
+            .field("path", &self.path())
             .field("clients", &self.clients())
             .finish_non_exhaustive()
     }
 }
 
 struct Shared {
-    path: PathBuf,
+    /// Where the socket file is (it moves with [`Primary::move_to`]).
+    path: Mutex<PathBuf>,
     /// (device, inode) of the socket file we bound, so shutdown removes only our own file.
     file_id: Option<(u64, u64)>,
     own_uid: u32,
@@ -155,7 +156,7 @@ impl Primary {
             return Err(bind_err(e.into()));
         }
         let shared = Arc::new(Shared {
-            path: path.clone(),
+            path: Mutex::new(path.clone()),
             file_id,
             own_uid: rustix::process::getuid().as_raw(),
             wake: sock::new_wake().map_err(bind_err)?,
@@ -196,7 +197,7 @@ impl Primary {
             Err(e) => {
                 self.shared.remove_socket_file();
                 Err(IpcError::Bind {
-                    path: self.shared.path.clone(),
+                    path: self.path(),
                     source: e,
                 })
             }
@@ -204,8 +205,23 @@ impl Primary {
     }
 
     /// The socket path.
-    pub fn path(&self) -> &Path {
-        &self.shared.path
+    pub fn path(&self) -> PathBuf {
+        lock(&self.shared.path).clone()
+    }
+
+    /// Moves the socket file to `to` with rename(2): secondaries connecting to `to` reach
+    /// this primary from then on, atomically (a live upgrade binds the new daemon's socket
+    /// beside the old one's and moves it over when it takes over). The file at `to`, if
+    /// any, is replaced; shutdown then removes the file at `to`, if it is still ours.
+    ///
+    /// # Errors
+    /// The rename failed (the socket stays where it was).
+    pub fn move_to(&self, to: impl AsRef<Path>) -> io::Result<()> {
+        let mut path = lock(&self.shared.path);
+        std::fs::rename(&*path, to.as_ref())?;
+        info!(from = %path.display(), to = %to.as_ref().display(), "IPC socket moved");
+        *path = to.as_ref().to_path_buf();
+        Ok(())
     }
 
     /// Registers the handler of `action` (as `rte_mp_action_register`).
@@ -329,7 +345,7 @@ impl Primary {
                 error!("IPC client thread panicked");
             }
         }
-        info!(path = %self.shared.path.display(), "IPC primary shut down");
+        info!(path = %lock(&self.shared.path).display(), "IPC primary shut down");
     }
 }
 
@@ -401,11 +417,12 @@ fn error_reply(req_id: u64, action: &str, code: i32, message: &str) -> Outcome {
 
 impl Shared {
     fn remove_socket_file(&self) {
-        let same = std::fs::symlink_metadata(&self.path)
+        let path = lock(&self.path);
+        let same = std::fs::symlink_metadata(&*path)
             .ok()
             .map(|m| (m.dev(), m.ino()));
         if same.is_some() && same == self.file_id {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = std::fs::remove_file(&*path);
         }
     }
 

@@ -184,6 +184,9 @@ pub struct DeviceRuntime {
     vectors: Arc<VectorTable>,
     notify_config: ConfigNotifier,
     closed: bool,
+    /// Vrings are held stopped ([`DeviceRuntime::hold`]): none starts until
+    /// [`DeviceRuntime::release`].
+    held: bool,
 }
 
 impl DeviceRuntime {
@@ -238,6 +241,7 @@ impl DeviceRuntime {
             vectors,
             notify_config,
             closed: false,
+            held: false,
         };
         let entry = match rt.frontend.pid {
             0 => format!("{}-frontend", rt.name),
@@ -388,6 +392,49 @@ impl DeviceRuntime {
         self.inflight = None;
         self.log = None;
         info!(device = %self.name, "device reset");
+    }
+
+    /// Holds every vring stopped, for a live upgrade: running vrings stop where their
+    /// workers stopped (requests already popped complete first, chains not yet popped stay
+    /// in the avail ring, so each ring's base is both its next avail and its next used
+    /// position), and none starts again, whatever the driver configures, until
+    /// [`DeviceRuntime::release`]. Returns the vrings that were running.
+    pub fn hold(&mut self) -> Vec<usize> {
+        self.held = true;
+        self.stop_running_vrings()
+    }
+
+    /// Ends a [`DeviceRuntime::hold`]: every vring that is ready starts (at its base).
+    ///
+    /// # Errors
+    /// A ring that cannot start (the other rings are still started).
+    pub fn release(&mut self) -> Result<(), RuntimeError> {
+        self.held = false;
+        let mut first = Ok(());
+        for i in 0..self.vrings.len() {
+            if let Err(e) = self.update_vring(i) {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    /// Whether the vrings are held ([`DeviceRuntime::hold`]).
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
+    /// The inflight buffer, if the driver set one.
+    pub fn inflight(&self) -> Option<&Arc<InflightMap>> {
+        self.inflight.as_ref()
+    }
+
+    /// Whether a dirty log is installed (logging may still be off: see
+    /// [`DeviceRuntime::logging`]).
+    pub fn has_dirty_log(&self) -> bool {
+        self.log.is_some()
     }
 
     /// Marks the device DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2) and notifies the driver.
@@ -596,6 +643,7 @@ impl DeviceRuntime {
             && v.started
             && v.enabled
             && v.size != 0
+            && !self.held
             && !self.needs_reset.load(Ordering::Acquire)
     }
 

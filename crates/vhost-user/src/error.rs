@@ -111,6 +111,10 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A live upgrade cannot hand this session over, or the state handed over is not
+    /// one a session can be rebuilt from.
+    #[error("Session handover: {0}")]
+    Handover(String),
 }
 
 impl Error {

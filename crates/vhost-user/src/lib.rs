@@ -9,11 +9,14 @@
 #![deny(missing_docs)]
 
 pub mod connection;
+mod control;
 pub mod error;
+pub mod handover;
 pub mod server;
 pub mod session;
 
+pub use control::SessionHandover;
 pub use error::Error;
-pub use server::{ServerOptions, VhostUserServer};
+pub use server::{ServerHandover, ServerOptions, VhostUserServer};
 pub use session::{Session, SessionParams};
 pub use uvdpa_runtime::{ResCtx, SessionState};

@@ -2,6 +2,10 @@
 //! thread, and refuses a second frontend while one is connected (it is accepted and closed
 //! at once, with a log line). A frontend that disconnects leaves the device ready for the
 //! next one on the same socket.
+//!
+//! For a live upgrade the server can be paused ([`VhostUserServer::quiesce`]), resumed
+//! ([`VhostUserServer::resume`]) or detached ([`VhostUserServer::detach`]); a new daemon
+//! rebuilds it from what the pause left ([`VhostUserServer::adopt`]).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -11,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
+use rustix::event::{eventfd, EventfdFlags};
 use tracing::{info, warn};
 use uvdpa_runtime::ConfigNotifier;
 use uvdpa_virtio::interrupts::VectorTable;
@@ -19,6 +23,7 @@ use uvdpa_virtio::stats::StatsTable;
 use uvdpa_virtio::VirtioDevice;
 
 use crate::connection::Connection;
+use crate::control::{Control, Mode, SessionHandover, Woken};
 use crate::error::Error;
 use crate::session::{ResCtx, Session, SessionParams, SessionState};
 
@@ -35,6 +40,10 @@ struct Shared {
     /// while no frontend is connected.
     notifier: Arc<Mutex<Option<ConfigNotifier>>>,
     sessions: Arc<SessionCounters>,
+    /// Live-upgrade pause state of the accept loop and the session thread.
+    control: Arc<Control>,
+    /// A session thread runs (set by the accept loop, cleared when the session ends).
+    busy: Arc<AtomicBool>,
 }
 
 /// Frontend connections of one device's socket since it was created (read with relaxed
@@ -77,36 +86,14 @@ pub struct VhostUserServer {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Waits until `fd` is readable or `shutdown` fires; returns false on shutdown.
-fn wait_readable(fd: impl AsFd, shutdown: &OwnedFd) -> bool {
-    loop {
-        let mut fds = [
-            PollFd::new(&fd, PollFlags::IN),
-            PollFd::new(shutdown, PollFlags::IN),
-        ];
-        match poll(&mut fds, None) {
-            Ok(_) => {
-                if !fds[1].revents().is_empty() {
-                    return false;
-                }
-                if !fds[0].revents().is_empty() {
-                    return true;
-                }
-            }
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return false,
-        }
-    }
-}
-
 fn peer_pid(s: &UnixStream) -> Option<u32> {
     rustix::net::sockopt::socket_peercred(s)
         .ok()
         .map(|c| c.pid.as_raw_nonzero().get() as u32)
 }
 
-/// Runs one session to its end: until the frontend disconnects, breaks the protocol, or
-/// the server shuts down.
+/// Runs one session to its end: until the frontend disconnects, breaks the protocol, the
+/// server shuts down, or it is detached (handed over to a new daemon).
 fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
     let pid = peer_pid(&stream);
     info!(device = name, frontend_pid = pid, "frontend connected");
@@ -119,26 +106,90 @@ fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
             ..SessionState::default()
         };
     }
-    let mut session = Session::new(
-        name,
-        Connection::new(stream),
-        SessionParams {
-            device: sh.device.clone(),
-            stats: sh.stats.clone(),
-            state: sh.state.clone(),
-            res: sh.opts.res.clone(),
-            frontend_pid: pid,
-            poll: sh.opts.poll,
-            mandated: sh.opts.mandated,
-            unoffered: sh.opts.unoffered,
-            vectors: sh.vectors.clone(),
-        },
-    );
+    let session = Session::new(name, Connection::new(stream), session_params(sh, pid));
+    serve_session(name, session, pid, sh);
+}
+
+fn session_params(sh: &Shared, pid: Option<u32>) -> SessionParams {
+    SessionParams {
+        device: sh.device.clone(),
+        stats: sh.stats.clone(),
+        state: sh.state.clone(),
+        res: sh.opts.res.clone(),
+        frontend_pid: pid,
+        poll: sh.opts.poll,
+        mandated: sh.opts.mandated,
+        unoffered: sh.opts.unoffered,
+        vectors: sh.vectors.clone(),
+    }
+}
+
+/// What a paused session does next.
+enum AfterPause {
+    Serve,
+    Detach,
+}
+
+/// The session's side of a pause: hold the vrings, leave an image if one is wanted, wait
+/// for the verdict, and restart the vrings if the server resumes.
+fn pause_session(name: &str, session: &mut Session, pid: Option<u32>, sh: &Shared) -> AfterPause {
+    let ctl = &sh.control;
+    let mut st = ctl.lock();
+    match st.mode {
+        Mode::Serving => return AfterPause::Serve,
+        Mode::Detached => return AfterPause::Detach,
+        Mode::Paused => {}
+    }
+    session.hold();
+    if st.want_image && st.session.is_none() {
+        let image = session.image().and_then(|image| {
+            let stream = session
+                .connection()
+                .socket()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::Handover(format!("cannot duplicate the socket: {e}")))?;
+            Ok(SessionHandover {
+                stream,
+                image,
+                frontend_pid: pid,
+            })
+        });
+        st.session = Some(image.map_err(|e| e.to_string()));
+        ctl.cv.notify_all();
+    }
+    let (st, mode) = ctl.wait_unpaused(st);
+    drop(st);
+    match mode {
+        Mode::Detached => AfterPause::Detach,
+        _ => {
+            if let Err(e) = session.release() {
+                warn!(device = name, "Vrings did not restart after a pause: {e}");
+            }
+            AfterPause::Serve
+        }
+    }
+}
+
+/// Serves `session` until it ends; a detached session ends without a word to the
+/// frontend (its new daemon goes on with the same socket).
+fn serve_session(name: &str, mut session: Session, pid: Option<u32>, sh: &Shared) {
     *sh.notifier.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.config_notifier());
+    let mut detached = false;
     loop {
-        if !wait_readable(session.connection().socket(), &sh.shutdown) {
-            info!(device = name, "closing session for shutdown");
-            break;
+        match sh.control.wait(session.connection().socket(), &sh.shutdown) {
+            Woken::Shutdown => {
+                info!(device = name, "closing session for shutdown");
+                break;
+            }
+            Woken::Control => match pause_session(name, &mut session, pid, sh) {
+                AfterPause::Serve => continue,
+                AfterPause::Detach => {
+                    detached = true;
+                    break;
+                }
+            },
+            Woken::Readable => {}
         }
         match session.handle_one() {
             Ok(()) => {}
@@ -153,8 +204,27 @@ fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
         }
     }
     *sh.notifier.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    if detached {
+        info!(device = name, frontend_pid = pid, "session handed over");
+        // Dropped with its vrings held: nothing is drained, sent or reset.
+        drop(session);
+        return;
+    }
     session.close();
     sh.sessions.disconnects.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What a paused server leaves for a new daemon ([`VhostUserServer::quiesce`]), and what
+/// [`VhostUserServer::adopt`] rebuilds a server from.
+pub struct ServerHandover {
+    /// The listening socket (a duplicate; its path stays bound).
+    pub listener: OwnedFd,
+    /// The per-queue counters' memfd (a duplicate), so counting continues.
+    pub stats: OwnedFd,
+    /// Session counters so far: (connects, disconnects, refused).
+    pub counters: (u64, u64, u64),
+    /// The connected frontend's session, if one is connected.
+    pub session: Option<SessionHandover>,
 }
 
 impl VhostUserServer {
@@ -189,13 +259,183 @@ impl VhostUserServer {
             opts,
             notifier: Arc::default(),
             sessions: Arc::default(),
+            control: Arc::new(Control::new(Mode::Serving)?),
+            busy: Arc::default(),
         };
         let sh = shared.clone();
         let n = name.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("{name}-listen"))
-            .spawn(move || accept_loop(&n, listener, sh))?;
+            .spawn(move || accept_loop(&n, listener, sh, None))?;
         info!(device = name, socket = %path.display(), "serving vhost-user");
+        Ok(Self {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Pauses the server for a live upgrade: it stops accepting, and the connected
+    /// frontend's session (if any) stops between two requests with its vrings held
+    /// (requests already popped complete first) and leaves an image of itself. Requests the
+    /// frontend sends meanwhile wait in the socket for whoever serves next.
+    ///
+    /// # Errors
+    /// [`Error::Handover`]: already paused, the threads did not pause within `timeout`, or
+    /// the session cannot be imaged (then the server is resumed before returning).
+    pub fn quiesce(&self, timeout: std::time::Duration) -> Result<ServerHandover, Error> {
+        let ctl = &self.shared.control;
+        let mut st = ctl.lock();
+        if st.mode != Mode::Serving {
+            return Err(Error::Handover(format!("{} is already paused", self.name)));
+        }
+        st.mode = Mode::Paused;
+        st.want_image = true;
+        st.accept_paused = false;
+        st.listener = None;
+        st.session = None;
+        ctl.raise();
+        let busy = self.shared.busy.clone();
+        let (mut st, paused) = ctl.wait_for(st, timeout, |st| {
+            st.accept_paused && (st.session.is_some() || !busy.load(Ordering::Acquire))
+        });
+        let listener = st.listener.take();
+        let session = st.session.take();
+        drop(st);
+        let fail = |why: String| {
+            self.resume();
+            Err(Error::Handover(format!("{}: {why}", self.name)))
+        };
+        if !paused {
+            return fail(format!("did not pause within {timeout:?}"));
+        }
+        let Some(listener) = listener else {
+            return fail("cannot duplicate the listening socket".into());
+        };
+        let session = match session.transpose() {
+            Ok(s) => s,
+            Err(why) => return fail(why),
+        };
+        let stats = match self.shared.stats.fd().try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => return fail(format!("cannot duplicate the stats memfd: {e}")),
+        };
+        let c = &self.shared.sessions;
+        Ok(ServerHandover {
+            listener,
+            stats,
+            counters: (
+                c.connects.load(Ordering::Relaxed),
+                c.disconnects.load(Ordering::Relaxed),
+                c.refused.load(Ordering::Relaxed),
+            ),
+            session,
+        })
+    }
+
+    /// Ends a pause: the session's vrings restart where they stopped and the server
+    /// accepts again (a live upgrade that failed: rollback; or, on a server made by
+    /// [`VhostUserServer::adopt`], the start of serving). A no-op when not paused.
+    pub fn resume(&self) {
+        let ctl = &self.shared.control;
+        let mut st = ctl.lock();
+        if st.mode != Mode::Paused {
+            return;
+        }
+        st.mode = Mode::Serving;
+        st.want_image = false;
+        st.accept_paused = false;
+        st.listener = None;
+        st.session = None;
+        ctl.clear();
+        ctl.cv.notify_all();
+        drop(st);
+        info!(device = %self.name, "serving (resumed)");
+    }
+
+    /// Ends a paused server's threads without a word to its frontend and without removing
+    /// the socket file: another daemon serves the device now (or, for a server made by
+    /// [`VhostUserServer::adopt`] that will not serve, the old one still does).
+    pub fn detach(mut self) {
+        {
+            let ctl = &self.shared.control;
+            let mut st = ctl.lock();
+            st.mode = Mode::Detached;
+            ctl.raise();
+            ctl.cv.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        info!(device = %self.name, "detached (served elsewhere now)");
+    }
+
+    /// Rebuilds a server from what another daemon's [`VhostUserServer::quiesce`] left:
+    /// the listening socket, the counters and, with a connected frontend, its session
+    /// replayed from its image ([`Session::replay`]). The server starts paused, its vrings
+    /// held: [`VhostUserServer::resume`] starts serving, [`VhostUserServer::detach`]
+    /// gives up without touching the frontend.
+    ///
+    /// # Errors
+    /// [`Error::Handover`]: the stats memfd does not fit the device, or the session image
+    /// was refused (naming the request); or the threads could not start.
+    pub fn adopt(
+        name: &str,
+        path: &Path,
+        device: Arc<dyn VirtioDevice>,
+        opts: ServerOptions,
+        h: ServerHandover,
+    ) -> Result<Self, Error> {
+        let queues = usize::from(device.num_queues());
+        let stats = StatsTable::adopt(h.stats, queues)
+            .map_err(|e| Error::Handover(format!("stats table: {e}")))?;
+        let io = |e: io::Error| Error::Handover(e.to_string());
+        let shared = Shared {
+            stats,
+            vectors: Arc::new(VectorTable::new(device.num_queues())),
+            device,
+            state: Arc::new(Mutex::new(SessionState::default())),
+            shutdown: Arc::new(eventfd(0, EventfdFlags::CLOEXEC).map_err(|e| io(e.into()))?),
+            opts,
+            notifier: Arc::default(),
+            sessions: Arc::default(),
+            control: Arc::new(Control::new(Mode::Paused).map_err(io)?),
+            busy: Arc::default(),
+        };
+        let c = &shared.sessions;
+        c.connects.store(h.counters.0, Ordering::Relaxed);
+        c.disconnects.store(h.counters.1, Ordering::Relaxed);
+        c.refused.store(h.counters.2, Ordering::Relaxed);
+        let session = match h.session {
+            Some(s) => {
+                {
+                    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                    *st = SessionState {
+                        connected: true,
+                        frontend_pid: s.frontend_pid,
+                        ..SessionState::default()
+                    };
+                }
+                let stream = UnixStream::from(s.stream);
+                let mut session = Session::new(
+                    name,
+                    Connection::new(stream),
+                    session_params(&shared, s.frontend_pid),
+                );
+                session.replay(s.image)?;
+                Some(session)
+            }
+            None => None,
+        };
+        let listener = UnixListener::from(h.listener);
+        let sh = shared.clone();
+        let n = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-listen"))
+            .spawn(move || accept_loop(&n, listener, sh, session))
+            .map_err(io)?;
+        info!(device = name, socket = %path.display(), "vhost-user device adopted (paused)");
         Ok(Self {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -279,10 +519,57 @@ impl Drop for VhostUserServer {
     }
 }
 
-fn accept_loop(name: &str, listener: UnixListener, sh: Shared) {
-    let busy = Arc::new(AtomicBool::new(false));
+/// The accept loop's side of a pause: leave a duplicate of the listener, wait for the
+/// verdict. Returns whether to go on accepting (false: detached).
+fn pause_accept(listener: &UnixListener, sh: &Shared) -> bool {
+    let ctl = &sh.control;
+    let mut st = ctl.lock();
+    match st.mode {
+        Mode::Serving => return true,
+        Mode::Detached => return false,
+        Mode::Paused => {}
+    }
+    if !st.accept_paused {
+        st.listener = listener.as_fd().try_clone_to_owned().ok();
+        st.accept_paused = true;
+        ctl.cv.notify_all();
+    }
+    let (_st, mode) = ctl.wait_unpaused(st);
+    mode != Mode::Detached
+}
+
+fn accept_loop(name: &str, listener: UnixListener, sh: Shared, adopted: Option<Session>) {
+    let busy = sh.busy.clone();
     let mut session_thread: Option<JoinHandle<()>> = None;
-    while wait_readable(&listener, &sh.shutdown) {
+    if let Some(session) = adopted {
+        busy.store(true, Ordering::Release);
+        let (b, sh2, n) = (busy.clone(), sh.clone(), name.to_string());
+        let pid = session.frontend_pid();
+        match std::thread::Builder::new()
+            .name(format!("{name}-session"))
+            .spawn(move || {
+                serve_session(&n, session, pid, &sh2);
+                b.store(false, Ordering::Release);
+                sh2.control.cv.notify_all();
+            }) {
+            Ok(t) => session_thread = Some(t),
+            Err(e) => {
+                warn!(device = name, "cannot start session thread: {e}");
+                busy.store(false, Ordering::Release);
+            }
+        }
+    }
+    loop {
+        match sh.control.wait(&listener, &sh.shutdown) {
+            Woken::Shutdown => break,
+            Woken::Control => {
+                if pause_accept(&listener, &sh) {
+                    continue;
+                }
+                break;
+            }
+            Woken::Readable => {}
+        }
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) => {
@@ -316,6 +603,7 @@ fn accept_loop(name: &str, listener: UnixListener, sh: Shared) {
             .spawn(move || {
                 run_session(&n, stream, &sh2);
                 b.store(false, Ordering::Release);
+                sh2.control.cv.notify_all();
             });
         match spawned {
             Ok(t) => session_thread = Some(t),

@@ -132,21 +132,26 @@ fn notify_config_change(channel: &BackendChannel) -> bool {
 
 /// A vhost-user session between one frontend and one device.
 pub struct Session {
-    name: String,
+    pub(crate) name: String,
     conn: Connection,
     /// The device, its vrings and workers.
-    rt: DeviceRuntime,
-    protocol: VhostUserProtocolFeatures,
+    pub(crate) rt: DeviceRuntime,
+    pub(crate) protocol: VhostUserProtocolFeatures,
     /// SET_PROTOCOL_FEATURES was received: the frontend uses the protocol features
     /// (VHOST_USER_F_PROTOCOL_FEATURES is in effect even before SET_FEATURES acks it).
-    protocol_negotiated: bool,
+    pub(crate) protocol_negotiated: bool,
     /// ADD_MEM_REG repeats of a mapped region (same gpa, size and frontend address), by
     /// (gpa, size): each is a reference a later REM_MEM_REG drops before the region goes.
     /// At most one entry per mapped region.
-    region_repeats: Vec<((u64, u64), u32)>,
-    backend: BackendChannel,
+    pub(crate) region_repeats: Vec<((u64, u64), u32)>,
+    pub(crate) backend: BackendChannel,
     /// SET_LOG_FD's eventfd, kept (this backend logs synchronously and never signals it).
     log_fd: Option<OwnedFd>,
+    /// What a new daemon needs to rebuild this session on live upgrade
+    /// ([`crate::handover`]): the memory regions with their fds, and the requests whose
+    /// effect lives outside the runtime.
+    pub(crate) record: crate::handover::Record,
+    frontend_pid: Option<u32>,
 }
 
 fn decode<T: ByteValued + Default + VhostUserMsgValidator>(
@@ -254,10 +259,12 @@ impl Session {
             region_repeats: Vec::new(),
             backend,
             log_fd: None,
+            record: crate::handover::Record::default(),
+            frontend_pid,
         }
     }
 
-    fn publish_state(&self) {
+    pub(crate) fn publish_state(&self) {
         let protocol = self.protocol.bits();
         self.rt.publish_state(|st| st.protocol_features = protocol);
     }
@@ -269,6 +276,11 @@ impl Session {
     pub fn config_notifier(&self) -> ConfigNotifier {
         let channel = self.backend.clone();
         Arc::new(move || notify_config_change(&channel))
+    }
+
+    /// The frontend's pid, as given at creation.
+    pub fn frontend_pid(&self) -> Option<u32> {
+        self.frontend_pid
     }
 
     /// The connection (to poll it).
@@ -363,7 +375,11 @@ impl Session {
     }
 
     /// Handles one decoded request; `Ok(Some(body))` is a reply to send.
-    fn dispatch(&mut self, code: FrontendReq, req: &Request) -> Result<Option<Vec<u8>>, Error> {
+    pub(crate) fn dispatch(
+        &mut self,
+        code: FrontendReq,
+        req: &Request,
+    ) -> Result<Option<Vec<u8>>, Error> {
         use FrontendReq as R;
         debug!(device = %self.name, request = ?code, size = req.body.len(), fds = req.fds.len(), "vhost-user request");
         let no_body = |name: &'static str| -> Result<(), Error> {
@@ -626,6 +642,7 @@ impl Session {
                     .device()
                     .write_config(c.offset, payload)
                     .map_err(|e| Error::Device(e.0))?;
+                self.record.config_written(&req.body, c.offset, c.size);
                 Ok(None)
             }
             R::SET_BACKEND_REQ_FD => {
@@ -676,6 +693,7 @@ impl Session {
                         reason: e.to_string(),
                     })?;
                 self.rt.set_inflight(Some(map))?;
+                self.record.inflight = Some(req.body.clone());
                 Ok(None)
             }
             R::SET_LOG_BASE => {
@@ -747,6 +765,7 @@ impl Session {
                         reason: e.0,
                     })?;
                 info!(device = %self.name, mtu, "frontend MTU set");
+                self.record.mtu = Some(mtu);
                 Ok(None)
             }
             R::RESET_DEVICE => {
@@ -853,6 +872,7 @@ impl Session {
     /// Full device reset (RESET_DEVICE, RESET_OWNER); see [`DeviceRuntime::reset`].
     pub fn reset(&mut self) {
         self.rt.reset();
+        self.record.inflight = None;
     }
 
     fn set_mem_table(&mut self, req: &Request) -> Result<(), Error> {
@@ -876,6 +896,7 @@ impl Session {
         }
         expect_fds("SET_MEM_TABLE", req, n)?;
         let mut regions = Vec::with_capacity(n);
+        let mut records = Vec::with_capacity(n);
         for (chunk, fd) in rest.chunks_exact(region_len).zip(&req.fds) {
             let r: VhostUserMemoryRegion = decode("SET_MEM_TABLE", chunk)?;
             regions.push(MemoryRegion::map(
@@ -885,10 +906,18 @@ impl Session {
                 r.user_addr,
                 r.mmap_offset,
             )?);
+            records.push(crate::handover::RegionRecord::new(
+                r.guest_phys_addr,
+                r.memory_size,
+                r.user_addr,
+                r.mmap_offset,
+                fd,
+            ));
         }
         let mem = GuestMemory::new(regions)?;
         info!(device = %self.name, regions = n, bytes = mem.total_size(), "memory table set");
         self.region_repeats.clear();
+        self.record.regions = records;
         Ok(self.rt.replace_memory(|_| Ok(Some(mem)))?)
     }
 
@@ -928,6 +957,13 @@ impl Session {
         if let Some(m) = self.rt.memory() {
             m.check_addition(&region)?;
         }
+        self.record.regions.push(crate::handover::RegionRecord::new(
+            r.guest_phys_addr,
+            r.memory_size,
+            r.user_addr,
+            r.mmap_offset,
+            fd,
+        ));
         Ok(self.rt.replace_memory(|old| {
             let mut regions = old;
             regions.push(region);
@@ -956,6 +992,9 @@ impl Session {
                 size,
             }));
         }
+        self.record
+            .regions
+            .retain(|r| !(r.gpa == gpa && r.size == size));
         Ok(self.rt.replace_memory(|old| {
             let regions: Vec<MemoryRegion> = old
                 .into_iter()
@@ -1044,6 +1083,7 @@ impl Session {
         self.rt.close();
         self.region_repeats.clear();
         self.log_fd = None;
+        self.record = crate::handover::Record::default();
     }
 }
 

@@ -74,14 +74,29 @@ impl StatsTable {
     /// # Errors
     /// The fd is smaller than `queues` entries, or mapping failed.
     pub fn open(fd: OwnedFd, queues: usize) -> io::Result<Self> {
-        let st = rustix::fs::fstat(&fd)?;
-        if (st.st_size as u64) < (queues * ENTRY_SIZE) as u64 {
+        Self::check_size(&fd, queues)?;
+        Self::map(fd, queues, false)
+    }
+
+    /// Maps an existing table from its fd to keep counting in it (a new daemon taking a
+    /// device over on live upgrade: the counters continue where the old daemon left them).
+    ///
+    /// # Errors
+    /// The fd is smaller than `queues` entries, or mapping failed.
+    pub fn adopt(fd: OwnedFd, queues: usize) -> io::Result<Arc<Self>> {
+        Self::check_size(&fd, queues)?;
+        Ok(Arc::new(Self::map(fd, queues, true)?))
+    }
+
+    fn check_size(fd: &OwnedFd, queues: usize) -> io::Result<()> {
+        let st = rustix::fs::fstat(fd)?;
+        if (st.st_size as u64) < (queues.max(1) * ENTRY_SIZE) as u64 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "stats table too small",
             ));
         }
-        Self::map(fd, queues, false)
+        Ok(())
     }
 
     fn map(fd: OwnedFd, queues: usize, writable: bool) -> io::Result<Self> {
