@@ -24,7 +24,7 @@ use uvdpa_devices::net::switch::SwitchRegistry;
 use uvdpa_restrack::{Owner, ResHandle, ResType, Tracker};
 use uvdpa_vduse::server::{VduseOptions, VduseServer};
 use uvdpa_vhost_user::server::SessionCounters;
-use uvdpa_vhost_user::{ResCtx, ServerHandover, ServerOptions, SessionState, VhostUserServer};
+use uvdpa_vhost_user::{ResCtx, ServerOptions, SessionState, VhostUserServer};
 use uvdpa_virtio::interrupts::VectorTable;
 use uvdpa_virtio::stats::QueueStats;
 use uvdpa_virtio::stats::StatsTable;
@@ -51,6 +51,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 mod handover;
+pub use handover::Handed;
 
 /// Registry errors; each maps to an errno-like code for IPC replies.
 #[derive(Debug, Error)]
@@ -861,7 +862,7 @@ impl Registry {
     fn install_with(
         &self,
         p: Prepared,
-        adopt: Option<ServerHandover>,
+        adopt: Option<Handed>,
     ) -> Result<DeviceView, RegistryError> {
         let Prepared { spec, dev } = p;
         let mut devs = self.lock();
@@ -880,53 +881,54 @@ impl Registry {
         let poll = Duration::from_micros(u64::from(spec.poll_us));
         let mandated = VirtioFeatures::from_raw(spec.mandate);
         let unoffered = VirtioFeatures::from_raw(spec.unoffer);
-        let server =
-            match spec.transport {
-                Transport::VhostUser => {
-                    let opts = ServerOptions {
-                        res: Some(res),
-                        poll,
-                        mandated,
-                        unoffered,
-                    };
-                    let server = match adopt {
-                        None => VhostUserServer::start_with(&spec.name, &sock, dev.virtio(), opts)
-                            .map_err(|e| format!("cannot serve on {}: {e}", sock.display())),
-                        Some(h) => VhostUserServer::adopt(&spec.name, &sock, dev.virtio(), opts, h)
-                            .map_err(|e| error_chain(&e)),
-                    };
-                    Served::VhostUser(server.map_err(|reason| RegistryError::Create {
-                        name: spec.name.clone(),
-                        reason,
-                    })?)
-                }
-                Transport::Vduse { .. } if adopt.is_some() => {
-                    return Err(RegistryError::Create {
-                        name: spec.name.clone(),
-                        reason: "a VDUSE device cannot be adopted".into(),
-                    })
-                }
-                Transport::Vduse { bind, bounce_size } => {
-                    let opts = VduseOptions {
-                        res: Some(res),
-                        poll,
-                        mandated,
-                        unoffered,
-                        bind,
-                        bounce_size,
-                        log_dir: Some(self.run_dir.clone()),
-                    };
-                    // Creating and binding waits for the kernel's probe of the device (its
-                    // driver's first requests): outside the registry lock would be nicer, but
-                    // names must stay unique while it runs.
-                    Served::Vduse(VduseServer::start(&spec.name, dev.virtio(), opts).map_err(
-                        |e| RegistryError::Create {
-                            name: spec.name.clone(),
-                            reason: error_chain(&e),
-                        },
-                    )?)
-                }
-            };
+        let server = match spec.transport {
+            Transport::VhostUser => {
+                let opts = ServerOptions {
+                    res: Some(res),
+                    poll,
+                    mandated,
+                    unoffered,
+                };
+                let server = match adopt {
+                    None => VhostUserServer::start_with(&spec.name, &sock, dev.virtio(), opts)
+                        .map_err(|e| format!("cannot serve on {}: {e}", sock.display())),
+                    Some(Handed::VhostUser(h)) => {
+                        VhostUserServer::adopt(&spec.name, &sock, dev.virtio(), opts, h)
+                            .map_err(|e| error_chain(&e))
+                    }
+                    Some(Handed::Vduse(_)) => Err("VDUSE state for a vhost-user device".into()),
+                };
+                Served::VhostUser(server.map_err(|reason| RegistryError::Create {
+                    name: spec.name.clone(),
+                    reason,
+                })?)
+            }
+            Transport::Vduse { bind, bounce_size } => {
+                let opts = VduseOptions {
+                    res: Some(res),
+                    poll,
+                    mandated,
+                    unoffered,
+                    bind,
+                    bounce_size,
+                    log_dir: Some(self.run_dir.clone()),
+                };
+                // Creating and binding waits for the kernel's probe of the device (its
+                // driver's first requests): outside the registry lock would be nicer, but
+                // names must stay unique while it runs.
+                let server = match adopt {
+                    None => VduseServer::start(&spec.name, dev.virtio(), opts)
+                        .map_err(|e| error_chain(&e)),
+                    Some(Handed::Vduse(h)) => VduseServer::adopt(&spec.name, dev.virtio(), opts, h)
+                        .map_err(|e| error_chain(&e)),
+                    Some(Handed::VhostUser(_)) => Err("vhost-user state for a VDUSE device".into()),
+                };
+                Served::Vduse(server.map_err(|reason| RegistryError::Create {
+                    name: spec.name.clone(),
+                    reason,
+                })?)
+            }
+        };
         let (usecs, frames) = spec.coalesce;
         if usecs != 0 || frames != 0 {
             for q in 0..spec.num_queues() {

@@ -39,11 +39,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 use uvdpa_ipc::{code, IpcError, Primary, Reply, Secondary};
+use uvdpa_vduse::server::{VduseHandover, VduseState};
 use uvdpa_vhost_user::handover::{from_wire, to_wire, WireRequest, HANDOVER_VERSION};
 use uvdpa_vhost_user::{ServerHandover, SessionHandover};
 
 use crate::config::DeviceEntry;
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{Handed, Registry, RegistryError};
 
 /// How long the old daemon waits for every device to pause.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,9 +65,10 @@ pub fn handed_over() -> bool {
 }
 
 /// One part of a device's state (`upgrade.state`): counters and session facts (in every
-/// part), a slice of the session image's requests, and the fds of this part (listening
-/// socket, stats memfd, the connected socket, then the image's fds, in that order across
-/// parts).
+/// part), a slice of the session image's requests, and the fds of this part, in this
+/// order across parts: for a vhost-user device the listening socket, the stats memfd, the
+/// connected socket, then the image's fds; for a VDUSE device the device fd, the stats
+/// memfd, then the kick eventfds.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StatePart {
     /// Session counters: (connects, disconnects, refused).
@@ -81,6 +83,8 @@ pub struct StatePart {
     pub fds_total: usize,
     /// This part's requests.
     pub requests: Vec<WireRequest>,
+    /// A VDUSE device's state (vhost-user devices: `None`).
+    pub vduse: Option<VduseState>,
 }
 
 /// A device's state as the old daemon keeps it until it is fetched.
@@ -90,10 +94,26 @@ struct DeviceState {
     frontend_pid: Option<u32>,
     requests: Vec<WireRequest>,
     fds: Vec<OwnedFd>,
+    vduse: Option<VduseState>,
 }
 
 impl DeviceState {
-    fn new(h: ServerHandover) -> Self {
+    fn new(h: Handed) -> Self {
+        let h = match h {
+            Handed::VhostUser(h) => h,
+            Handed::Vduse(v) => {
+                let mut fds = vec![v.dev, v.stats];
+                fds.extend(v.kicks);
+                return Self {
+                    counters: (0, 0, 0),
+                    session: false,
+                    frontend_pid: None,
+                    requests: Vec::new(),
+                    fds,
+                    vduse: Some(v.state),
+                };
+            }
+        };
         let mut fds = vec![h.listener, h.stats];
         let (session, frontend_pid, requests) = match h.session {
             Some(s) => {
@@ -110,6 +130,7 @@ impl DeviceState {
             frontend_pid,
             requests,
             fds,
+            vduse: None,
         }
     }
 
@@ -150,6 +171,7 @@ impl DeviceState {
             requests_total: self.requests.len(),
             fds_total: self.fds.len(),
             requests: reqs,
+            vduse: self.vduse.clone(),
         };
         let v = serde_json::to_value(&part)
             .map_err(|e| IpcError::rejected(code::EIO, e.to_string()))?;
@@ -550,9 +572,22 @@ fn adopt_all(
             ));
         }
         let mut fds = fds.into_iter();
-        let (Some(listener), Some(stats)) = (fds.next(), fds.next()) else {
-            return Err(format!("{name}: no listener or stats fd"));
+        let (Some(first), Some(stats)) = (fds.next(), fds.next()) else {
+            return Err(format!("{name}: no listener/device or stats fd"));
         };
+        if let Some(state) = head.vduse {
+            let h = VduseHandover {
+                dev: first,
+                kicks: fds.collect(),
+                stats,
+                state,
+            };
+            registry
+                .adopt(p, Handed::Vduse(h))
+                .map_err(|e| e.to_string())?;
+            continue;
+        }
+        let listener = first;
         let session = match head.session {
             true => {
                 let stream = fds
@@ -574,7 +609,9 @@ fn adopt_all(
             counters: head.counters,
             session,
         };
-        registry.adopt(p, h).map_err(|e| e.to_string())?;
+        registry
+            .adopt(p, Handed::VhostUser(h))
+            .map_err(|e| e.to_string())?;
     }
     Ok(n)
 }

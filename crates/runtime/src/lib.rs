@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod pause;
 mod runtime;
 
 pub use error::RuntimeError;

@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 use tracing::{debug, info, warn};
+use uvdpa_runtime::pause::{Mode, Pause};
 use uvdpa_runtime::{DeviceRuntime, ResCtx, RuntimeParams, SessionState};
 use uvdpa_virtio::interrupts::VectorTable;
 use uvdpa_virtio::stats::StatsTable;
@@ -53,8 +54,11 @@ use crate::reconnect::ReconnectLog;
 use crate::sys::{VduseDevRequest, REQUEST_SIZE};
 use uvdpa_virtio::inflight::InflightLayout;
 
+mod handover;
 #[cfg(test)]
 mod tests;
+
+pub use handover::{VduseHandover, VduseState, VringImage};
 
 /// Requests the loop answers per wakeup before it looks at the shutdown fd again.
 pub(crate) const DRAIN_BATCH: usize = 64;
@@ -188,6 +192,18 @@ struct Shared {
     kicks: Vec<Arc<OwnedFd>>,
     /// Times the device fd polled ready (the unit tests check the loop does not spin).
     wakeups: AtomicU64,
+    /// Live-upgrade pause state of the message loop.
+    control: Pause<handover::LoopImage>,
+}
+
+/// What a device handed over by another daemon comes with (see [`VduseServer::adopt`]).
+pub(crate) struct Adopted {
+    /// The kick eventfds the kernel signals.
+    pub kicks: Vec<OwnedFd>,
+    /// The per-queue counters' memfd.
+    pub stats: OwnedFd,
+    /// Status, features and vrings to restore.
+    pub state: VduseState,
 }
 
 /// What [`VduseServer::serve`] runs: an open device fd and the device behind it.
@@ -208,6 +224,9 @@ pub(crate) struct Parts {
     /// A kernel device that a stop with destroy removes through `/dev/vduse/control`
     /// (`false` for a stand-in fd).
     pub kernel: bool,
+    /// Handed over by another daemon: restore this instead of reattaching from the log,
+    /// and start paused.
+    pub adopt: Option<Adopted>,
 }
 
 /// A device served over VDUSE.
@@ -310,6 +329,7 @@ impl VduseServer {
             opts,
             created,
             kernel: true,
+            adopt: None,
         })
         .map_err(undo)?;
         if bind {
@@ -354,11 +374,20 @@ impl VduseServer {
             opts,
             created,
             kernel,
+            adopt,
         } = parts;
         let name = name.as_str();
         let nq = device.num_queues();
         let vq_num = vduse_vq_num(&*device);
-        let stats = StatsTable::new(name, usize::from(nq)).map_err(|e| dev_err(name, e))?;
+        let (stats, kick_fds, restore) = match adopt {
+            Some(a) => (
+                StatsTable::adopt(a.stats, usize::from(nq)),
+                Some(a.kicks),
+                Some(a.state),
+            ),
+            None => (StatsTable::new(name, usize::from(nq)), None, None),
+        };
+        let stats = stats.map_err(|e| dev_err(name, format!("stats table: {e}")))?;
         // Weak: the server's stop closes the fd by dropping the last strong reference.
         let inject_dev = Arc::downgrade(&dev);
         let vectors = Arc::new(VectorTable::with_injector(
@@ -393,12 +422,29 @@ impl VduseServer {
                 }),
             },
         );
-        let mut kicks = Vec::with_capacity(usize::from(vq_num));
-        for _ in 0..vq_num {
-            let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-                .map_err(|e| dev_err(name, format!("eventfd: {e}")))?;
-            kicks.push(Arc::new(fd));
-        }
+        let kicks = match kick_fds {
+            Some(k) if k.len() == usize::from(vq_num) => k.into_iter().map(Arc::new).collect(),
+            Some(k) => {
+                return Err(dev_err(
+                    name,
+                    format!("{} kick fds handed over for {vq_num} vrings", k.len()),
+                ))
+            }
+            None => {
+                let mut kicks = Vec::with_capacity(usize::from(vq_num));
+                for _ in 0..vq_num {
+                    let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                        .map_err(|e| dev_err(name, format!("eventfd: {e}")))?;
+                    kicks.push(Arc::new(fd));
+                }
+                kicks
+            }
+        };
+        let mode = if restore.is_some() {
+            Mode::Paused
+        } else {
+            Mode::Serving
+        };
         let log_path = opts
             .log_dir
             .as_ref()
@@ -428,6 +474,7 @@ impl VduseServer {
             inner: Mutex::new(Inner { rt, log }),
             kicks,
             wakeups: AtomicU64::new(0),
+            control: Pause::new(mode).map_err(|e| dev_err(name, e))?,
         });
         {
             let mut guard = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -435,9 +482,13 @@ impl VduseServer {
             if let Some(log) = &inner.log {
                 let _ = inner.rt.set_inflight(Some(log.inflight().clone()));
             }
-            if !created {
-                reattach(&shared, inner).map_err(|e| dev_err(name, e))?;
+            match &restore {
+                Some(state) => handover::restore(&shared, inner, state)
+                    .map_err(|e| dev_err(name, format!("restoring the handed-over state: {e}")))?,
+                None if !created => reattach(&shared, inner).map_err(|e| dev_err(name, e))?,
+                None => {}
             }
+            inner.rt.publish_state(|_| {});
         }
         let shutdown = Arc::new(eventfd(0, EventfdFlags::CLOEXEC).map_err(|e| dev_err(name, e))?);
         let (sh, stop) = (shared.clone(), shutdown.clone());
@@ -531,6 +582,15 @@ impl VduseServer {
             self.bound = false;
         }
         let _ = rustix::io::write(&*self.shutdown, &1u64.to_ne_bytes());
+        if let Some(sh) = &self.shared {
+            // A paused loop waits for a verdict, not for the shutdown fd.
+            let mut st = sh.control.lock();
+            if st.mode == Mode::Paused {
+                st.mode = Mode::Detached;
+                sh.control.raise();
+                sh.control.cv.notify_all();
+            }
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -574,9 +634,11 @@ fn message_loop(sh: &Shared, shutdown: &OwnedFd) {
     // Whether the last wakeup brought nothing but an error or hang-up (logged once).
     let mut stalled = false;
     loop {
+        let wake = sh.control.wake_fd();
         let mut fds = [
             PollFd::new(&*sh.dev, PollFlags::IN),
             PollFd::new(shutdown, PollFlags::IN),
+            PollFd::new(&wake, PollFlags::IN),
         ];
         match poll(&mut fds, Some(&timeout)) {
             Ok(_) => {}
@@ -588,6 +650,12 @@ fn message_loop(sh: &Shared, shutdown: &OwnedFd) {
         }
         if !fds[1].revents().is_empty() {
             return;
+        }
+        if !fds[2].revents().is_empty() {
+            match handover::pause(sh) {
+                handover::AfterPause::Serve => continue,
+                handover::AfterPause::Detach => return,
+            }
         }
         let revents = fds[0].revents();
         if revents.is_empty() {

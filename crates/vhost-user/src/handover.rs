@@ -160,6 +160,16 @@ pub fn from_wire(wire: Vec<WireRequest>, fds: Vec<OwnedFd>) -> Result<Vec<Reques
     Ok(out)
 }
 
+/// A connected frontend's session as a new daemon needs it.
+pub struct SessionHandover {
+    /// The connected vhost-user socket (a duplicate).
+    pub stream: OwnedFd,
+    /// The requests that rebuild the session ([`Session::image`]), with their fds.
+    pub image: Vec<Request>,
+    /// The frontend's pid (SO_PEERCRED), if known.
+    pub frontend_pid: Option<u32>,
+}
+
 fn request(code: FrontendReq, body: &[u8], fds: Vec<OwnedFd>) -> Request {
     Request {
         hdr: Header {

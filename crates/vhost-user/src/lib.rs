@@ -9,14 +9,13 @@
 #![deny(missing_docs)]
 
 pub mod connection;
-mod control;
 pub mod error;
 pub mod handover;
 pub mod server;
 pub mod session;
 
-pub use control::SessionHandover;
 pub use error::Error;
+pub use handover::SessionHandover;
 pub use server::{ServerHandover, ServerOptions, VhostUserServer};
 pub use session::{Session, SessionParams};
 pub use uvdpa_runtime::{ResCtx, SessionState};

@@ -23,9 +23,10 @@ use uvdpa_virtio::stats::StatsTable;
 use uvdpa_virtio::VirtioDevice;
 
 use crate::connection::Connection;
-use crate::control::{Control, Mode, SessionHandover, Woken};
 use crate::error::Error;
+use crate::handover::SessionHandover;
 use crate::session::{ResCtx, Session, SessionParams, SessionState};
+use uvdpa_runtime::pause::{Mode, Pause, Woken};
 
 /// What the server shares with its session thread.
 #[derive(Clone)]
@@ -41,7 +42,7 @@ struct Shared {
     notifier: Arc<Mutex<Option<ConfigNotifier>>>,
     sessions: Arc<SessionCounters>,
     /// Live-upgrade pause state of the accept loop and the session thread.
-    control: Arc<Control>,
+    control: Arc<Pause<SessionHandover>>,
     /// A session thread runs (set by the accept loop, cleared when the session ends).
     busy: Arc<AtomicBool>,
 }
@@ -141,7 +142,7 @@ fn pause_session(name: &str, session: &mut Session, pid: Option<u32>, sh: &Share
         Mode::Paused => {}
     }
     session.hold();
-    if st.want_image && st.session.is_none() {
+    if st.want_image && st.image.is_none() {
         let image = session.image().and_then(|image| {
             let stream = session
                 .connection()
@@ -155,7 +156,7 @@ fn pause_session(name: &str, session: &mut Session, pid: Option<u32>, sh: &Share
                 frontend_pid: pid,
             })
         });
-        st.session = Some(image.map_err(|e| e.to_string()));
+        st.image = Some(image.map_err(|e| e.to_string()));
         ctl.cv.notify_all();
     }
     let (st, mode) = ctl.wait_unpaused(st);
@@ -259,7 +260,7 @@ impl VhostUserServer {
             opts,
             notifier: Arc::default(),
             sessions: Arc::default(),
-            control: Arc::new(Control::new(Mode::Serving)?),
+            control: Arc::new(Pause::new(Mode::Serving)?),
             busy: Arc::default(),
         };
         let sh = shared.clone();
@@ -292,16 +293,16 @@ impl VhostUserServer {
         }
         st.mode = Mode::Paused;
         st.want_image = true;
-        st.accept_paused = false;
-        st.listener = None;
-        st.session = None;
+        st.parked = false;
+        st.parked_fd = None;
+        st.image = None;
         ctl.raise();
         let busy = self.shared.busy.clone();
         let (mut st, paused) = ctl.wait_for(st, timeout, |st| {
-            st.accept_paused && (st.session.is_some() || !busy.load(Ordering::Acquire))
+            st.parked && (st.image.is_some() || !busy.load(Ordering::Acquire))
         });
-        let listener = st.listener.take();
-        let session = st.session.take();
+        let listener = st.parked_fd.take();
+        let session = st.image.take();
         drop(st);
         let fail = |why: String| {
             self.resume();
@@ -345,9 +346,9 @@ impl VhostUserServer {
         }
         st.mode = Mode::Serving;
         st.want_image = false;
-        st.accept_paused = false;
-        st.listener = None;
-        st.session = None;
+        st.parked = false;
+        st.parked_fd = None;
+        st.image = None;
         ctl.clear();
         ctl.cv.notify_all();
         drop(st);
@@ -400,7 +401,7 @@ impl VhostUserServer {
             opts,
             notifier: Arc::default(),
             sessions: Arc::default(),
-            control: Arc::new(Control::new(Mode::Paused).map_err(io)?),
+            control: Arc::new(Pause::new(Mode::Paused).map_err(io)?),
             busy: Arc::default(),
         };
         let c = &shared.sessions;
@@ -529,9 +530,9 @@ fn pause_accept(listener: &UnixListener, sh: &Shared) -> bool {
         Mode::Detached => return false,
         Mode::Paused => {}
     }
-    if !st.accept_paused {
-        st.listener = listener.as_fd().try_clone_to_owned().ok();
-        st.accept_paused = true;
+    if !st.parked {
+        st.parked_fd = listener.as_fd().try_clone_to_owned().ok();
+        st.parked = true;
         ctl.cv.notify_all();
     }
     let (_st, mode) = ctl.wait_unpaused(st);

@@ -8,29 +8,31 @@ use std::time::Duration;
 use tracing::info;
 use uvdpa_devices::blk::BackendSpec;
 use uvdpa_devices::net::device::NetBackendSpec;
+use uvdpa_vduse::server::VduseHandover;
 use uvdpa_vhost_user::ServerHandover;
 
 use super::{error_chain, Dev, Prepared, Registry, RegistryError, Served};
-use crate::config::{DeviceEntry, SizeValue, Transport};
+use crate::config::{DeviceEntry, SizeValue};
+
+/// What a paused device left for a new daemon, by transport.
+pub enum Handed {
+    /// A vhost-user device (listener, session image, counters).
+    VhostUser(ServerHandover),
+    /// A VDUSE device (device fd, kick fds, state).
+    Vduse(VduseHandover),
+}
 
 impl Registry {
     /// The tables that recreate every device in a new daemon (a `ram` or `null` disk with
     /// its current capacity), in name order.
     ///
     /// # Errors
-    /// [`RegistryError::Handover`] naming a device that cannot move: a VDUSE device (its
-    /// kernel device fd is not handed over yet; restart the daemon instead, the VDUSE
-    /// reconnect log resumes it) or a net device on a `tap` backend (the TAP queue fds
-    /// are not handed over yet).
+    /// [`RegistryError::Handover`] naming a device that cannot move: a net device on a
+    /// `tap` backend (the TAP queue fds are not handed over yet).
     pub fn handover_entries(&self) -> Result<Vec<DeviceEntry>, RegistryError> {
         let devs = self.lock();
         let mut out = Vec::with_capacity(devs.len());
         for (name, m) in devs.iter() {
-            if let Transport::Vduse { .. } = m.spec.transport {
-                return Err(RegistryError::Handover(format!(
-                    "{name} is a VDUSE device (not handed over yet: restart the daemon instead)"
-                )));
-            }
             let mut entry = m.spec.entry.clone();
             match &m.dev {
                 Dev::Net(n, _) if matches!(n.backend, NetBackendSpec::Tap { .. }) => {
@@ -81,22 +83,25 @@ impl Registry {
     ///
     /// # Errors
     /// [`RegistryError::Handover`] with the first device's reason.
-    pub fn quiesce_all(
-        &self,
-        timeout: Duration,
-    ) -> Result<Vec<(String, ServerHandover)>, RegistryError> {
+    pub fn quiesce_all(&self, timeout: Duration) -> Result<Vec<(String, Handed)>, RegistryError> {
         let devs = self.lock();
         let mut out = Vec::with_capacity(devs.len());
         let mut failed = None;
         for (name, m) in devs.iter() {
-            let Served::VhostUser(s) = &m.server else {
-                failed = Some(format!("{name} is not a vhost-user device"));
-                break;
+            let handed = match &m.server {
+                Served::VhostUser(s) => s
+                    .quiesce(timeout)
+                    .map(Handed::VhostUser)
+                    .map_err(|e| error_chain(&e)),
+                Served::Vduse(s) => s
+                    .quiesce(timeout)
+                    .map(Handed::Vduse)
+                    .map_err(|e| error_chain(&e)),
             };
-            match s.quiesce(timeout) {
+            match handed {
                 Ok(h) => out.push((name.clone(), h)),
                 Err(e) => {
-                    failed = Some(error_chain(&e));
+                    failed = Some(e);
                     break;
                 }
             }
@@ -113,8 +118,9 @@ impl Registry {
     /// start of serving the adopted devices).
     pub fn resume_all(&self) {
         for m in self.lock().values() {
-            if let Served::VhostUser(s) = &m.server {
-                s.resume();
+            match &m.server {
+                Served::VhostUser(s) => s.resume(),
+                Served::Vduse(s) => s.resume(),
             }
         }
     }
@@ -128,7 +134,8 @@ impl Registry {
             self.capture_stop_device(&name);
             match m.server {
                 Served::VhostUser(s) => s.detach(),
-                Served::Vduse(s) => s.shutdown(),
+                // Closes this process's copy of the device fd; the kernel device stays.
+                Served::Vduse(s) => s.detach(),
             }
             info!(device = %name, "handed over");
         }
@@ -139,7 +146,7 @@ impl Registry {
     ///
     /// # Errors
     /// As [`Registry::install`], or the session image refused.
-    pub fn adopt(&self, p: Prepared, h: ServerHandover) -> Result<(), RegistryError> {
+    pub fn adopt(&self, p: Prepared, h: Handed) -> Result<(), RegistryError> {
         self.install_with(p, Some(h)).map(|_| ())
     }
 }

@@ -138,6 +138,7 @@ impl Kernel {
             opts,
             created: true,
             kernel: false,
+            adopt: None,
         })
         .unwrap();
         assert!(!server.reattached());
@@ -593,4 +594,103 @@ fn parts_of_a_stand_in_fd_are_not_destroyed_in_the_kernel() {
     k.assert_alive();
     let took = k.shutdown();
     assert!(took < Duration::from_secs(2));
+}
+
+/// Drives a fake device to DRIVER_OK with both vrings running.
+fn running_device(name: &str) -> (Kernel, Arc<FakeKernel>, VirtioFeatures) {
+    let good = VirtioFeatures::VIRTIO_F_VERSION_1 | VirtioFeatures::VIRTIO_F_ACCESS_PLATFORM;
+    let fake = FakeKernel::with_features(good);
+    let mut k = Kernel::new(name, Some(fake.clone()), VduseOptions::default());
+    for s in [ACK, ACK | DRIVER, ACK | DRIVER | FEATURES_OK] {
+        assert_eq!(k.set_status(s), ResponseResult::Ok);
+    }
+    assert_eq!(
+        k.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK),
+        ResponseResult::Ok
+    );
+    assert_eq!(k.server().session_state().running_vrings, QUEUES);
+    (k, fake, good)
+}
+
+#[test]
+fn quiesce_pauses_the_loop_and_resume_answers_what_waited() {
+    let (mut k, _fake, _) = running_device("vduse-pause");
+    let h = k.server().quiesce(ANSWER_TIMEOUT).unwrap();
+    assert_eq!(h.state.status, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert!(
+        k.server().quiesce(ANSWER_TIMEOUT).is_err(),
+        "a second quiesce while paused must be refused"
+    );
+    // Requests wait in the fd while paused, unanswered.
+    let id = k.send(RequestKind::UpdateIotlb {
+        start: 0x1000,
+        last: 0x1fff,
+    });
+    assert!(
+        !k.readable(Duration::from_millis(300)),
+        "answered while paused"
+    );
+    k.server().resume();
+    let resp = k.recv(None);
+    assert_eq!((resp.request_id, resp.result), (id, ResponseResult::Ok));
+    // The vrings run again (the worker publishes after the next request).
+    k.assert_alive();
+    assert_eq!(k.server().session_state().running_vrings, QUEUES);
+    k.shutdown();
+}
+
+#[test]
+fn an_adopted_device_resumes_where_the_paused_one_stopped() {
+    let (mut k, fake, good) = running_device("vduse-adopt");
+    let h = k.server().quiesce(ANSWER_TIMEOUT).unwrap();
+    assert_eq!(h.state.features, good.bits());
+    assert_eq!(h.kicks.len(), usize::from(QUEUES));
+    assert_eq!(h.state.vrings.len(), usize::from(QUEUES));
+    for (i, v) in h.state.vrings.iter().enumerate() {
+        let base = i as u64 * VRING_STRIDE;
+        assert_eq!(v.index, i as u16);
+        assert_eq!(v.size, QUEUE_SIZE);
+        assert_eq!(v.addr, (base, base + 0x1000, base + 0x2000));
+        assert!(v.started && v.enabled);
+    }
+    let setups = fake.kickfds.lock().unwrap().len();
+    let id = k.send(RequestKind::UpdateIotlb {
+        start: 0x2000,
+        last: 0x2fff,
+    });
+    let adopted = VduseServer::serve(Parts {
+        name: "vduse-adopt".into(),
+        dev: Arc::new(DeviceFd::from_fd(h.dev).unwrap()),
+        ops: fake.clone(),
+        device: blk(),
+        opts: VduseOptions::default(),
+        created: false,
+        kernel: false,
+        adopt: Some(Adopted {
+            kicks: h.kicks,
+            stats: h.stats,
+            state: h.state,
+        }),
+    })
+    .unwrap();
+    // Adopted paused: nothing answered, nothing running, no kick fd set up again.
+    assert!(
+        !k.readable(Duration::from_millis(300)),
+        "answered before resume"
+    );
+    assert_eq!(
+        adopted.session_state().status,
+        ACK | DRIVER | FEATURES_OK | DRIVER_OK
+    );
+    assert_eq!(fake.kickfds.lock().unwrap().len(), setups);
+    // The old server lets go (its copy of the fd closes), the new one serves.
+    k.server.take().unwrap().detach();
+    adopted.resume();
+    let resp = k.recv(None);
+    assert_eq!((resp.request_id, resp.result), (id, ResponseResult::Ok));
+    k.server = Some(adopted);
+    k.assert_alive();
+    assert_eq!(k.server().session_state().running_vrings, QUEUES);
+    assert_eq!(k.status(), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    k.shutdown();
 }

@@ -1,8 +1,10 @@
-//! Pausing a server's threads for a live upgrade: the accept loop stops accepting and the
-//! session thread stops between two requests, holds its vrings and leaves an image of
-//! its session ([`crate::handover`]) for the daemon to hand over. From there the server
-//! either resumes (the upgrade failed: rollback) or is detached (a new daemon serves it
-//! now: nothing is closed towards the frontend and the socket file stays).
+//! Pausing a transport's threads for a live upgrade, shared by both transports: the
+//! thread that reads the driver's requests (a vhost-user session, a VDUSE message loop)
+//! stops between two requests, holds its vrings ([`crate::DeviceRuntime::hold`]) and
+//! leaves an image of its state for the daemon to hand over; a second thread (the
+//! vhost-user accept loop) can park too and leave an fd. From there the transport either
+//! resumes (the upgrade failed: rollback) or is detached (a new daemon serves it now:
+//! nothing is said to the driver and nothing is removed).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -10,11 +12,9 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 
-use crate::connection::Request;
-
-/// Where a server stands in a live upgrade.
+/// Where a transport stands in a live upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum Mode {
+pub enum Mode {
     /// Accepting and serving.
     #[default]
     Serving,
@@ -24,39 +24,43 @@ pub(crate) enum Mode {
     Detached,
 }
 
-/// A connected frontend's session as a new daemon needs it.
-pub struct SessionHandover {
-    /// The connected vhost-user socket (a duplicate).
-    pub stream: OwnedFd,
-    /// The requests that rebuild the session ([`crate::Session::image`]), with their fds.
-    pub image: Vec<Request>,
-    /// The frontend's pid (SO_PEERCRED), if known.
-    pub frontend_pid: Option<u32>,
+/// What the paused threads left for the daemon; `T` is the transport's image.
+pub struct PauseState<T> {
+    /// Serving, paused or detached.
+    pub mode: Mode,
+    /// The paused thread should leave an image (a quiesce asked for one).
+    pub want_image: bool,
+    /// The second thread (vhost-user: the accept loop) parked.
+    pub parked: bool,
+    /// An fd the parked second thread left (vhost-user: a duplicate of the listening
+    /// socket).
+    pub parked_fd: Option<OwnedFd>,
+    /// The paused thread's image, or why it has none.
+    pub image: Option<Result<T, String>>,
 }
 
-/// What the paused threads left for the daemon.
-#[derive(Default)]
-pub(crate) struct PauseState {
-    pub(crate) mode: Mode,
-    /// The paused session should leave an image (a quiesce asked for one).
-    pub(crate) want_image: bool,
-    /// The accept loop stopped accepting.
-    pub(crate) accept_paused: bool,
-    /// A duplicate of the listening socket, left by the paused accept loop.
-    pub(crate) listener: Option<OwnedFd>,
-    /// The paused session's image, or why it has none.
-    pub(crate) session: Option<Result<SessionHandover, String>>,
+impl<T> Default for PauseState<T> {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Serving,
+            want_image: false,
+            parked: false,
+            parked_fd: None,
+            image: None,
+        }
+    }
 }
 
 /// The pause state, its condition variable and the eventfd that wakes the threads' polls.
-pub(crate) struct Control {
-    st: Mutex<PauseState>,
-    pub(crate) cv: Condvar,
+pub struct Pause<T> {
+    st: Mutex<PauseState<T>>,
+    /// Signalled at every change of the state.
+    pub cv: Condvar,
     wake: OwnedFd,
 }
 
-/// What woke a server thread.
-pub(crate) enum Woken {
+/// What woke a transport thread.
+pub enum Woken {
     /// The fd it waits on is readable.
     Readable,
     /// The server is shutting down.
@@ -65,9 +69,12 @@ pub(crate) enum Woken {
     Control,
 }
 
-impl Control {
-    /// A control in `mode` (a server adopted from another daemon starts paused).
-    pub(crate) fn new(mode: Mode) -> std::io::Result<Self> {
+impl<T> Pause<T> {
+    /// A control in `mode` (a transport adopted from another daemon starts paused).
+    ///
+    /// # Errors
+    /// The wake eventfd could not be created.
+    pub fn new(mode: Mode) -> std::io::Result<Self> {
         let c = Self {
             st: Mutex::new(PauseState {
                 mode,
@@ -82,18 +89,19 @@ impl Control {
         Ok(c)
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, PauseState> {
+    /// The pause state.
+    pub fn lock(&self) -> MutexGuard<'_, PauseState<T>> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wakes the threads' polls (level-triggered until [`Control::clear`]).
-    pub(crate) fn raise(&self) {
+    /// Wakes the threads' polls (level-triggered until [`Pause::clear`]).
+    pub fn raise(&self) {
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
     }
 
     /// Resets the wake eventfd (with the state lock held, after the mode went back to
     /// serving).
-    pub(crate) fn clear(&self) {
+    pub fn clear(&self) {
         let mut b = [0u8; 8];
         // The fd is blocking: read only when set, or this would hang.
         let mut fds = [PollFd::new(&self.wake, PollFlags::IN)];
@@ -102,11 +110,16 @@ impl Control {
         }
     }
 
+    /// The eventfd that wakes the threads' polls (for a thread that polls other fds too).
+    pub fn wake_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.wake.as_fd()
+    }
+
     /// Waits while the mode is [`Mode::Paused`]; returns the mode that ended the wait.
-    pub(crate) fn wait_unpaused<'a>(
+    pub fn wait_unpaused<'a>(
         &'a self,
-        mut st: MutexGuard<'a, PauseState>,
-    ) -> (MutexGuard<'a, PauseState>, Mode) {
+        mut st: MutexGuard<'a, PauseState<T>>,
+    ) -> (MutexGuard<'a, PauseState<T>>, Mode) {
         while st.mode == Mode::Paused {
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
@@ -116,12 +129,12 @@ impl Control {
 
     /// Waits until `done` holds or `timeout` passes; returns the guard and whether it
     /// holds.
-    pub(crate) fn wait_for<'a>(
+    pub fn wait_for<'a>(
         &'a self,
-        mut st: MutexGuard<'a, PauseState>,
+        mut st: MutexGuard<'a, PauseState<T>>,
         timeout: Duration,
-        done: impl Fn(&PauseState) -> bool,
-    ) -> (MutexGuard<'a, PauseState>, bool) {
+        done: impl Fn(&PauseState<T>) -> bool,
+    ) -> (MutexGuard<'a, PauseState<T>>, bool) {
         let deadline = Instant::now() + timeout;
         loop {
             if done(&st) {
@@ -140,7 +153,7 @@ impl Control {
     }
 
     /// Waits until `fd` is readable, `shutdown` fires or the pause state changes.
-    pub(crate) fn wait(&self, fd: impl AsFd, shutdown: &OwnedFd) -> Woken {
+    pub fn wait(&self, fd: impl AsFd, shutdown: &OwnedFd) -> Woken {
         loop {
             let mut fds = [
                 PollFd::new(&fd, PollFlags::IN),
