@@ -4,7 +4,8 @@
 # guest, busybox for its initramfs, fio and e2fsprogs for the guest's real-workload matrix,
 # DPDK (dpdk-testpmd: the virtio-net driver and the
 # reference vhost-user backend of the net tests and benches/net.sh), and the VDUSE guest's
-# 6.12 kernel (tests/guest/vduse/fetch-kernel.sh), and libvirt-clients (virt-xml-validate).
+# 6.12 kernel (tests/guest/vduse/fetch-kernel.sh), libvirt-clients (virt-xml-validate), and
+# the NBD servers nbdkit and qemu-nbd (qemu-utils).
 set -euo pipefail
 
 need=()
@@ -33,6 +34,10 @@ command -v tcpdump >/dev/null || [ -x /usr/bin/tcpdump ] || need+=(tcpdump)
 # (crates/daemon/tests/service.rs validates contrib/libvirt/*.xml).
 command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
 command -v xmllint >/dev/null || need+=(libxml2-utils)
+# NBD servers the `nbd` backend is tested against (crates/daemon/tests/blk_nbd.rs): nbdkit
+# (memory and file plugins, error/delay/blocksize-policy filters) and qemu-nbd.
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v qemu-nbd >/dev/null || need+=(qemu-utils)
 
 if [ ${#need[@]} -eq 0 ]; then
     echo "install-deps: all packages present"

@@ -114,7 +114,8 @@ fn number<T: std::str::FromStr>(attr: &str, v: &str) -> Result<T, String> {
 }
 
 /// Parses the attributes of `dev add` into the config-file entry they stand for. Blk:
-/// `backend size path direct aio ro queues queue_size serial logical_block_size`; net:
+/// `backend size path direct aio uri connections reconnect_delay timeout ro queues queue_size
+/// serial logical_block_size`; net:
 /// `backend mac mtu max_vqp (or queue_pairs) queue_size tap switch frame_len`; both:
 /// `poll_us mandate unoffer coalesce_usecs coalesce_frames transport bind bounce_size`. Which attributes fit which mgmtdev
 /// and their ranges are checked by [`DeviceEntry::validate`].
@@ -135,6 +136,10 @@ fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
             "size" => e.size = Some(SizeValue::Text(value()?)),
             "path" => e.path = Some(value()?.into()),
             "aio" => e.aio = Some(value()?),
+            "uri" => e.uri = Some(value()?),
+            "connections" => e.connections = Some(number(k, &value()?)?),
+            "reconnect_delay" => e.reconnect_delay = Some(number(k, &value()?)?),
+            "timeout" => e.timeout = Some(number(k, &value()?)?),
             "serial" => e.serial = Some(value()?),
             "queues" => e.queues = Some(number(k, &value()?)?),
             "queue_size" => e.queue_size = Some(number(k, &value()?)?),

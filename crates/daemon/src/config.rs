@@ -7,11 +7,15 @@
 //! [[device]]
 //! name = "blk0"            # 1..=32 of [A-Za-z0-9_.-], unique
 //! mgmtdev = "blk"          # device type: "blk" or "net"
-//! backend = "ram"          # ram | file | null
+//! backend = "ram"          # ram | file | null | nbd
 //! size = "256M"            # bytes, or with K/M/G/T (binary) suffix; ram and null
 //! path = "/var/lib/disk.img"  # file backend
 //! direct = false           # file backend: O_DIRECT
 //! aio = "io_uring"         # file backend: io_uring (default; sync where unavailable) | sync
+//! uri = "nbd://host:10809/export"  # nbd backend (or nbd+unix:///export?socket=PATH)
+//! connections = 1          # nbd: 1..=queues (more only with NBD_FLAG_CAN_MULTI_CONN)
+//! reconnect_delay = 0      # nbd: seconds requests wait for a lost server, 0..=3600
+//! timeout = 30             # nbd: seconds a request may take, 1..=3600
 //! queues = 1               # 1..=64
 //! queue_size = 128         # power of two, 1..=32768: seg_max is min(queue_size, 1024) - 2
 //! read_only = false
@@ -48,6 +52,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use uvdpa_devices::blk::nbd::{NbdSpec, NbdUri, DEFAULT_TIMEOUT as NBD_DEFAULT_TIMEOUT};
 use uvdpa_devices::blk::{
     Aio, BackendSpec, BlkConfig, DEFAULT_QUEUE_SIZE as DEFAULT_BLK_QUEUE_SIZE,
 };
@@ -116,6 +121,15 @@ pub struct DeviceEntry {
     pub direct: Option<bool>,
     /// How the file is read and written: `io_uring` or `sync` (blk: file).
     pub aio: Option<String>,
+    /// The NBD server and export, `nbd://HOST[:PORT]/EXPORT` or
+    /// `nbd+unix:///EXPORT?socket=PATH` (blk: nbd).
+    pub uri: Option<String>,
+    /// NBD connections, 1..=queues (blk: nbd).
+    pub connections: Option<u16>,
+    /// Seconds requests wait for a lost NBD server to come back (blk: nbd).
+    pub reconnect_delay: Option<u32>,
+    /// Seconds an NBD request may take before it fails (blk: nbd).
+    pub timeout: Option<u32>,
     /// Number of virtqueues (blk).
     pub queues: Option<u16>,
     /// Queue size.
@@ -183,6 +197,8 @@ pub const NET_DEFAULT_FRAME_LEN: u16 = 64;
 /// qemu-storage-daemon's adaptive polling uses (poll-max-ns 32768). `poll_us = 0` turns it
 /// off (the worker then sleeps in epoll after every batch).
 pub const BLK_DEFAULT_POLL_US: u32 = 32;
+/// Largest `reconnect_delay` and `timeout` of an `nbd` backend, seconds.
+pub const NBD_MAX_SECONDS: u32 = 3600;
 /// Shortest frame of a `source` net backend (an Ethernet minimum frame without its FCS).
 pub const NET_MIN_FRAME_LEN: u16 = 60;
 
@@ -356,11 +372,15 @@ fn valid_name(s: &str) -> bool {
 }
 
 /// Fields only a blk device has.
-const BLK_FIELDS: [&str; 8] = [
+const BLK_FIELDS: [&str; 12] = [
     "size",
     "path",
     "direct",
     "aio",
+    "uri",
+    "connections",
+    "reconnect_delay",
+    "timeout",
     "queues",
     "read_only",
     "serial",
@@ -379,6 +399,10 @@ impl DeviceEntry {
             ("path", self.path.is_some()),
             ("direct", self.direct.is_some()),
             ("aio", self.aio.is_some()),
+            ("uri", self.uri.is_some()),
+            ("connections", self.connections.is_some()),
+            ("reconnect_delay", self.reconnect_delay.is_some()),
+            ("timeout", self.timeout.is_some()),
             ("queues", self.queues.is_some()),
             ("read_only", self.read_only.is_some()),
             ("serial", self.serial.is_some()),
@@ -619,13 +643,35 @@ impl DeviceEntry {
                     Some(a) => a.parse().map_err(|reason| err("aio", reason))?,
                 },
             },
-            other => return Err(err("backend", format!("{other:?}: one of ram, file, null"))),
+            "nbd" => BackendSpec::Nbd(self.validate_nbd(err)?),
+            other => {
+                return Err(err(
+                    "backend",
+                    format!("{other:?}: one of ram, file, null, nbd"),
+                ))
+            }
         };
-        if self.path.is_some() && !matches!(backend, BackendSpec::File { .. }) {
-            return Err(err("path", "only valid with backend file".into()));
-        }
-        if self.aio.is_some() && !matches!(backend, BackendSpec::File { .. }) {
-            return Err(err("aio", "only valid with backend file".into()));
+        let is_file = matches!(backend, BackendSpec::File { .. });
+        let is_nbd = matches!(backend, BackendSpec::Nbd(_));
+        for (field, set, ok, owner) in [
+            ("path", self.path.is_some(), is_file, "file"),
+            ("aio", self.aio.is_some(), is_file, "file"),
+            // Ignored by ram and null (as before), refused with nbd.
+            ("direct", self.direct.is_some(), !is_nbd, "file"),
+            ("size", size.is_some(), !is_nbd, "ram, null"),
+            ("uri", self.uri.is_some(), is_nbd, "nbd"),
+            ("connections", self.connections.is_some(), is_nbd, "nbd"),
+            (
+                "reconnect_delay",
+                self.reconnect_delay.is_some(),
+                is_nbd,
+                "nbd",
+            ),
+            ("timeout", self.timeout.is_some(), is_nbd, "nbd"),
+        ] {
+            if set && !ok {
+                return Err(err(field, format!("only valid with backend {owner}")));
+            }
         }
         if let Some(s) = size {
             if s == 0 || s % 512 != 0 {
@@ -667,6 +713,45 @@ impl DeviceEntry {
             queue_size,
             serial,
             logical_block_size: lbs,
+        })
+    }
+
+    /// The attributes of an `nbd` backend.
+    fn validate_nbd(&self, err: FieldErr<'_>) -> Result<NbdSpec, ConfigError> {
+        let text = self
+            .uri
+            .as_deref()
+            .ok_or_else(|| err("uri", "required for backend nbd (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)".into()))?;
+        let uri: NbdUri = text.parse().map_err(|reason| err("uri", reason))?;
+        let queues = self.queues.unwrap_or(1);
+        let connections = self.connections.unwrap_or(1);
+        if connections == 0 || connections > queues.max(1) {
+            return Err(err(
+                "connections",
+                format!(
+                    "{connections}: 1..=queues ({queues}): each connection is served by one queue worker"
+                ),
+            ));
+        }
+        let reconnect_delay = self.reconnect_delay.unwrap_or(0);
+        if reconnect_delay > NBD_MAX_SECONDS {
+            return Err(err(
+                "reconnect_delay",
+                format!("{reconnect_delay}: 0..={NBD_MAX_SECONDS} seconds"),
+            ));
+        }
+        let timeout = self.timeout.unwrap_or(NBD_DEFAULT_TIMEOUT.as_secs() as u32);
+        if !(1..=NBD_MAX_SECONDS).contains(&timeout) {
+            return Err(err(
+                "timeout",
+                format!("{timeout}: 1..={NBD_MAX_SECONDS} seconds"),
+            ));
+        }
+        Ok(NbdSpec {
+            uri,
+            connections,
+            reconnect_delay: std::time::Duration::from_secs(u64::from(reconnect_delay)),
+            timeout: std::time::Duration::from_secs(u64::from(timeout)),
         })
     }
 
@@ -934,6 +1019,100 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn nbd_entries_parse_and_each_invalid_field_is_named() {
+        let d = parse_config(
+            Path::new("t.toml"),
+            "[[device]]\nname = \"n\"\nmgmtdev = \"blk\"\nbackend = \"nbd\"\n\
+             uri = \"nbd://h:1234/e\"\nqueues = 4\nconnections = 2\n\
+             reconnect_delay = 10\ntimeout = 5\n",
+        )
+        .unwrap();
+        let BackendSpec::Nbd(n) = &d[0].blk().unwrap().backend else {
+            panic!("not nbd");
+        };
+        assert_eq!(n.uri.to_string(), "nbd://h:1234/e");
+        assert_eq!(n.connections, 2);
+        assert_eq!(n.reconnect_delay, std::time::Duration::from_secs(10));
+        assert_eq!(n.timeout, std::time::Duration::from_secs(5));
+        let d = parse_config(
+            Path::new("t.toml"),
+            "[[device]]\nname = \"n\"\nmgmtdev = \"blk\"\nbackend = \"nbd\"\n\
+             uri = \"nbd+unix:///?socket=/run/s\"\n",
+        )
+        .unwrap();
+        let BackendSpec::Nbd(n) = &d[0].blk().unwrap().backend else {
+            panic!("not nbd");
+        };
+        assert_eq!((n.connections, n.reconnect_delay.as_secs()), (1, 0));
+        assert_eq!(n.timeout, NBD_DEFAULT_TIMEOUT);
+        let base = "[[device]]\nname = \"n\"\nmgmtdev = \"blk\"\nbackend = \"nbd\"\n";
+        let uri = "uri = \"nbd://h/e\"\n";
+        for (extra, field, says) in [
+            ("", "uri", "required"),
+            ("uri = \"http://h/e\"", "uri", "scheme"),
+            ("uri = \"nbds://h/e\"", "uri", "TLS"),
+            ("uri = \"nbd+unix:///e\"", "uri", "socket=PATH"),
+            (
+                &format!("{uri}connections = 2"),
+                "connections",
+                "1..=queues (1)",
+            ),
+            (
+                &format!("{uri}connections = 0"),
+                "connections",
+                "1..=queues",
+            ),
+            (
+                &format!("{uri}reconnect_delay = 3601"),
+                "reconnect_delay",
+                "0..=3600",
+            ),
+            (&format!("{uri}timeout = 0"), "timeout", "1..=3600"),
+            (
+                &format!("{uri}size = \"1M\""),
+                "size",
+                "only valid with backend ram, null",
+            ),
+            (
+                &format!("{uri}path = \"/x\""),
+                "path",
+                "only valid with backend file",
+            ),
+            (
+                &format!("{uri}direct = true"),
+                "direct",
+                "only valid with backend file",
+            ),
+            (
+                &format!("{uri}aio = \"sync\""),
+                "aio",
+                "only valid with backend file",
+            ),
+        ] {
+            let (f, reason) = field_of(&format!("{base}{extra}\n"));
+            assert_eq!(f, field, "{extra}: {reason}");
+            assert!(reason.contains(says), "{extra}: {reason}");
+        }
+        let ram = "[[device]]\nname = \"r\"\nmgmtdev = \"blk\"\nsize = \"1M\"\n";
+        for f in [
+            "uri = \"nbd://h/e\"",
+            "connections = 1",
+            "reconnect_delay = 1",
+            "timeout = 1",
+        ] {
+            let (field, reason) = field_of(&format!("{ram}{f}\n"));
+            assert!(f.starts_with(field), "{f}: {field}");
+            assert_eq!(reason, "only valid with backend nbd");
+        }
+        let net = "[[device]]\nname = \"e\"\nmgmtdev = \"net\"\n";
+        let (field, reason) = field_of(&format!("{net}uri = \"nbd://h/e\"\n"));
+        assert_eq!(
+            (field, reason.as_str()),
+            ("uri", "only valid with mgmtdev blk")
+        );
     }
 
     #[test]

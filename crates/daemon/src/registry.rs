@@ -196,7 +196,7 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
             device_id: 2,
             transports: vec!["vhost-user".into(), "vduse".into()],
             attributes: vec![
-                a("backend", "ram|file|null", "ram"),
+                a("backend", "ram|file|null|nbd", "ram"),
                 a(
                     "size",
                     "512..=2^47 bytes, multiple of 512; K/M/G/T suffixes (ram, null)",
@@ -209,6 +209,22 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                     "io_uring|sync (file; io_uring falls back to sync where unavailable)",
                     "io_uring",
                 ),
+                a(
+                    "uri",
+                    "nbd://HOST[:PORT]/EXPORT | nbd+unix:///EXPORT?socket=PATH (nbd)",
+                    "-",
+                ),
+                a(
+                    "connections",
+                    "1..=queues (nbd; more than 1 only with NBD_FLAG_CAN_MULTI_CONN)",
+                    "1",
+                ),
+                a(
+                    "reconnect_delay",
+                    "0..=3600 s requests wait for a lost server (nbd)",
+                    "0",
+                ),
+                a("timeout", "1..=3600 s a request may take (nbd)", "30"),
                 a("ro", "flag: read-only", "off"),
                 a("queues", "1..=64", "1"),
                 a(
@@ -1166,12 +1182,7 @@ impl Registry {
         };
         match &m.dev {
             Dev::Blk(cfg, blk) => {
-                v.backend = match &cfg.backend {
-                    BackendSpec::Ram { .. } => "ram",
-                    BackendSpec::File { .. } => "file",
-                    BackendSpec::Null { .. } => "null",
-                }
-                .into();
+                v.backend = cfg.backend.name().into();
                 v.capacity = Some(blk.capacity_bytes());
                 v.read_only = Some(cfg.read_only);
                 v.aio = blk.aio().map(|a| a.as_str().into());
@@ -1389,7 +1400,7 @@ impl Registry {
         let old = blk.resize(bytes).map_err(|e| set_err(error_chain(&e)))?;
         match &mut cfg.backend {
             BackendSpec::Ram { size } | BackendSpec::Null { size } => *size = bytes,
-            BackendSpec::File { .. } => {}
+            BackendSpec::File { .. } | BackendSpec::Nbd(_) => {}
         }
         let notified = m.server.config_changed(name);
         info!(

@@ -7,6 +7,9 @@
 //!   guest buffers as the iovecs, so data moves between the kernel and guest memory without
 //!   a copy in between.
 //! - `Null`: reads return zeroes, writes are dropped (benchmarks of the request path).
+//! - [`NbdDisk`]: an export of an NBD server; its requests never come here but go through
+//!   each queue's own connection ([`super::nbd::group::NbdGroup`]), so the synchronous
+//!   calls below refuse data operations on it.
 //!
 //! Every backend's capacity can change while queues run ([`Backend::resize`], `uvdpa dev
 //! set NAME capacity SIZE`): it is an atomic that every request checks its range against,
@@ -36,6 +39,7 @@ use rustix::fs::FallocateFlags;
 use rustix::io::Errno;
 use uvdpa_virtio::Segment;
 
+use super::nbd::NbdDisk;
 use super::{BlkError, SECTOR_SIZE};
 
 // `Segment` is documented as layout-compatible with `struct iovec`; the file backend relies
@@ -74,6 +78,8 @@ pub(crate) enum Backend {
         /// Capacity in bytes.
         size: AtomicU64,
     },
+    /// Sectors on an NBD server.
+    Nbd(NbdDisk),
 }
 
 /// A per-queue aligned buffer for O_DIRECT requests whose guest buffers are not aligned;
@@ -111,6 +117,7 @@ impl Backend {
             Self::Ram(r) => r.size.load(Ordering::Acquire),
             Self::File(f) => f.size.load(Ordering::Acquire),
             Self::Null { size } => size.load(Ordering::Acquire),
+            Self::Nbd(n) => n.size(),
         }
     }
 
@@ -139,6 +146,7 @@ impl Backend {
                 s.store(size, Ordering::Release);
                 Ok(())
             }
+            Self::Nbd(_) => Err(ResizeError::Nbd),
         }
     }
 
@@ -155,6 +163,14 @@ impl Backend {
     pub(crate) fn file(&self) -> Option<&FileDisk> {
         match self {
             Self::File(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// The export of an NBD backend.
+    pub(crate) fn nbd(&self) -> Option<&NbdDisk> {
+        match self {
+            Self::Nbd(n) => Some(n),
             _ => None,
         }
     }
@@ -193,6 +209,7 @@ impl Backend {
                 }
                 Ok(())
             }
+            Self::Nbd(_) => Err(nbd_sync()),
         }
     }
 
@@ -216,6 +233,7 @@ impl Backend {
             // SAFETY: forwarded from this function's contract.
             Self::File(f) => unsafe { f.write(offset, bufs, bounce) },
             Self::Null { .. } => Ok(()),
+            Self::Nbd(_) => Err(nbd_sync()),
         }
     }
 
@@ -223,7 +241,8 @@ impl Backend {
     pub(crate) fn flush(&self) -> io::Result<()> {
         match self {
             Self::File(f) => retry_intr(|| rustix::fs::fdatasync(&f.file)),
-            Self::Ram(_) | Self::Null { .. } => Ok(()),
+            // Each queue's connection flushes when its worker stops.
+            Self::Ram(_) | Self::Null { .. } | Self::Nbd(_) => Ok(()),
         }
     }
 
@@ -239,6 +258,7 @@ impl Backend {
                 r => r.map_err(io::Error::from),
             },
             Self::Null { .. } => Ok(()),
+            Self::Nbd(_) => Err(nbd_sync()),
         }
     }
 
@@ -250,8 +270,18 @@ impl Backend {
             Self::Ram(r) => r.zero(offset, len),
             Self::File(f) => f.write_zeroes(offset, len, unmap),
             Self::Null { .. } => Ok(()),
+            Self::Nbd(_) => Err(nbd_sync()),
         }
     }
+}
+
+/// The error of a synchronous data operation on an NBD backend (never reached: its queues
+/// run on [`super::nbd::group::NbdGroup`]).
+fn nbd_sync() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "an NBD backend serves requests through its queue connections only",
+    )
 }
 
 /// Sum of segment lengths, as a byte count on the disk.
@@ -372,6 +402,9 @@ pub enum ResizeError {
         /// The device's size.
         device_size: u64,
     },
+    /// An NBD export's size is the server's.
+    #[error("an NBD export's size is set by its server")]
+    Nbd,
     /// A system call failed.
     #[error("{what} failed: {source}")]
     Io {

@@ -1,4 +1,4 @@
-//! virtio-blk (virtio 1.2 §5.2): a block device over a RAM, file or null backend.
+//! virtio-blk (virtio 1.2 §5.2): a block device over a RAM, file, null or NBD backend.
 //!
 //! [`BlkDevice::new`] validates a [`BlkConfig`], opens the backend and fixes the config
 //! space; the device then serves any number of frontends in turn (the backend, and so a RAM
@@ -38,6 +38,7 @@ mod aio_tests;
 mod backend;
 mod config;
 pub mod latency;
+pub mod nbd;
 mod queue;
 mod request;
 #[cfg(test)]
@@ -136,6 +137,20 @@ pub enum BackendSpec {
         /// Capacity in bytes (a multiple of the logical block size).
         size: u64,
     },
+    /// An export of an NBD server ([`nbd`]); the capacity is the export's size.
+    Nbd(nbd::NbdSpec),
+}
+
+impl BackendSpec {
+    /// The `backend` attribute: `ram`, `file`, `null` or `nbd`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Ram { .. } => "ram",
+            Self::File { .. } => "file",
+            Self::Null { .. } => "null",
+            Self::Nbd(_) => "nbd",
+        }
+    }
 }
 
 /// What a virtio-blk device is made of; checked by [`BlkDevice::new`].
@@ -277,6 +292,23 @@ pub enum BlkError {
         #[source]
         source: ResizeError,
     },
+    /// The NBD server could not be reached, refused the export, or broke the protocol.
+    #[error("Opening NBD export {uri} failed")]
+    Nbd {
+        /// The export's URI.
+        uri: String,
+        /// What went wrong, with the server's reason when it gave one.
+        #[source]
+        source: nbd::NbdError,
+    },
+    /// The NBD export does not fit the device.
+    #[error("NBD export {uri} cannot back this device: {reason}")]
+    NbdExport {
+        /// The export's URI.
+        uri: String,
+        /// Why (block size, size).
+        reason: String,
+    },
     /// An O_DIRECT file needs more alignment than the logical block size.
     #[error(
         "Backing file {} needs {required}-byte alignment for O_DIRECT, more than \
@@ -347,19 +379,53 @@ impl BlkConfig {
     }
 }
 
+/// What a backend can do beyond reads and writes.
+#[derive(Debug, Clone, Copy)]
+struct Caps {
+    flush: bool,
+    discard: bool,
+    write_zeroes: bool,
+}
+
+impl Caps {
+    /// RAM, file and null backends do everything.
+    const ALL: Self = Self {
+        flush: true,
+        discard: true,
+        write_zeroes: true,
+    };
+
+    /// An NBD export does what its transmission flags say.
+    fn nbd(flags: nbd::TransmissionFlags) -> Self {
+        use nbd::TransmissionFlags as F;
+        Self {
+            flush: flags.contains(F::SEND_FLUSH),
+            discard: flags.contains(F::SEND_TRIM),
+            write_zeroes: flags.contains(F::SEND_WRITE_ZEROES),
+        }
+    }
+}
+
 /// Features offered for a device (virtio 1.2 §5.2.3, plus the ring and transport bits).
-fn offered_features(read_only: bool) -> VirtioFeatures {
+fn offered_features(read_only: bool, caps: Caps) -> VirtioFeatures {
     let mut blk = BlkFeatures::VIRTIO_BLK_F_SIZE_MAX
         | BlkFeatures::VIRTIO_BLK_F_SEG_MAX
         | BlkFeatures::VIRTIO_BLK_F_BLK_SIZE
-        | BlkFeatures::VIRTIO_BLK_F_FLUSH
         | BlkFeatures::VIRTIO_BLK_F_TOPOLOGY
         | BlkFeatures::VIRTIO_BLK_F_MQ;
-    blk |= if read_only {
-        BlkFeatures::VIRTIO_BLK_F_RO
+    if caps.flush {
+        blk |= BlkFeatures::VIRTIO_BLK_F_FLUSH;
+    }
+    if read_only {
+        blk |= BlkFeatures::VIRTIO_BLK_F_RO;
     } else {
-        BlkFeatures::VIRTIO_BLK_F_DISCARD | BlkFeatures::VIRTIO_BLK_F_WRITE_ZEROES
-    };
+        if caps.discard {
+            blk |= BlkFeatures::VIRTIO_BLK_F_DISCARD;
+        }
+        if caps.write_zeroes {
+            blk |= BlkFeatures::VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+    }
     VirtioFeatures::VIRTIO_F_VERSION_1
         | VirtioFeatures::VIRTIO_RING_F_INDIRECT_DESC
         | VirtioFeatures::VIRTIO_RING_F_EVENT_IDX
@@ -406,9 +472,10 @@ fn choose_aio(path: &std::path::Path, asked: Aio) -> Aio {
     chosen
 }
 
-/// The config space of a device with `capacity` bytes.
-fn config_space(cfg: &BlkConfig, capacity: u64) -> VirtioBlkConfig {
-    let sectors_per_block = cfg.logical_block_size / SECTOR_SIZE as u32;
+/// The config space of a device with `capacity` bytes whose backend can do `caps`;
+/// discards are aligned to `discard_align` bytes (at least the logical block size).
+fn config_space(cfg: &BlkConfig, capacity: u64, caps: Caps, discard_align: u32) -> VirtioBlkConfig {
+    let sectors_per_block = discard_align.max(cfg.logical_block_size) / SECTOR_SIZE as u32;
     VirtioBlkConfig {
         capacity: capacity / SECTOR_SIZE,
         size_max: SIZE_MAX,
@@ -420,8 +487,8 @@ fn config_space(cfg: &BlkConfig, capacity: u64) -> VirtioBlkConfig {
             min_io_size: 1,
             opt_io_size: 0,
         },
-        // FLUSH is offered, so the driver sees a writeback cache.
-        writeback: 1,
+        // With FLUSH the driver sees a writeback cache; without, a write-through one.
+        writeback: u8::from(caps.flush),
         num_queues: cfg.num_queues,
         max_discard_sectors: MAX_ZERO_SECTORS,
         max_discard_seg: MAX_ZERO_SEGMENTS,
@@ -493,24 +560,36 @@ impl BlkDevice {
             (BackendSpec::Null { .. }, Some(_)) => {
                 return Err(BlkError::AdoptFdNotRam { backend: "null" })
             }
+            (BackendSpec::Nbd(spec), None) => Backend::Nbd(nbd::NbdDisk::open(spec, lbs)?),
             (BackendSpec::File { .. }, Some(_)) => {
                 return Err(BlkError::AdoptFdNotRam { backend: "file" })
+            }
+            (BackendSpec::Nbd(_), Some(_)) => {
+                return Err(BlkError::AdoptFdNotRam { backend: "nbd" })
             }
         };
         let aio = match &cfg.backend {
             BackendSpec::File { path, aio, .. } => Some(choose_aio(path, *aio)),
             _ => None,
         };
-        let config = config_space(&cfg, backend.size());
+        let (caps, discard_align, read_only) = match backend.nbd() {
+            Some(n) => (
+                Caps::nbd(n.info.flags),
+                n.info.min_block,
+                cfg.read_only || n.read_only(),
+            ),
+            None => (Caps::ALL, lbs, cfg.read_only),
+        };
+        let config = config_space(&cfg, backend.size(), caps, discard_align);
         Ok(Self {
             shared: Arc::new(Shared {
                 backend,
                 aio,
-                read_only: cfg.read_only,
+                read_only,
                 num_queues: cfg.num_queues,
                 queue_size: cfg.queue_size,
                 serial,
-                features: offered_features(cfg.read_only),
+                features: offered_features(read_only, caps),
                 config,
                 logical_block_size: lbs,
                 resizing: Mutex::new(()),
@@ -562,6 +641,17 @@ impl BlkDevice {
             .map_err(|source| BlkError::Resize { size, source })?;
         tracing::info!(old, new = size, "virtio-blk capacity changed");
         Ok(old)
+    }
+
+    /// Whether the device refuses writes (asked for, or a read-only NBD export).
+    pub fn read_only(&self) -> bool {
+        self.shared.read_only
+    }
+
+    /// The NBD connections (and queue workers) an `nbd` device uses; `None` for other
+    /// backends.
+    pub fn nbd_connections(&self) -> Option<u16> {
+        self.shared.backend.nbd().map(|n| n.connections)
     }
 
     /// How the file backend does its I/O: what was asked for, or [`Aio::Sync`] where
@@ -636,14 +726,30 @@ impl VirtioDevice for BlkDevice {
         Ok(Box::new(self.blk_queue(index, features)?))
     }
 
+    /// An `nbd` device with N connections runs queue `i` in worker `i % N` (each worker
+    /// owns one connection); every other queue has its own worker.
+    fn queue_group(&self, index: u16, _features: VirtioFeatures) -> u16 {
+        match self.shared.backend.nbd() {
+            Some(n) => index % n.connections.max(1),
+            None => index,
+        }
+    }
+
     /// A file backend with `aio = io_uring` runs its queue on an `AioGroup` (many
-    /// requests in flight, completions in any order); every other queue runs one request
-    /// at a time ([`ChainGroup`]).
+    /// requests in flight, completions in any order), an `nbd` backend its queues on an
+    /// `NbdGroup` (one connection, many requests in flight); every other queue runs one
+    /// request at a time ([`ChainGroup`]).
     fn group_handler(
         &self,
         group: u16,
         features: VirtioFeatures,
     ) -> Result<Box<dyn GroupHandler>, DeviceFault> {
+        if self.shared.backend.nbd().is_some() {
+            let q = self.blk_queue(group, features)?;
+            return nbd::group::NbdGroup::new(q)
+                .map(|g| Box::new(g) as Box<dyn GroupHandler>)
+                .map_err(|e| DeviceFault(format!("Setting up the NBD queue worker failed: {e}")));
+        }
         if self.shared.aio == Some(Aio::IoUring) {
             // The probe at open succeeded, so this fails only when the host is out of
             // resources (locked memory, file descriptors): serve the queue anyway.
