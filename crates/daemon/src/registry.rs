@@ -1184,7 +1184,7 @@ impl Registry {
             Dev::Blk(cfg, blk) => {
                 v.backend = cfg.backend.name().into();
                 v.capacity = Some(blk.capacity_bytes());
-                v.read_only = Some(cfg.read_only);
+                v.read_only = Some(blk.read_only());
                 v.aio = blk.aio().map(|a| a.as_str().into());
                 v.qemu = qemu_command_line(&m.spec.name, cfg.num_queues, cfg.queue_size, sock);
             }

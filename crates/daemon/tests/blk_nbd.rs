@@ -259,7 +259,10 @@ fn nbdkit_memory_qd1_qd32_flush_discard_zeroes_and_multi_conn() {
     drop(c);
     // Two queues on two connections (the memory plugin advertises multi-conn): both
     // queues serve, and what one wrote the other reads.
-    assert!(d.log_text().contains("connections=2"), "multi-conn not used");
+    assert!(
+        d.log_text().contains("connections=2"),
+        "multi-conn not used"
+    );
     let mut c = BlkClient::connect(&d.sock_str("n2"), 2, 32 * 65536).unwrap();
     write_verify(&mut c, 0, 128, 32, 4096, 4);
     write_verify(&mut c, 1, 128, 32, 4096, 5);
@@ -278,6 +281,33 @@ fn nbdkit_memory_qd1_qd32_flush_discard_zeroes_and_multi_conn() {
     };
     assert_eq!(c.run(1, &[r]), vec![0]);
     assert!(c.buf()[..4096].iter().all(|&b| b == 0x77));
+    drop(c);
+    // A read-only export makes a read-only device (VIRTIO_BLK_F_RO), whatever `ro` says.
+    let ro = nbdkit(&dir, "ro", &[], &["--readonly", "memory", "8M"]);
+    let (ok, _, err) = d.cli(&[
+        "dev",
+        "add",
+        "name",
+        "r0",
+        "mgmtdev",
+        "blk",
+        "backend",
+        "nbd",
+        "uri",
+        &ro.uri(""),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(shown(&d, "r0")["read_only"], true);
+    let mut c = BlkClient::connect_with(&d.sock_str("r0"), 1, 4096, true).unwrap();
+    let r = Op::Read {
+        offset: 0,
+        buf_off: 0,
+        len: 4096,
+    };
+    assert_eq!(c.run(0, &[r]), vec![0]);
+    let features = shown(&d, "r0")["features"].to_string();
+    assert!(features.contains("VIRTIO_BLK_F_RO"), "{features}");
+    assert!(!features.contains("VIRTIO_BLK_F_DISCARD"), "{features}");
     drop(c);
     assert!(d.stop().success());
 }
