@@ -763,3 +763,273 @@ fn a_stalled_server_times_out_and_never_hangs_dev_del() {
     drop(c);
     assert!(d.stop().success());
 }
+
+/// How the fake server misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Evil {
+    /// An option reply claiming 4 GiB of payload (handshake).
+    HugeOptionReply,
+    /// Not an NBD server at all (handshake).
+    NotNbd,
+    /// A reply with a bad magic.
+    BadMagic,
+    /// A reply naming a cookie that is not in flight.
+    UnknownCookie,
+    /// A data chunk claiming ~4 GiB for a 4 KiB read.
+    HugeData,
+    /// A data chunk outside the read's range.
+    DataOutside,
+    /// An error chunk whose message is longer than the chunk.
+    BadErrorMessage,
+    /// Half the data, then "done": the read fails, the connection stays.
+    ShortRead,
+}
+
+/// A hand-written NBD server on `sock` that shakes hands correctly (unless the mode is a
+/// handshake one) and then answers every request the `evil` way. Runs until `stop`.
+fn evil_server(
+    sock: PathBuf,
+    evil: Evil,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let mut s = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let opt_reply =
+                    |s: &mut std::os::unix::net::UnixStream, opt: u32, ty: u32, data: &[u8]| {
+                        let mut m = Vec::new();
+                        m.extend_from_slice(&0x0003_e889_0455_65a9u64.to_be_bytes());
+                        m.extend_from_slice(&opt.to_be_bytes());
+                        m.extend_from_slice(&ty.to_be_bytes());
+                        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                        m.extend_from_slice(data);
+                        s.write_all(&m)
+                    };
+                if evil == Evil::NotNbd {
+                    let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+                    return;
+                }
+                let mut hello = b"NBDMAGICIHAVEOPT".to_vec();
+                hello.extend_from_slice(&3u16.to_be_bytes());
+                if s.write_all(&hello).is_err() {
+                    return;
+                }
+                let mut b = [0u8; 4];
+                if s.read_exact(&mut b).is_err() {
+                    return;
+                }
+                // Options until NBD_OPT_GO.
+                loop {
+                    let mut h = [0u8; 16];
+                    if s.read_exact(&mut h).is_err() {
+                        return;
+                    }
+                    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+                    let len = u32::from_be_bytes(h[12..16].try_into().unwrap()) as usize;
+                    let mut data = vec![0u8; len.min(1 << 16)];
+                    if s.read_exact(&mut data).is_err() {
+                        return;
+                    }
+                    match opt {
+                        8 if evil == Evil::HugeOptionReply => {
+                            let mut m = Vec::new();
+                            m.extend_from_slice(&0x0003_e889_0455_65a9u64.to_be_bytes());
+                            m.extend_from_slice(&8u32.to_be_bytes());
+                            m.extend_from_slice(&1u32.to_be_bytes());
+                            m.extend_from_slice(&u32::MAX.to_be_bytes());
+                            let _ = s.write_all(&m);
+                            std::thread::sleep(Duration::from_millis(200));
+                            return;
+                        }
+                        8 => {
+                            let _ = opt_reply(&mut s, 8, 1, &[]);
+                        }
+                        7 => {
+                            let mut info = 0u16.to_be_bytes().to_vec();
+                            info.extend_from_slice(&(16 * MIB).to_be_bytes());
+                            info.extend_from_slice(&((1u16 << 0) | (1 << 2)).to_be_bytes());
+                            let _ = opt_reply(&mut s, 7, 3, &info);
+                            let _ = opt_reply(&mut s, 7, 1, &[]);
+                            break;
+                        }
+                        _ => {
+                            let _ = opt_reply(&mut s, opt, 0x8000_0001, &[]);
+                        }
+                    }
+                }
+                // Transmission: answer each request the evil way.
+                while !stop.load(Ordering::Relaxed) {
+                    let mut r = [0u8; 28];
+                    match s.read_exact(&mut r) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(_) => return,
+                    }
+                    let ty = u16::from_be_bytes([r[6], r[7]]);
+                    let cookie = u64::from_be_bytes(r[8..16].try_into().unwrap());
+                    let offset = u64::from_be_bytes(r[16..24].try_into().unwrap());
+                    let len = u32::from_be_bytes(r[24..28].try_into().unwrap());
+                    if ty == 1 {
+                        let mut skip = vec![0u8; len as usize];
+                        let _ = s.read_exact(&mut skip);
+                    }
+                    let chunk = |flags: u16, kind: u16, cookie: u64, len: u32| {
+                        let mut m = 0x668e_33efu32.to_be_bytes().to_vec();
+                        m.extend_from_slice(&flags.to_be_bytes());
+                        m.extend_from_slice(&kind.to_be_bytes());
+                        m.extend_from_slice(&cookie.to_be_bytes());
+                        m.extend_from_slice(&len.to_be_bytes());
+                        m
+                    };
+                    let mut m = match evil {
+                        Evil::BadMagic => vec![0x41; 16],
+                        Evil::UnknownCookie => chunk(1, 0, cookie ^ (1 << 40), 0),
+                        Evil::HugeData => {
+                            let mut m = chunk(1, 1, cookie, u32::MAX - 16);
+                            m.extend_from_slice(&offset.to_be_bytes());
+                            m.extend_from_slice(&[0u8; 4096]);
+                            m
+                        }
+                        Evil::DataOutside => {
+                            let mut m = chunk(1, 1, cookie, len + 8);
+                            m.extend_from_slice(&(offset + 512).to_be_bytes());
+                            m.extend_from_slice(&vec![0u8; len as usize]);
+                            m
+                        }
+                        Evil::BadErrorMessage => {
+                            let mut m = chunk(1, 0x8001, cookie, 6 + 10);
+                            m.extend_from_slice(&5u32.to_be_bytes());
+                            m.extend_from_slice(&5000u16.to_be_bytes());
+                            m.extend_from_slice(&[b'x'; 10]);
+                            m
+                        }
+                        Evil::ShortRead => {
+                            let half = len / 2;
+                            let mut m = chunk(1, 1, cookie, half + 8);
+                            m.extend_from_slice(&offset.to_be_bytes());
+                            m.extend_from_slice(&vec![0x33u8; half as usize]);
+                            m
+                        }
+                        Evil::HugeOptionReply | Evil::NotNbd => return,
+                    };
+                    if ty != 0 && evil != Evil::BadMagic && evil != Evil::UnknownCookie {
+                        // Writes and flushes get an honest answer.
+                        m = chunk(1, 0, cookie, 0);
+                    }
+                    if s.write_all(&m).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+#[test]
+fn a_hostile_server_never_crashes_or_hangs_the_daemon() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = unique_dir("nbd-evil");
+    let d = Daemon::start(
+        "nbd-evil",
+        &blk_config("r0", "backend = \"ram\"\nsize = \"16M\"\n"),
+        &["r0"],
+    );
+    let mut bystander = BlkClient::connect(&d.sock_str("r0"), 1, 32 * 4096).unwrap();
+    for (i, evil) in [
+        Evil::HugeOptionReply,
+        Evil::NotNbd,
+        Evil::BadMagic,
+        Evil::UnknownCookie,
+        Evil::HugeData,
+        Evil::DataOutside,
+        Evil::BadErrorMessage,
+        Evil::ShortRead,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sock = dir.join(format!("evil{i}.nbd"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let srv = evil_server(sock.clone(), evil, stop.clone());
+        let name = format!("e{i}");
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let (ok, _, err) = d.cli(&[
+            "dev",
+            "add",
+            "name",
+            &name,
+            "mgmtdev",
+            "blk",
+            "backend",
+            "nbd",
+            "uri",
+            &uri,
+            "timeout",
+            "2",
+            "reconnect_delay",
+            "1",
+        ]);
+        if matches!(evil, Evil::HugeOptionReply | Evil::NotNbd) {
+            assert!(!ok, "{evil:?}: dev add succeeded");
+            assert!(err.contains("broke the protocol"), "{evil:?}: {err}");
+        } else {
+            assert!(ok, "{evil:?}: {err}");
+            let mut c = BlkClient::connect(&d.sock_str(&name), 1, 4096).unwrap();
+            c.buf().fill(0x5a);
+            let read = Op::Read {
+                offset: 8192,
+                buf_off: 0,
+                len: 4096,
+            };
+            let t = Instant::now();
+            let r = c
+                .try_run(0, &[read], Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("{evil:?}: the read hung: {e}"));
+            assert!(r[0] < 0, "{evil:?}: a read succeeded");
+            assert!(
+                t.elapsed() < Duration::from_secs(8),
+                "{evil:?}: {:?}",
+                t.elapsed()
+            );
+            // A short read fails only its request: the connection stays, writes go on.
+            if evil == Evil::ShortRead {
+                let w = Op::Write {
+                    offset: 0,
+                    buf_off: 0,
+                    len: 4096,
+                };
+                assert_eq!(c.run(0, &[w]), vec![0], "{evil:?}");
+            }
+            drop(c);
+            let t = Instant::now();
+            let (ok, _, err) = d.cli(&["dev", "del", &name]);
+            assert!(ok, "{evil:?}: {err}");
+            assert!(
+                t.elapsed() < Duration::from_secs(6),
+                "{evil:?}: dev del {:?}",
+                t.elapsed()
+            );
+        }
+        write_verify(&mut bystander, 0, 32, 32, 4096, 20 + i as u64);
+        stop.store(true, Ordering::Relaxed);
+        srv.join().unwrap();
+    }
+    drop(bystander);
+    assert!(d.stop().success());
+}

@@ -36,8 +36,10 @@
 //!
 //! # Failures
 //! - A lost connection (EOF, a socket error, a protocol violation, `NBD_ESHUTDOWN`)
-//!   puts every unanswered part back in the queue and starts reconnecting: at once, then
-//!   with a backoff doubling from 100 ms to 5 s, while requests are waiting. Each attempt
+//!   puts every unanswered part back in the queue and starts reconnecting while requests
+//!   are waiting: at once when the connection had answered a request, otherwise (a
+//!   server that fails right after its handshake) after a backoff doubling from 100 ms to
+//!   5 s, so a broken server cannot make the worker spin. Each attempt
 //!   blocks the worker at most [`super::RECONNECT_HANDSHAKE_TIMEOUT`]. When a connection
 //!   is back, the queued parts are sent again (reads, writes, trims, write-zeroes and
 //!   flushes can all be repeated). Requests still waiting `reconnect_delay` after the
@@ -210,6 +212,10 @@ struct Conn {
     info: ExportInfo,
     /// EPOLLOUT is registered.
     want_out: bool,
+    /// A request was answered successfully on it: a connection lost after that is
+    /// re-established at once; one that never answered (a server that breaks the protocol
+    /// right away) only after the backoff, so it cannot make the worker spin.
+    healthy: bool,
 }
 
 /// Requests completed in one pass, per queue index.
@@ -710,6 +716,7 @@ impl NbdGroup {
             return;
         };
         let _ = epoll::delete(&self.ep, &conn.fd);
+        let healthy = conn.healthy;
         drop(conn);
         self.tx.clear();
         self.tx_off = 0;
@@ -733,8 +740,13 @@ impl NbdGroup {
         }
         let now = Instant::now();
         self.down_since = Some(now);
-        self.next_attempt = now;
-        self.backoff = BACKOFF_START;
+        if healthy {
+            self.next_attempt = now;
+            self.backoff = BACKOFF_START;
+        } else {
+            self.next_attempt = now + self.backoff;
+            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        }
         self.attempts = 0;
         tracing::warn!(
             uri = %self.spec.uri,
@@ -787,9 +799,9 @@ impl NbdGroup {
                     fd,
                     info,
                     want_out: false,
+                    healthy: false,
                 });
                 self.down_since = None;
-                self.backoff = BACKOFF_START;
                 self.attempts = 0;
                 let mut order: Vec<(Instant, usize)> = self
                     .slots
@@ -1418,6 +1430,14 @@ impl NbdGroup {
         } else {
             VIRTIO_BLK_S_OK
         };
+        if !failed {
+            if let Some(c) = self.conn.as_mut() {
+                if !c.healthy {
+                    c.healthy = true;
+                    self.backoff = BACKOFF_START;
+                }
+            }
+        }
         self.complete(slot, status, Some(queues), done);
     }
 
