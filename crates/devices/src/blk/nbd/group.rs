@@ -284,6 +284,8 @@ pub(crate) struct NbdGroup {
     /// The stop's own flush: `None` not sent, `Some(None)` in flight, `Some(Some(ok))`.
     internal: Option<Option<bool>>,
     internal_sent: bool,
+    /// A connection was made before (later ones are reconnections).
+    connected_once: bool,
 }
 
 impl std::fmt::Debug for NbdGroup {
@@ -380,6 +382,7 @@ impl NbdGroup {
             dirty: false,
             internal: None,
             internal_sent: false,
+            connected_once: false,
         })
     }
 
@@ -787,13 +790,12 @@ impl NbdGroup {
                         "the NBD export shrank: requests past its end will fail"
                     );
                 }
-                if self
-                    .down_since
-                    .is_some_and(|t| now.duration_since(t) > Duration::from_millis(1))
-                    || self.attempts > 0
-                {
+                if self.connected_once {
                     tracing::info!(uri = %self.spec.uri, requeued = self.busy, "NBD connection re-established");
+                } else {
+                    tracing::debug!(uri = %self.spec.uri, "NBD connection established");
                 }
+                self.connected_once = true;
                 self.info = info;
                 self.conn = Some(Conn {
                     fd,
