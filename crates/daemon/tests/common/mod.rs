@@ -228,6 +228,330 @@ impl Drop for Daemon {
     }
 }
 
+/// The line a daemon started with `--takeover` prints once it has taken the devices over:
+/// `takeover: {N} devices from pid {PID}, pause {MS} ms`.
+#[derive(Debug, Clone)]
+pub struct TakeoverLine {
+    /// Devices taken over.
+    pub devices: usize,
+    /// The daemon they came from.
+    pub from_pid: u32,
+    /// How long the devices' queues were stopped (the guest-visible pause), in ms.
+    pub pause_ms: f64,
+    /// The line as printed.
+    pub line: String,
+}
+
+impl TakeoverLine {
+    /// Parses `line`; `None` unless it has exactly the documented shape (the pause with
+    /// three decimals).
+    pub fn parse(line: &str) -> Option<TakeoverLine> {
+        let rest = line.trim_end().strip_prefix("takeover: ")?;
+        let (devices, rest) = rest.split_once(" devices from pid ")?;
+        let (pid, rest) = rest.split_once(", pause ")?;
+        let ms = rest.strip_suffix(" ms")?;
+        let (int, frac) = ms.split_once('.')?;
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(int) || frac.len() != 3 || !digits(frac) {
+            return None;
+        }
+        Some(TakeoverLine {
+            devices: devices.parse().ok()?,
+            from_pid: pid.parse().ok()?,
+            pause_ms: ms.parse().ok()?,
+            line: line.trim_end().to_string(),
+        })
+    }
+}
+
+/// A takeover that did not produce a running daemon.
+#[derive(Debug)]
+pub struct TakeoverFailed {
+    /// What went wrong, as seen from the test.
+    pub reason: String,
+    /// The new process's exit status (`None` if it had to be killed).
+    pub status: Option<ExitStatus>,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr (the log file).
+    pub stderr: String,
+}
+
+impl std::fmt::Display for TakeoverFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "takeover failed: {} (status {:?})\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.reason, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// A `uvdpa daemon --takeover` process started but not yet waited for.
+pub struct PendingTakeover {
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl PendingTakeover {
+    /// Starts `uvdpa daemon --takeover --run-dir DIR ARGS` with `env` (and `UVDPA_LOG=debug`),
+    /// its stderr to a new log file in `dir`, its stdout read by a thread for as long as
+    /// the process lives (so the daemon never writes to a closed pipe).
+    pub fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> PendingTakeover {
+        use std::io::BufRead;
+        let log = dir.join(format!(
+            "daemon-{}.log",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut child = Command::new(uvdpa_bin())
+            .args(["daemon", "--takeover", "--run-dir"])
+            .arg(dir)
+            .args(args)
+            // A core dump of a takeover that aborts lands in the run dir.
+            .current_dir(dir)
+            .env("UVDPA_LOG", "debug")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn uvdpa daemon --takeover");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        PendingTakeover {
+            child: Some(child),
+            lines,
+            dir: dir.to_path_buf(),
+            log,
+        }
+    }
+
+    /// The new process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits (bounded by `timeout`) until the new daemon has printed its `takeover:` line
+    /// and its `control socket:` line (it serves), or until it exits.
+    pub fn wait(mut self, timeout: Duration) -> Result<(Daemon, TakeoverLine), TakeoverFailed> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let deadline = Instant::now() + timeout;
+        let mut stdout = Vec::new();
+        let mut takeover = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if takeover.is_none() && l.starts_with("takeover:") {
+                        takeover = Some(TakeoverLine::parse(&l));
+                    }
+                    let serving = l.starts_with("control socket:");
+                    stdout.push(l);
+                    if serving {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Stdout closed: the process exited (or is exiting).
+                    let status = self.reap(Duration::from_secs(10));
+                    return Err(self.failure("exited before serving", status, &stdout));
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let mut c = self.child.take().unwrap();
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return Err(self.failure(
+                        &format!("no `control socket:` line within {timeout:?}; killed"),
+                        None,
+                        &stdout,
+                    ));
+                }
+            }
+        }
+        let line = match takeover {
+            Some(Some(t)) => t,
+            Some(None) => {
+                return Err(self.failure("malformed `takeover:` line", None, &stdout));
+            }
+            None => {
+                return Err(self.failure(
+                    "serving without a `takeover:` line first",
+                    None,
+                    &stdout,
+                ));
+            }
+        };
+        let d = Daemon {
+            child: self.child.take(),
+            dir: self.dir.clone(),
+            log: self.log.clone(),
+        };
+        Ok((d, line))
+    }
+
+    /// Reaps the child (bounded); kills it if it does not exit in time.
+    fn reap(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    fn failure(
+        &self,
+        reason: &str,
+        status: Option<ExitStatus>,
+        stdout: &[String],
+    ) -> TakeoverFailed {
+        TakeoverFailed {
+            reason: reason.to_string(),
+            status,
+            stdout: stdout.join("\n"),
+            stderr: std::fs::read_to_string(&self.log).unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for PendingTakeover {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Daemon {
+    /// Starts a new daemon that takes this one's devices over (`uvdpa daemon --takeover`
+    /// on the same run dir, with `--config` naming this one's config file if it has one)
+    /// and waits (60 s at most) until it serves. `self` stays the old process: wait for its
+    /// exit with [`Daemon::wait_exit`] before dropping it (dropping a live one kills it).
+    pub fn takeover(&self, env: &[(&str, &str)]) -> Result<(Daemon, TakeoverLine), TakeoverFailed> {
+        self.spawn_takeover(env).wait(Duration::from_secs(60))
+    }
+
+    /// Starts the takeover process of [`Daemon::takeover`] without waiting for it.
+    pub fn spawn_takeover(&self, env: &[(&str, &str)]) -> PendingTakeover {
+        let cfg = self.dir.join("uvdpa.toml");
+        let cfg = cfg.to_str().unwrap();
+        let args: &[&str] = if Path::new(cfg).exists() {
+            &["--config", cfg]
+        } else {
+            &[]
+        };
+        PendingTakeover::spawn(&self.dir, args, env)
+    }
+
+    /// Waits (bounded) for the process to exit on its own; `None` if it still runs after
+    /// `timeout` (it is then killed when the handle is dropped).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let t0 = Instant::now();
+        loop {
+            let c = self.child.as_mut()?;
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if t0.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The last `n` lines of the log without its debug lines, except `vring started` (what
+    /// a stalled queue after a takeover needs to be read).
+    pub fn log_excerpt(&self, n: usize) -> String {
+        let log = self.log_text();
+        let v: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains(" DEBUG ") || l.contains("vring started"))
+            .collect();
+        v[v.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Sends `sig` to the daemon process.
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).expect("signal the daemon");
+    }
+
+    /// Sessions the vhost-user device `dev` has accepted (its frontends' connects), from
+    /// the daemon's metrics endpoint (`uvdpa_session_connects_total`): the config must
+    /// have a `metrics` address.
+    pub fn session_connects(&self, dev: &str) -> u64 {
+        self.metric(&format!("uvdpa_session_connects_total{{device=\"{dev}\"}}"))
+    }
+
+    /// The value of the sample `series` (metric name and labels exactly as the endpoint
+    /// prints them) from the metrics address this process logged; panics if there is none.
+    pub fn metric(&self, series: &str) -> u64 {
+        use std::io::{Read, Write};
+        let log = self.log_text();
+        let marker = "serving metrics at http://";
+        let addr = log
+            .find(marker)
+            .map(|i| &log[i + marker.len()..])
+            .and_then(|r| r.find("/metrics").map(|j| r[..j].to_string()))
+            .unwrap_or_else(|| panic!("the daemon logged no metrics address:\n{log}"));
+        let mut s = std::net::TcpStream::connect(&addr)
+            .unwrap_or_else(|e| panic!("connect to metrics at {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        let prefix = format!("{series} ");
+        let v = body
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no sample {series} in the metrics:\n{body}"));
+        let v: f64 = v
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series}: not a number: {v}"));
+        v as u64
+    }
+}
+
+/// Nearest-rank percentile `p` (0..=100) of `v` (sorted here); `NaN` when empty.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0 * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+/// `min/p50/p99/max` of the takeovers' pauses, for the test output.
+pub fn pause_summary(lines: &[TakeoverLine]) -> String {
+    let v: Vec<f64> = lines.iter().map(|t| t.pause_ms).collect();
+    format!(
+        "{} takeovers, pause ms: min {:.3} p50 {:.3} p99 {:.3} max {:.3}",
+        v.len(),
+        percentile(&v, 0.0),
+        percentile(&v, 50.0),
+        percentile(&v, 99.0),
+        percentile(&v, 100.0)
+    )
+}
+
 /// Outcome of one request: 0 on success, a negative errno on failure.
 pub type Ret = i32;
 
