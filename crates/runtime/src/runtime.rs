@@ -421,6 +421,17 @@ impl DeviceRuntime {
         first
     }
 
+    /// Lets go of a held runtime that another process serves now (live upgrade): unlike
+    /// [`DeviceRuntime::close`], nothing is drained or flushed (the vrings are held, their
+    /// requests completed) and nothing is said to the driver; the memory, fds and entries
+    /// go when the runtime is dropped.
+    pub fn abandon(&mut self) {
+        self.closed = true;
+        self.mem = None;
+        self.mem_entries.clear();
+        self.session_entry = None;
+    }
+
     /// Whether the vrings are held ([`DeviceRuntime::hold`]).
     pub fn held(&self) -> bool {
         self.held

@@ -582,11 +582,13 @@ impl VduseServer {
             self.bound = false;
         }
         let _ = rustix::io::write(&*self.shutdown, &1u64.to_ne_bytes());
+        let mut handed_over = false;
         if let Some(sh) = &self.shared {
             // A paused loop waits for a verdict, not for the shutdown fd.
             let mut st = sh.control.lock();
             if st.mode == Mode::Paused {
                 st.mode = Mode::Detached;
+                handed_over = true;
                 sh.control.raise();
                 sh.control.cv.notify_all();
             }
@@ -598,7 +600,12 @@ impl VduseServer {
             return;
         };
         let mut inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.rt.close();
+        if handed_over {
+            // Another daemon serves it: nothing to drain or flush.
+            inner.rt.abandon();
+        } else {
+            inner.rt.close();
+        }
         let log = inner.log.take();
         drop(inner);
         // Closes the device fd (the loop thread has ended; workers are stopped).
@@ -633,6 +640,10 @@ fn message_loop(sh: &Shared, shutdown: &OwnedFd) {
     };
     // Whether the last wakeup brought nothing but an error or hang-up (logged once).
     let mut stalled = false;
+    // An adopted device starts paused; its resume may come before the first poll.
+    if let handover::AfterPause::Detach = handover::pause(sh) {
+        return;
+    }
     loop {
         let wake = sh.control.wake_fd();
         let mut fds = [

@@ -200,6 +200,18 @@ impl Session {
         info!(device = %self.name, vrings = stopped.len(), "vrings held");
     }
 
+    /// Whether the vrings are held ([`Session::hold`], or a session rebuilt by
+    /// [`Session::replay`] that was not released yet).
+    pub fn held(&self) -> bool {
+        self.rt.held()
+    }
+
+    /// Lets go of a held session another daemon serves now: nothing is drained, flushed
+    /// or sent (see [`uvdpa_runtime::DeviceRuntime::abandon`]).
+    pub fn abandon(&mut self) {
+        self.rt.abandon();
+    }
+
     /// Ends a [`Session::hold`]: the vrings that are ready start at their bases.
     ///
     /// # Errors

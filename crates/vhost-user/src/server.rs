@@ -177,7 +177,21 @@ fn pause_session(name: &str, session: &mut Session, pid: Option<u32>, sh: &Share
 fn serve_session(name: &str, mut session: Session, pid: Option<u32>, sh: &Shared) {
     *sh.notifier.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.config_notifier());
     let mut detached = false;
-    loop {
+    if session.held() {
+        // A session adopted from another daemon starts held: wait for the verdict here,
+        // not only on a wakeup (a resume may come before this thread first polls).
+        let (st, mode) = sh.control.wait_unpaused(sh.control.lock());
+        drop(st);
+        if mode == Mode::Detached {
+            detached = true;
+        } else if let Err(e) = session.release() {
+            warn!(
+                device = name,
+                "Vrings did not start after the takeover: {e}"
+            );
+        }
+    }
+    while !detached {
         match sh.control.wait(session.connection().socket(), &sh.shutdown) {
             Woken::Shutdown => {
                 info!(device = name, "closing session for shutdown");
@@ -207,7 +221,8 @@ fn serve_session(name: &str, mut session: Session, pid: Option<u32>, sh: &Shared
     *sh.notifier.lock().unwrap_or_else(|e| e.into_inner()) = None;
     if detached {
         info!(device = name, frontend_pid = pid, "session handed over");
-        // Dropped with its vrings held: nothing is drained, sent or reset.
+        // Its vrings held: nothing is drained, flushed, sent or reset.
+        session.abandon();
         drop(session);
         return;
     }

@@ -119,7 +119,18 @@ pub(crate) fn pause(sh: &Shared) -> AfterPause {
     let ctl = &sh.control;
     let mut st = ctl.lock();
     match st.mode {
-        Mode::Serving => return AfterPause::Serve,
+        Mode::Serving => {
+            drop(st);
+            // Held with no pause to wait for: a resume came before this thread looked.
+            let mut inner = sh.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if inner.rt.held() {
+                if let Err(e) = inner.rt.release() {
+                    warn!(device = %sh.name, "Vrings did not start after the takeover: {e}");
+                }
+                inner.rt.publish_state(|_| {});
+            }
+            return AfterPause::Serve;
+        }
         Mode::Detached => return AfterPause::Detach,
         Mode::Paused => {}
     }

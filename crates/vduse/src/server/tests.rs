@@ -694,3 +694,37 @@ fn an_adopted_device_resumes_where_the_paused_one_stopped() {
     assert_eq!(k.status(), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
     k.shutdown();
 }
+
+#[test]
+fn an_adopted_device_resumed_at_once_still_starts_its_vrings() {
+    // The resume may come before the adopted loop first polls its wake fd.
+    for round in 0..20 {
+        let (mut k, fake, _) = running_device("vduse-adopt-race");
+        let h = k.server().quiesce(ANSWER_TIMEOUT).unwrap();
+        let adopted = VduseServer::serve(Parts {
+            name: "vduse-adopt-race".into(),
+            dev: Arc::new(DeviceFd::from_fd(h.dev).unwrap()),
+            ops: fake.clone(),
+            device: blk(),
+            opts: VduseOptions::default(),
+            created: false,
+            kernel: false,
+            adopt: Some(Adopted {
+                kicks: h.kicks,
+                stats: h.stats,
+                state: h.state,
+            }),
+        })
+        .unwrap();
+        adopted.resume();
+        k.server.take().unwrap().detach();
+        k.server = Some(adopted);
+        k.assert_alive();
+        assert_eq!(
+            k.server().session_state().running_vrings,
+            QUEUES,
+            "round {round}: vrings not started after an early resume"
+        );
+        k.shutdown();
+    }
+}
