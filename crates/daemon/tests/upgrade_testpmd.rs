@@ -38,7 +38,9 @@ fn stream_survives_takeovers(packed: bool) {
     pmd.start_tx_first(Some(4))
         .unwrap_or_else(|e| panic!("start tx_first: {e}"));
     let mut seen = pmd
-        .wait_stats(Duration::from_secs(20), |s| s.rx_packets >= FRAMES_PER_ROUND)
+        .wait_stats(Duration::from_secs(20), |s| {
+            s.rx_packets >= FRAMES_PER_ROUND
+        })
         .unwrap_or_else(|e| panic!("no stream before the takeovers: {e}"))
         .rx_packets;
     let mut lines = Vec::new();
@@ -67,7 +69,10 @@ fn stream_survives_takeovers(packed: bool) {
             });
         seen = s.rx_packets;
         let rx = d.vstat("net0", 0, "packets");
-        assert!(rx >= dev_rx, "takeover {n}: device rx counter went back {dev_rx} -> {rx}");
+        assert!(
+            rx >= dev_rx,
+            "takeover {n}: device rx counter went back {dev_rx} -> {rx}"
+        );
         dev_rx = rx;
         lines.push(line);
     }
@@ -87,10 +92,7 @@ fn stream_survives_takeovers(packed: bool) {
         "testpmd reconnected during the takeovers"
     );
     for bad in ["reconnect", "disconnect", "Connection reset"] {
-        assert!(
-            !log.contains(bad),
-            "testpmd's log mentions {bad:?}:\n{log}"
-        );
+        assert!(!log.contains(bad), "testpmd's log mentions {bad:?}:\n{log}");
     }
     eprintln!(
         "net ({}): {}; testpmd rx={} tx={}",
