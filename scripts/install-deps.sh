@@ -34,6 +34,8 @@ command -v tcpdump >/dev/null || [ -x /usr/bin/tcpdump ] || need+=(tcpdump)
 # (crates/daemon/tests/service.rs validates contrib/libvirt/*.xml).
 command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
 command -v xmllint >/dev/null || need+=(libxml2-utils)
+# A peer of another uid connects with python3 (crates/daemon/tests/socket_access.rs).
+[ -x /usr/bin/python3 ] || need+=(python3)
 # NBD servers the `nbd` backend is tested against (crates/daemon/tests/blk_nbd.rs): nbdkit
 # (memory and file plugins, error/delay/blocksize-policy filters) and qemu-nbd.
 command -v nbdkit >/dev/null || need+=(nbdkit)

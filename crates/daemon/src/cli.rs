@@ -117,7 +117,8 @@ fn number<T: std::str::FromStr>(attr: &str, v: &str) -> Result<T, String> {
 /// `backend size path direct aio uri connections reconnect_delay timeout ro queues queue_size
 /// serial logical_block_size`; net:
 /// `backend mac mtu max_vqp (or queue_pairs) queue_size tap switch frame_len`; both:
-/// `poll_us mandate unoffer coalesce_usecs coalesce_frames transport bind bounce_size`. Which attributes fit which mgmtdev
+/// `poll_us mandate unoffer coalesce_usecs coalesce_frames transport bind bounce_size
+/// socket_mode socket_user socket_group`. Which attributes fit which mgmtdev
 /// and their ranges are checked by [`DeviceEntry::validate`].
 fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
     let mut e = DeviceEntry::default();
@@ -158,6 +159,9 @@ fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
             "transport" => e.transport = Some(value()?),
             "bind" => e.bind = Some(value()?),
             "bounce_size" => e.bounce_size = Some(SizeValue::Text(value()?)),
+            "socket_mode" => e.socket_mode = Some(value()?),
+            "socket_user" => e.socket_user = Some(value()?),
+            "socket_group" => e.socket_group = Some(value()?),
             "ro" => e.read_only = Some(true),
             "direct" => e.direct = Some(true),
             other => {

@@ -60,6 +60,7 @@ use uvdpa_devices::net::config::{
     generate_mac, parse_mac, NetConfig, NetConfigError, DEFAULT_MTU, MAX_MTU, MIN_MTU,
 };
 use uvdpa_devices::net::device::{NetBackendSpec, MAX_NET_QUEUE_SIZE};
+use uvdpa_vhost_user::SocketAccess;
 
 /// Configuration errors.
 #[derive(Debug, Error)]
@@ -169,6 +170,13 @@ pub struct DeviceEntry {
     pub bind: Option<String>,
     /// VDUSE: size of the kernel's bounce buffer (bytes, or with K/M/G suffix).
     pub bounce_size: Option<SizeValue>,
+    /// vhost-user: permission bits of the socket file, octal (`"0660"`).
+    pub socket_mode: Option<String>,
+    /// vhost-user: owner of the socket file, a user name or uid, also accepted as a peer.
+    pub socket_user: Option<String>,
+    /// vhost-user: group of the socket file, a group name or gid; processes whose primary
+    /// group it is are accepted as peers.
+    pub socket_group: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -273,6 +281,8 @@ pub struct DeviceSpec {
     pub unoffer: u64,
     /// How drivers reach it.
     pub transport: Transport,
+    /// Who may connect to the vhost-user socket.
+    pub access: SocketAccess,
     /// The table it was validated from (a live upgrade hands it to the new daemon).
     pub entry: DeviceEntry,
 }
@@ -469,6 +479,7 @@ impl DeviceEntry {
             DeviceKind::Net(self.validate_net(&name, &err)?)
         };
         let transport = self.validate_transport(&kind, &err)?;
+        let access = self.validate_access(&transport, &err)?;
         // blk over vhost-user polls by default, as qemu-storage-daemon does (adaptive,
         // 32 µs); net does not (its users pick busy-polling or none, as with DPDK). Over
         // VDUSE the driver runs on the daemon's own CPUs, and a polling worker takes them
@@ -548,7 +559,51 @@ impl DeviceEntry {
             name,
             kind,
             transport,
+            access,
         })
+    }
+
+    /// `socket_mode`, `socket_user`, `socket_group` (vhost-user only); names are looked
+    /// up in the system's user and group databases.
+    fn validate_access(
+        &self,
+        transport: &Transport,
+        err: FieldErr<'_>,
+    ) -> Result<SocketAccess, ConfigError> {
+        let fields = [
+            ("socket_mode", self.socket_mode.is_some()),
+            ("socket_user", self.socket_user.is_some()),
+            ("socket_group", self.socket_group.is_some()),
+        ];
+        if *transport != Transport::VhostUser {
+            if let Some((f, _)) = fields.iter().find(|(_, set)| *set) {
+                return Err(err(f, "only valid with transport vhost-user".into()));
+            }
+        }
+        let mut access = SocketAccess::default();
+        if let Some(m) = &self.socket_mode {
+            access.mode = u32::from_str_radix(m, 8)
+                .ok()
+                .filter(|&v| v <= 0o777 && !m.is_empty() && m.len() <= 4)
+                .ok_or_else(|| err("socket_mode", format!("{m:?}: octal 0000..=0777")))?;
+        }
+        if let Some(u) = &self.socket_user {
+            access.user = Some(match u.parse::<u32>() {
+                Ok(uid) => uid,
+                Err(_) => uzers::get_user_by_name(u)
+                    .map(|x| x.uid())
+                    .ok_or_else(|| err("socket_user", format!("{u:?}: no such user")))?,
+            });
+        }
+        if let Some(g) = &self.socket_group {
+            access.group = Some(match g.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => uzers::get_group_by_name(g)
+                    .map(|x| x.gid())
+                    .ok_or_else(|| err("socket_group", format!("{g:?}: no such group")))?,
+            });
+        }
+        Ok(access)
     }
 
     fn validate_transport(

@@ -183,6 +183,22 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
             "-",
         )
     };
+    let socket =
+        || {
+            [
+            a("socket_mode", "octal 0000..=0777 (vhost-user socket file)", "0600"),
+            a(
+                "socket_user",
+                "user name or uid: the socket's owner, accepted as a frontend",
+                "-",
+            ),
+            a(
+                "socket_group",
+                "group name or gid: the socket's group; frontends of that primary group accepted",
+                "-",
+            ),
+        ]
+        };
     let bind = || {
         a(
             "bind",
@@ -243,7 +259,10 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                     "1M..=1G bytes, more than seg_max × size_max (vduse)",
                     "power of two above the largest request, at least 64M",
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(socket())
+            .collect(),
         },
         MgmtdevView {
             name: "net".into(),
@@ -279,7 +298,10 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                 transport(),
                 bind(),
                 a("bounce_size", "1M..=1G bytes (vduse)", "64M"),
-            ],
+            ]
+            .into_iter()
+            .chain(socket())
+            .collect(),
         },
     ]
 }
@@ -904,6 +926,7 @@ impl Registry {
                     poll,
                     mandated,
                     unoffered,
+                    access: spec.access,
                 };
                 let server = match adopt {
                     None => VhostUserServer::start_with(&spec.name, &sock, dev.virtio(), opts)

@@ -16,6 +16,6 @@ pub mod session;
 
 pub use error::Error;
 pub use handover::SessionHandover;
-pub use server::{ServerHandover, ServerOptions, VhostUserServer};
+pub use server::{ServerHandover, ServerOptions, SocketAccess, VhostUserServer};
 pub use session::{Session, SessionParams};
 pub use uvdpa_runtime::{ResCtx, SessionState};

@@ -73,6 +73,75 @@ pub struct ServerOptions {
     pub mandated: uvdpa_virtio::VirtioFeatures,
     /// Device features withheld from the offer (attribute `unoffer`).
     pub unoffered: uvdpa_virtio::VirtioFeatures,
+    /// Who may connect to the socket.
+    pub access: SocketAccess,
+}
+
+/// Who may connect to a device's socket: its file mode and owner, and the peers accepted
+/// (SO_PEERCRED): the daemon's own uid, root, `user`, and any process whose primary group
+/// is `group` (supplementary groups are not consulted). Anyone else is accepted by the
+/// kernel only if the mode lets them, and is then closed at once with a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits of the socket file (default 0600).
+    pub mode: u32,
+    /// Owner given to the socket file and accepted as a peer.
+    pub user: Option<u32>,
+    /// Group given to the socket file and accepted as a peer's primary group.
+    pub group: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    fn default() -> Self {
+        Self {
+            mode: 0o600,
+            user: None,
+            group: None,
+        }
+    }
+}
+
+impl SocketAccess {
+    /// Whether a peer of `uid`/`gid` may be served.
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        uid == 0
+            || uid == rustix::process::geteuid().as_raw()
+            || Some(uid) == self.user
+            || Some(gid) == self.group
+    }
+}
+
+/// Binds a listening socket at `path` with `access`'s mode from the start (the mode is set
+/// on the socket before bind, so the file never exists with wider permissions), its owner
+/// and group, then listens.
+fn bind_socket(path: &Path, access: SocketAccess) -> io::Result<UnixListener> {
+    use rustix::fs::{Gid, Mode, Uid};
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let sock = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let mode = Mode::from_raw_mode(access.mode & 0o777);
+    rustix::fs::fchmod(&sock, mode)?;
+    rustix::net::bind(&sock, &SocketAddrUnix::new(path)?)?;
+    let set = rustix::fs::chmod(path, mode).and_then(|()| {
+        if access.user.is_some() || access.group.is_some() {
+            rustix::fs::chown(
+                path,
+                access.user.map(Uid::from_raw),
+                access.group.map(Gid::from_raw),
+            )
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = set.and_then(|()| rustix::net::listen(&sock, 16)) {
+        let _ = std::fs::remove_file(path);
+        return Err(e.into());
+    }
+    Ok(UnixListener::from(sock))
 }
 
 /// How long a new connection waits for a previous session that is ending before it is
@@ -265,7 +334,7 @@ impl VhostUserServer {
         if path.exists() {
             std::fs::remove_file(path)?;
         }
-        let listener = UnixListener::bind(path)?;
+        let listener = bind_socket(path, opts.access)?;
         let shared = Shared {
             stats: StatsTable::new(name, usize::from(device.num_queues()))?,
             vectors: Arc::new(VectorTable::new(device.num_queues())),
@@ -593,6 +662,20 @@ fn accept_loop(name: &str, listener: UnixListener, sh: Shared, adopted: Option<S
                 continue;
             }
         };
+        if let Ok(c) = rustix::net::sockopt::socket_peercred(&stream) {
+            let (uid, gid) = (c.uid.as_raw(), c.gid.as_raw());
+            if !sh.opts.access.allows(uid, gid) {
+                warn!(
+                    device = name,
+                    frontend_pid = peer_pid(&stream),
+                    uid,
+                    gid,
+                    "Refusing a frontend of uid {uid}: only the daemon's uid, root, socket_user and socket_group may connect"
+                );
+                sh.sessions.refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        }
         // A frontend that just disconnected may still be winding down (stopping its
         // vrings): give it a bounded moment before calling the newcomer a second frontend.
         let deadline = std::time::Instant::now() + SESSION_END_GRACE;
