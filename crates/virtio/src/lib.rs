@@ -10,6 +10,7 @@
 pub mod chain;
 pub mod device;
 pub mod dirty;
+pub mod fault;
 pub mod features;
 pub mod inflight;
 pub mod interrupts;
@@ -25,7 +26,7 @@ pub use chain::{ChainError, DescriptorChain, Segment};
 pub use device::VirtioDevice;
 pub use dirty::{DirtyLog, QueueLog};
 pub use features::VirtioFeatures;
-pub use memory::{GuestMemory, MemoryError, MemoryRegion};
+pub use memory::{fd_seals, FdSeals, GuestMemory, MemoryError, MemoryRegion};
 pub use queue::Virtqueue;
 pub use split::{QueueError, SplitQueue, VringConfig};
 pub use status::{DeviceStatus, StatusError, StatusMachine};

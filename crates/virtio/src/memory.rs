@@ -102,6 +102,9 @@ pub struct MemoryRegion {
     host_offset: usize,
     /// How the fd is mapped.
     sharing: Sharing,
+    /// The mapping's entry in the SIGBUS registry ([`crate::fault`]); `None` when the
+    /// registry was full.
+    fault: Option<crate::fault::Registration>,
 }
 
 /// How [`MemoryRegion::map_with`] maps a region's fd.
@@ -132,6 +135,43 @@ const ANON_INODE_FS_MAGIC: u64 = 0x0904_1934;
 fn fs_magic(fd: impl AsFd) -> Option<u64> {
     let sfs = rustix::fs::fstatfs(fd).ok()?;
     u64::try_from(sfs.f_type).ok()
+}
+
+/// `statfs.f_type` of tmpfs and shmem (`TMPFS_MAGIC`, linux/magic.h).
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+
+/// Whether a memory fd can shrink under its mapping, as [`fd_seals`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdSeals {
+    /// The fd carries `F_SEAL_SHRINK`: nobody can truncate it, so its mapping cannot fault.
+    pub shrink_sealed: bool,
+    /// What the fd is, for log lines: `memfd`, `hugetlbfs`, `tmpfs` or `file`.
+    pub kind: &'static str,
+}
+
+/// Queries `fd`'s seals (`F_GET_SEALS`) and kind. Only memfds (and other shmem files) carry
+/// seals; a file, or a file on hugetlbfs, is never sealed and relies on SIGBUS containment
+/// ([`crate::fault`]) if the frontend shrinks it.
+pub fn fd_seals(fd: impl AsFd) -> FdSeals {
+    let fd = fd.as_fd();
+    let shrink_sealed =
+        rustix::fs::fcntl_get_seals(fd).is_ok_and(|s| s.contains(rustix::fs::SealFlags::SHRINK));
+    let memfd = rustix::fs::fcntl_get_seals(fd).is_ok()
+        && std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&fd)
+        ))
+        .is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:"));
+    let kind = match (memfd, fs_magic(fd)) {
+        (true, _) => "memfd",
+        (false, Some(HUGETLBFS_MAGIC)) => "hugetlbfs",
+        (false, Some(TMPFS_MAGIC)) => "tmpfs",
+        _ => "file",
+    };
+    FdSeals {
+        shrink_sealed,
+        kind,
+    }
 }
 
 // SAFETY: the region owns a shared mapping; it is only accessed through raw pointers whose
@@ -245,6 +285,14 @@ impl MemoryRegion {
             len: total,
             errno: rustix::io::Errno::INVAL,
         })?;
+        let fault = crate::fault::register(map_base.as_ptr(), map_len);
+        if fault.is_none() {
+            tracing::warn!(
+                gpa,
+                size,
+                "Guest memory registry full: a SIGBUS in this region kills the daemon"
+            );
+        }
         Ok(Self {
             gpa,
             size,
@@ -254,6 +302,7 @@ impl MemoryRegion {
             map_len,
             host_offset,
             sharing,
+            fault,
         })
     }
 
@@ -296,6 +345,14 @@ impl MemoryRegion {
         self.sharing
     }
 
+    /// Whether a SIGBUS inside the region's mapping was contained ([`crate::fault`]): its
+    /// fd shrank under it, and the mapping now holds private zeros, not guest memory.
+    pub fn faulted(&self) -> bool {
+        self.fault
+            .as_ref()
+            .is_some_and(crate::fault::Registration::faulted)
+    }
+
     /// Host pointer of the region's first byte.
     pub fn host_base(&self) -> *mut u8 {
         // The offset is inside the mapping: checked at construction.
@@ -331,6 +388,9 @@ impl MemoryRegion {
 
 impl Drop for MemoryRegion {
     fn drop(&mut self) {
+        // Unregistered before the unmap, so the SIGBUS handler never maps over an address
+        // range something else may get next.
+        drop(self.fault.take());
         // SAFETY: map_base/map_len describe the mapping this region created and owns; no
         // pointer into it outlives the region (translations borrow the GuestMemory).
         let _ = unsafe { rustix::mm::munmap(self.map_base.as_ptr().cast(), self.map_len) };
@@ -745,6 +805,19 @@ impl GuestMemory {
         std::mem::take(&mut self.regions)
     }
 
+    /// The first region (fixed or late) whose mapping took a contained SIGBUS, as
+    /// `(gpa, size)`; see [`crate::fault`]. Walks every region: call it only when
+    /// [`crate::fault::generation`] changed.
+    pub fn faulted_region(&self) -> Option<(u64, u64)> {
+        let hit = |r: &MemoryRegion| r.faulted().then_some((r.gpa, r.size));
+        if let Some(x) = self.regions.iter().find_map(hit) {
+            return Some(x);
+        }
+        let late = self.late.as_deref()?;
+        let t = late.table.read().unwrap_or_else(PoisonError::into_inner);
+        t.active.iter().chain(t.retired.iter()).find_map(hit)
+    }
+
     /// Total bytes of the fixed regions (late ones: [`GuestMemory::late_stats`]).
     pub fn total_size(&self) -> u64 {
         self.regions.iter().map(|r| r.size).sum()
@@ -875,6 +948,27 @@ mod tests {
         let mut back = [0u8; 16];
         mem.read(0xff8, &mut back).unwrap();
         assert_eq!(back, [7u8; 16]);
+    }
+
+    #[test]
+    fn seals_say_whether_a_region_can_shrink() {
+        use rustix::fs::{MemfdFlags, SealFlags};
+        let plain = rustix::fs::memfd_create("t", MemfdFlags::CLOEXEC).unwrap();
+        assert_eq!(
+            fd_seals(&plain),
+            FdSeals {
+                shrink_sealed: false,
+                kind: "memfd"
+            }
+        );
+        let sealed =
+            rustix::fs::memfd_create("t", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+        rustix::fs::ftruncate(&sealed, 4096).unwrap();
+        rustix::fs::fcntl_add_seals(&sealed, SealFlags::SHRINK).unwrap();
+        assert!(fd_seals(&sealed).shrink_sealed);
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        assert!(!fd_seals(&file).shrink_sealed);
+        assert_ne!(fd_seals(&file).kind, "memfd");
     }
 
     #[test]
