@@ -5,13 +5,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use uvdpa_restrack::{Owner, ResHandle, ResId, ResType, Tracker};
 use uvdpa_virtio::dirty::{DirtyLog, QueueLog};
 use uvdpa_virtio::inflight::InflightMap;
 use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
 use uvdpa_virtio::stats::{QueueStatsRef, StatsTable};
-use uvdpa_virtio::worker::{GroupHandler, QueueWorker, StopError, WorkerParams, WorkerQueue};
+use uvdpa_virtio::worker::{
+    GroupHandler, QueueWorker, StopError, WorkerError, WorkerParams, WorkerQueue,
+};
 use uvdpa_virtio::{
     DeviceStatus, GuestMemory, MemoryRegion, StatusMachine, VirtioDevice, VirtioFeatures,
     Virtqueue, VringConfig,
@@ -764,7 +766,13 @@ impl DeviceRuntime {
             poll: self.poll,
             hold,
             on_error: Arc::new(move |e| {
-                warn!(device = %name, vring = first, "Virtqueue failed, device needs reset: {e}");
+                if let WorkerError::MemoryFault { gpa, size } = e {
+                    // The frontend shrank a memory fd under the daemon: worth an error
+                    // line (once per region: the device stays failed until a reset).
+                    error!(device = %name, vring = first, gpa = format_args!("{gpa:#x}"), size = format_args!("{size:#x}"), "Guest memory fault contained, device needs reset: {e}");
+                } else {
+                    warn!(device = %name, vring = first, "Virtqueue failed, device needs reset: {e}");
+                }
                 needs_reset.store(true, Ordering::Release);
                 // Visible to `dev show` at once, not only after the next request.
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());

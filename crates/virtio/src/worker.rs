@@ -133,6 +133,17 @@ pub enum WorkerError {
     /// Waiting on or reading an eventfd failed.
     #[error("Waiting for kicks failed: {0}")]
     Wait(rustix::io::Errno),
+    /// A guest memory region's fd shrank under its mapping (the frontend truncated it);
+    /// the SIGBUS was contained ([`crate::fault`]) and the region now reads as zeros.
+    #[error(
+        "Guest memory region gpa {gpa:#x} size {size:#x} faulted (SIGBUS: its fd shrank); it now reads as zeros"
+    )]
+    MemoryFault {
+        /// Guest physical address of the region.
+        gpa: u64,
+        /// Its size in bytes.
+        size: u64,
+    },
 }
 
 /// One virtqueue as a worker runs it: the ring and its eventfds and counters.
@@ -475,7 +486,27 @@ fn poll_for_work(p: &mut WorkerParams, flags: &WorkerCtl) -> Result<bool, Worker
     Ok(false)
 }
 
-fn fail(p: &mut WorkerParams, error: &mut Option<WorkerError>, e: WorkerError) {
+/// A contained SIGBUS in the memory of one of `queues`, checked only when the process-wide
+/// fault generation moved since `seen` (one atomic load per call otherwise).
+fn memory_fault(queues: &[WorkerQueue], seen: &mut u64) -> Option<WorkerError> {
+    let g = crate::fault::generation();
+    if g == *seen {
+        return None;
+    }
+    *seen = g;
+    queues
+        .iter()
+        .find_map(|q| q.queue.memory().faulted_region())
+        .map(|(gpa, size)| WorkerError::MemoryFault { gpa, size })
+}
+
+/// Reports the group's failure; a contained memory fault, if one happened, is the cause
+/// reported (it explains whatever the queue made of the zeroed memory).
+fn fail(p: &mut WorkerParams, error: &mut Option<WorkerError>, e: WorkerError, seen: &mut u64) {
+    let e = match e {
+        WorkerError::Abandoned | WorkerError::MemoryFault { .. } => e,
+        other => memory_fault(&p.queues, seen).unwrap_or(other),
+    };
     for q in &p.queues {
         q.stats.errors.fetch_add(1, Ordering::Relaxed);
         if let Some(err) = &q.err {
@@ -494,10 +525,17 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &WorkerCtl, _stop: &OwnedFd) -> 
     }; 8];
     // Chains may already be waiting when the queues are (re)started: look before sleeping.
     let mut work = true;
+    // Zero, so a worker started on memory that faulted earlier fails at its first batch.
+    let mut faults_seen = 0u64;
     while !flags.stopping() {
         if work && error.is_none() {
-            if let Err(e) = p.handler.process(&mut p.queues, flags) {
-                fail(&mut p, &mut error, e);
+            match p.handler.process(&mut p.queues, flags) {
+                Err(e) => fail(&mut p, &mut error, e, &mut faults_seen),
+                Ok(()) => {
+                    if let Some(e) = memory_fault(&p.queues, &mut faults_seen) {
+                        fail(&mut p, &mut error, e, &mut faults_seen);
+                    }
+                }
             }
         }
         work = false;
@@ -508,7 +546,7 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &WorkerCtl, _stop: &OwnedFd) -> 
                     continue;
                 }
                 Ok(false) => {}
-                Err(e) => fail(&mut p, &mut error, e),
+                Err(e) => fail(&mut p, &mut error, e, &mut faults_seen),
             }
         }
         if flags.stopping() {
@@ -517,13 +555,17 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &WorkerCtl, _stop: &OwnedFd) -> 
         // About to sleep: ask for kicks, and look once more (closing the race with a
         // driver that added work before it saw them enabled).
         if error.is_none() {
+            if let Some(e) = memory_fault(&p.queues, &mut faults_seen) {
+                fail(&mut p, &mut error, e, &mut faults_seen);
+                continue;
+            }
             match p.handler.arm(&mut p.queues) {
                 Ok(true) => {
                     work = true;
                     continue;
                 }
                 Ok(false) => {}
-                Err(e) => fail(&mut p, &mut error, e),
+                Err(e) => fail(&mut p, &mut error, e, &mut faults_seen),
             }
         }
         // Going idle: deliver a signal that coalescing held back.
@@ -560,7 +602,7 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &WorkerCtl, _stop: &OwnedFd) -> 
     }
     if flags.drain.load(Ordering::Acquire) && error.is_none() {
         if let Err(e) = p.handler.process(&mut p.queues, flags) {
-            fail(&mut p, &mut error, e);
+            fail(&mut p, &mut error, e, &mut faults_seen);
         }
     }
     p.handler.stopped(&mut p.queues, flags);
