@@ -875,6 +875,23 @@ impl Session {
         self.record.inflight = None;
     }
 
+    /// Says in the log when a memory region's fd is not sealed against shrinking
+    /// (`F_SEAL_SHRINK`): the frontend could truncate it under the mapping, and only the
+    /// SIGBUS containment of [`uvdpa_virtio::fault`] keeps the daemon alive then. Files
+    /// and hugetlbfs (QEMU's memory-backend-file) cannot be sealed, so this is no refusal.
+    fn check_seals(&self, fd: &OwnedFd, gpa: u64, size: u64) {
+        let seals = uvdpa_virtio::fd_seals(fd);
+        if !seals.shrink_sealed {
+            warn!(
+                device = %self.name,
+                gpa = format_args!("{gpa:#x}"),
+                size = format_args!("{size:#x}"),
+                fd = seals.kind,
+                "Memory region is not sealed against shrinking (no F_SEAL_SHRINK): relies on SIGBUS containment"
+            );
+        }
+    }
+
     fn set_mem_table(&mut self, req: &Request) -> Result<(), Error> {
         let hdr_len = std::mem::size_of::<VhostUserMemory>();
         let region_len = std::mem::size_of::<VhostUserMemoryRegion>();
@@ -899,6 +916,7 @@ impl Session {
         let mut records = Vec::with_capacity(n);
         for (chunk, fd) in rest.chunks_exact(region_len).zip(&req.fds) {
             let r: VhostUserMemoryRegion = decode("SET_MEM_TABLE", chunk)?;
+            self.check_seals(fd, r.guest_phys_addr, r.memory_size);
             regions.push(MemoryRegion::map(
                 fd,
                 r.guest_phys_addr,
@@ -947,6 +965,7 @@ impl Session {
             debug!(device = %self.name, gpa = key.0, size = key.1, "ADD_MEM_REG of a mapped region: one more reference");
             return Ok(());
         }
+        self.check_seals(fd, r.guest_phys_addr, r.memory_size);
         let region = MemoryRegion::map(
             fd,
             r.guest_phys_addr,
