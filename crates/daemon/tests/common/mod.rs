@@ -921,6 +921,13 @@ pub mod vu {
             })
         }
 
+        /// The memfd behind the guest memory (shared with the device), for tests that
+        /// misbehave with it (truncate it under the device).
+        pub fn memfd(&self) -> BorrowedFd<'_> {
+            use std::os::fd::AsFd;
+            self._fd.as_fd()
+        }
+
         /// Lays out a ring of `size` at guest address `base` and starts vring `index` on
         /// it (num, addr, base 0, call, err, kick, enable), with an error eventfd.
         pub fn ring(&mut self, index: usize, base: u64, size: u16) -> Result<VuRing, vhost::Error> {
