@@ -5,7 +5,7 @@
 //! raises SIGBUS. The daemon must survive (the fault is contained in `victim`'s mapping),
 //! say which region was unsealed and which faulted, mark `victim` DEVICE_NEEDS_RESET, and
 //! serve the next frontend; device `good`, in the same daemon, completes verified I/O
-//! before, during and after.
+//! before, during and after. A SIGBUS sent to the daemon by a process still kills it.
 
 mod common;
 
@@ -231,4 +231,17 @@ fn a_truncated_memfd_fails_only_its_device() {
     let rounds = good.finish();
     assert!(d.alive(), "the daemon died");
     eprintln!("unsealed: {unsealed}\nfault: {fault}\n`good` verified rounds: {rounds}");
+
+    // A SIGBUS that is no fault in guest memory (here: sent by a process) keeps its
+    // default action: the handler does not swallow it.
+    d.signal(rustix::process::Signal::BUS);
+    let st = d
+        .wait_exit(Duration::from_secs(10))
+        .expect("the daemon ignored a SIGBUS sent to it");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        st.signal(),
+        Some(rustix::process::Signal::BUS.as_raw()),
+        "the daemon did not die of the SIGBUS sent to it: {st:?}"
+    );
 }
