@@ -14,6 +14,11 @@
 //! dropped (or [`GuestMemory::purge_retired`] runs with exclusive access), so a host
 //! pointer a worker obtained earlier never dangles: after an invalidation it may point at
 //! stale memory, never at unmapped memory.
+//!
+//! Every mapping is registered with [`crate::fault`]: if its fd shrinks under it (a
+//! frontend truncates an unsealed memfd), the SIGBUS of the next access is contained in
+//! that mapping and [`GuestMemory::faulted_region`] names the region. [`fd_seals`] tells
+//! whether an fd is sealed against that.
 
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
