@@ -740,6 +740,43 @@ mod tests {
     }
 
     #[test]
+    fn a_shrunk_memfd_fails_the_group_with_a_memory_fault() {
+        let fd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, 1 << 20).unwrap();
+        let region = MemoryRegion::map(&fd, 0, 1 << 20, 0, 0).unwrap();
+        let mem = Arc::new(GuestMemory::new(vec![region]).unwrap());
+        let mut dq = DriverQueue::new(mem.clone(), 0x1000, 16);
+        let queue = SplitQueue::new(&dq.config(false, false), mem).unwrap();
+        let kick = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap());
+        let table = StatsTable::new("t", 1).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let w = QueueWorker::spawn(WorkerParams {
+            name: "fault-q0".into(),
+            queues: vec![one_queue(queue, kick.clone(), &table)],
+            handler: Box::new(ChainGroup::new(Box::new(Echo))),
+            on_error: Arc::new(move |e| {
+                let _ = tx.lock().unwrap().send(e.clone());
+            }),
+            poll: Duration::ZERO,
+            hold: None,
+        })
+        .unwrap();
+        dq.add_chain(&[(0x8_0000, 64, true)]);
+        dq.publish();
+        rustix::fs::ftruncate(&fd, 0).unwrap();
+        rustix::io::write(&*kick, &1u64.to_ne_bytes()).unwrap();
+        let e = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let fault = WorkerError::MemoryFault {
+            gpa: 0,
+            size: 1 << 20,
+        };
+        assert_eq!(e, fault);
+        assert_eq!(w.stop().unwrap().error, Some(fault));
+        assert_eq!(table.queue(0).unwrap().errors.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn stop_drained_completes_chains_that_were_never_kicked() {
         let (mut dq, w, _kick, _t) = setup(Duration::ZERO);
         for _ in 0..5 {
