@@ -23,5 +23,6 @@ mod runtime;
 
 pub use error::RuntimeError;
 pub use runtime::{
-    ConfigNotifier, DeviceRuntime, ResCtx, RuntimeParams, SessionState, VringState, STOP_TIMEOUT,
+    ConfigNotifier, DeviceRuntime, ResCtx, RuntimeParams, SessionEnder, SessionState, VringState,
+    STOP_TIMEOUT,
 };

@@ -155,7 +155,15 @@ pub struct RuntimeParams {
     pub vectors: Arc<VectorTable>,
     /// How the driver is told the device changed.
     pub notify_config: ConfigNotifier,
+    /// Ends the session from a queue worker when the driver's memory faulted under the
+    /// daemon (a shrunk memory fd, see `uvdpa_virtio::fault`): vhost-user shuts the
+    /// connection down, so the faulted memory is unmapped and the frontend must reconnect
+    /// with a new table. `None`: the device only goes to DEVICE_NEEDS_RESET. Must not block.
+    pub end_session: Option<SessionEnder>,
 }
+
+/// See [`RuntimeParams::end_session`].
+pub type SessionEnder = Arc<dyn Fn() + Send + Sync>;
 
 /// One device served to one driver: status, features, memory, vrings and their workers.
 pub struct DeviceRuntime {
@@ -185,6 +193,7 @@ pub struct DeviceRuntime {
     log: Option<Arc<DirtyLog>>,
     vectors: Arc<VectorTable>,
     notify_config: ConfigNotifier,
+    end_session: Option<SessionEnder>,
     closed: bool,
     /// Vrings are held stopped ([`DeviceRuntime::hold`]): none starts until
     /// [`DeviceRuntime::release`].
@@ -209,6 +218,7 @@ impl DeviceRuntime {
             addrs_are_uaddr,
             vectors,
             notify_config,
+            end_session,
         } = p;
         let status = StatusMachine::new(
             (device.features() - unoffered) | transport_features,
@@ -242,6 +252,7 @@ impl DeviceRuntime {
             log: None,
             vectors,
             notify_config,
+            end_session,
             closed: false,
             held: false,
         };
@@ -750,6 +761,7 @@ impl DeviceRuntime {
         let needs_reset = self.needs_reset.clone();
         let state = self.state.clone();
         let notify = self.notify_config.clone();
+        let end_session = self.end_session.clone();
         let name = self.name.clone();
         let thread = format!("{}-q{}", self.name, first);
         // The worker thread itself holds a reference to the device entry, so a worker stuck
@@ -782,6 +794,12 @@ impl DeviceRuntime {
                 // notifies after setting NEEDS_RESET), where the transport can.
                 if notify() {
                     debug!(device = %name, "config change notified to the driver");
+                }
+                if let (WorkerError::MemoryFault { .. }, Some(end)) = (e, &end_session) {
+                    // The table is unusable (zeros where guest memory was): end the session
+                    // so it is unmapped and the frontend must bring a new one.
+                    info!(device = %name, "Ending the session: its guest memory faulted");
+                    end();
                 }
             }),
         };

@@ -420,6 +420,9 @@ impl VduseServer {
                         .upgrade()
                         .is_some_and(|d| d.inject_config_irq().is_ok())
                 }),
+                // The IOTLB fds come from the kernel, not from a driver that could shrink
+                // them; a fault there leaves the device in DEVICE_NEEDS_RESET.
+                end_session: None,
             },
         );
         let kicks = match kick_fds {

@@ -230,6 +230,13 @@ impl Session {
         } = p;
         let backend = BackendChannel::default();
         let channel = backend.clone();
+        // A duplicate of the socket, so a queue worker can end the session (shutdown wakes
+        // the session's read with end-of-file) when the frontend's memory faulted.
+        let end_session = conn.as_fd().try_clone_to_owned().ok().map(|sock| {
+            Arc::new(move || {
+                let _ = rustix::net::shutdown(&sock, rustix::net::Shutdown::Both);
+            }) as uvdpa_runtime::SessionEnder
+        });
         // Offer and mandate as the device says; vhost-user frontends proxy the status of
         // their own driver and may write FEATURES_OK/DRIVER_OK alone (QEMU 7.2 does).
         let rt = DeviceRuntime::new(
@@ -248,6 +255,7 @@ impl Session {
                 addrs_are_uaddr: true,
                 vectors,
                 notify_config: Arc::new(move || notify_config_change(&channel)),
+                end_session,
             },
         );
         Self {
