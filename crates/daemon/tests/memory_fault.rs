@@ -3,8 +3,8 @@
 //! Device `victim`'s frontend hands over an unsealed memfd, runs I/O, then truncates the
 //! memfd to 0 with requests queued and kicks: the daemon's next access to that memory
 //! raises SIGBUS. The daemon must survive (the fault is contained in `victim`'s mapping),
-//! say which region was unsealed and which faulted, mark `victim` DEVICE_NEEDS_RESET, and
-//! serve the next frontend; device `good`, in the same daemon, completes verified I/O
+//! say which region was unsealed and which faulted, fail `victim` (error eventfd,
+//! DEVICE_NEEDS_RESET, the session ended) and serve the next frontend; device `good`, in the same daemon, completes verified I/O
 //! before, during and after. A SIGBUS sent to the daemon by a process still kills it.
 
 mod common;
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use common::vu::*;
 use common::*;
 use serde_json::Value;
+use vhost::VhostBackend;
 
 const MEM: u64 = 4 << 20;
 const RING: u64 = 0x1000;
@@ -168,24 +169,13 @@ fn a_truncated_memfd_fails_only_its_device() {
     rustix::fs::ftruncate(g.memfd(), 0).expect("truncate the guest memfd");
     r.kick();
 
-    // What the frontend sees: the queue's error eventfd, and DEVICE_NEEDS_RESET.
+    // What the frontend sees: the queue's error eventfd, then its session ends (the
+    // faulted table is unmapped; a frontend must come back with a new one).
     assert!(
         wait_event(&r.err, Duration::from_secs(10)),
         "`victim`'s error eventfd did not fire after its memory shrank; log:\n{}",
         d.log_excerpt(40)
     );
-    let t0 = Instant::now();
-    loop {
-        let (state, status) = dev_state(&d, "victim");
-        if state == "needs-reset" && status.iter().any(|s| s == "DEVICE_NEEDS_RESET") {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "`victim` is {state:?} {status:?}, not needs-reset, after its memory faulted"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let fault = wait_log_line(
         &d,
         &[
@@ -195,6 +185,27 @@ fn a_truncated_memfd_fails_only_its_device() {
             "size=0x400000",
         ],
         "the contained SIGBUS",
+    );
+    wait_log_line(
+        &d,
+        &["victim", "Ending the session: its guest memory faulted"],
+        "the session of the faulted memory",
+    );
+    let t0 = Instant::now();
+    loop {
+        let (state, _) = dev_state(&d, "victim");
+        if state == "ready" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "`victim` is {state:?}, not \"ready\" (session ended), after its memory faulted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        g.fe.get_features().is_err(),
+        "the hostile frontend's session is still answered after its memory faulted"
     );
     assert!(d.alive(), "the daemon died of the SIGBUS");
     good.assert_progress(before, "after `victim`'s memory faulted");
