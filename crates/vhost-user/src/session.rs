@@ -886,11 +886,13 @@ impl Session {
     /// Says in the log when a memory region's fd is not sealed against shrinking
     /// (`F_SEAL_SHRINK`): the frontend could truncate it under the mapping, and only the
     /// SIGBUS containment of [`uvdpa_virtio::fault`] keeps the daemon alive then. Files
-    /// and hugetlbfs (QEMU's memory-backend-file) cannot be sealed, so this is no refusal.
+    /// and hugetlbfs (QEMU's memory-backend-file, DPDK's hugepage files) cannot be sealed,
+    /// so this is no refusal, and it is logged at INFO (default level) rather than WARN:
+    /// common frontends (libblkio, virtio-driver, DPDK) hand over unsealed fds every time.
     fn check_seals(&self, fd: &OwnedFd, gpa: u64, size: u64) {
         let seals = uvdpa_virtio::fd_seals(fd);
         if !seals.shrink_sealed {
-            warn!(
+            info!(
                 device = %self.name,
                 gpa = format_args!("{gpa:#x}"),
                 size = format_args!("{size:#x}"),
