@@ -52,7 +52,7 @@ fn s(v: &Value, k: &str) -> String {
     }
 }
 
-fn print_json(out: &mut impl Write, v: &Value, o: Output) -> std::io::Result<()> {
+pub(crate) fn print_json(out: &mut impl Write, v: &Value, o: Output) -> std::io::Result<()> {
     let text = if o.pretty {
         serde_json::to_string_pretty(v)
     } else {
@@ -63,7 +63,7 @@ fn print_json(out: &mut impl Write, v: &Value, o: Output) -> std::io::Result<()>
 }
 
 /// Aligned columns: each row's cells padded to the widest in their column.
-fn table(out: &mut impl Write, rows: &[Vec<String>]) -> std::io::Result<()> {
+pub(crate) fn table(out: &mut impl Write, rows: &[Vec<String>]) -> std::io::Result<()> {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|c| {

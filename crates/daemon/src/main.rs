@@ -13,6 +13,7 @@ mod client;
 mod config;
 mod ctl;
 mod metrics;
+mod monitor;
 mod registry;
 mod service;
 mod upgrade;
@@ -83,6 +84,16 @@ enum Command {
         /// Command and arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Per-queue rates of every device, like `top`: requests/s, MB/s read and written
+    /// (blk), frames/s, MB/s and drops/s (net), kicks/s, calls/s, errors.
+    Monitor {
+        /// Seconds between samples (a decimal number, at least 0.1).
+        #[arg(short = 'i', long = "interval", default_value_t = 1.0)]
+        interval: f64,
+        /// Print this many samples and exit [default: until interrupted].
+        #[arg(short = 'n', long = "iterations")]
+        iterations: Option<u64>,
     },
     /// Tracked resources: `res show [TYPE]`.
     Res {
@@ -333,6 +344,10 @@ fn main() -> ExitCode {
         Command::Mgmtdev { args } => manage(&cli.ctl, "mgmtdev", &args, cli.json, cli.pretty),
         Command::Dev { args } => manage(&cli.ctl, "dev", &args, cli.json, cli.pretty),
         Command::Res { args } => manage(&cli.ctl, "res", &args, cli.json, cli.pretty),
+        Command::Monitor {
+            interval,
+            iterations,
+        } => run_monitor(&cli.ctl, interval, iterations, cli.json, cli.pretty),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -341,6 +356,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_monitor(
+    ctl: &Option<PathBuf>,
+    interval: f64,
+    iterations: Option<u64>,
+    json: bool,
+    pretty: bool,
+) -> Result<(), String> {
+    if !(0.1..=86_400.0).contains(&interval) {
+        return Err(format!("Invalid interval {interval}: seconds, 0.1..=86400"));
+    }
+    let ctl = ctl
+        .clone()
+        .unwrap_or_else(|| default_run_dir().join(ctl::CTL_NAME));
+    monitor::run(
+        &ctl,
+        &monitor::MonitorArgs {
+            interval: std::time::Duration::from_secs_f64(interval),
+            iterations,
+        },
+        client::Output {
+            json: json || pretty,
+            pretty,
+        },
+    )
 }
 
 fn manage(
