@@ -43,6 +43,7 @@ mod queue;
 mod request;
 #[cfg(test)]
 mod tests;
+pub mod trace;
 mod uring;
 
 pub use aio::Aio;
@@ -344,6 +345,8 @@ struct Shared {
     log: RateLimiter,
     /// Request latency of each queue (index = queue index).
     latency: Box<[latency::LatencyHistogram]>,
+    /// Where a live request trace attaches ([`trace`]).
+    trace: Arc<crate::net::capture::CapturePoint>,
 }
 
 /// A virtio-blk device. Cheap to share: all queue handlers hold its state in an `Arc`.
@@ -597,6 +600,7 @@ impl BlkDevice {
                 latency: (0..cfg.num_queues)
                     .map(|_| latency::LatencyHistogram::default())
                     .collect(),
+                trace: Arc::default(),
             }),
         })
     }
@@ -667,6 +671,12 @@ impl BlkDevice {
             .latency
             .get(usize::from(index))
             .map(latency::LatencyHistogram::snapshot)
+    }
+
+    /// Where a live request trace of this device attaches (`uvdpa dev capture`, see
+    /// [`trace`]): one at a time, kept across sessions.
+    pub fn trace_point(&self) -> &Arc<crate::net::capture::CapturePoint> {
+        &self.shared.trace
     }
 
     /// The request processor of queue `index` (shared by both I/O modes).

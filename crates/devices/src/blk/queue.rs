@@ -15,6 +15,7 @@ use super::backend::Bounce;
 use super::request::{
     parse, status, zero_segment, Limits, Request, RequestError, HEADER_LEN, VIRTIO_BLK_S_OK,
 };
+use super::trace::TraceTap;
 use super::{Shared, SERIAL_LEN};
 use crate::ratelimit::guest_debug;
 
@@ -26,17 +27,24 @@ pub(crate) struct BlkQueue {
     /// Scratch: the data part of the current request's buffers.
     iov: Vec<Segment>,
     bounce: Bounce,
+    /// The live request trace, looked at once per batch.
+    trace: TraceTap,
+    /// The trace was refreshed for the batch under way (cleared at its end).
+    trace_fresh: bool,
 }
 
 impl BlkQueue {
     pub(crate) fn new(shared: Arc<Shared>, index: u16, limits: Limits) -> Self {
         let iov = Vec::with_capacity(usize::from(shared.queue_size));
+        let trace = TraceTap::new(shared.trace.clone());
         Self {
             shared,
             index,
             limits,
             iov,
             bounce: Bounce::default(),
+            trace,
+            trace_fresh: false,
         }
     }
 
@@ -47,6 +55,11 @@ impl BlkQueue {
             capacity: self.shared.backend.size(),
             ..self.limits
         }
+    }
+
+    /// The queue this handler was made for.
+    pub(crate) fn index(&self) -> u16 {
+        self.index
     }
 
     /// The device state shared by its queues.
@@ -60,6 +73,33 @@ impl BlkQueue {
         if let Some(h) = self.shared.latency.get(usize::from(self.index)) {
             h.record(started.elapsed());
         }
+    }
+
+    /// Once per batch (the group handlers call it at the start of each pass; the
+    /// one-request-at-a-time path at its batch's first request): picks up a request trace
+    /// attached or detached since the last batch.
+    #[inline]
+    pub(crate) fn trace_refresh(&mut self) {
+        self.trace.refresh();
+    }
+
+    /// Counts the request in `chain` of queue `queue`, started at `started` and
+    /// completed now with `status`: its latency, and a trace record while a trace is
+    /// attached.
+    pub(crate) fn completed(
+        &self,
+        queue: u16,
+        chain: &DescriptorChain,
+        started: Instant,
+        status: u8,
+    ) {
+        self.record_latency(started);
+        self.trace.record(queue, chain, started, status);
+    }
+
+    /// A trace record only (the latency is counted elsewhere), as [`BlkQueue::completed`].
+    pub(crate) fn traced(&self, queue: u16, chain: &DescriptorChain, started: Instant, status: u8) {
+        self.trace.record(queue, chain, started, status);
     }
 
     /// Logs a failed request (debug level, rate-limited per device).
@@ -125,9 +165,15 @@ impl BlkQueue {
     }
 }
 
-impl QueueHandler for BlkQueue {
-    fn handle(&mut self, chain: &DescriptorChain) -> Result<u32, DeviceFault> {
+impl BlkQueue {
+    /// [`QueueHandler::handle`] for a chain of queue `queue` (a group serving several
+    /// queues with one handler says which; it is the queue its trace records name).
+    pub(crate) fn handle_on(&mut self, queue: u16, chain: &DescriptorChain) -> u32 {
         let started = Instant::now();
+        if !self.trace_fresh {
+            self.trace_fresh = true;
+            self.trace.refresh();
+        }
         let Some(status_at) = chain.writable_len().checked_sub(1) else {
             guest_debug!(
                 self.shared.log,
@@ -135,7 +181,7 @@ impl QueueHandler for BlkQueue {
                 head = chain.head(),
                 "Dropping virtio-blk request without a writable status byte"
             );
-            return Ok(0);
+            return 0;
         };
         let limits = self.limits();
         let result = parse(chain, &limits).and_then(|req| self.execute(chain, req, &limits));
@@ -153,9 +199,20 @@ impl QueueHandler for BlkQueue {
             }
         };
         chain.write_at(status_at as usize, &[status]);
-        self.record_latency(started);
+        self.completed(queue, chain, started, status);
         // Data bytes never reach the status byte, so the sum is at most writable_len.
-        Ok(written.min(status_at) + 1)
+        written.min(status_at) + 1
+    }
+}
+
+impl QueueHandler for BlkQueue {
+    fn handle(&mut self, chain: &DescriptorChain) -> Result<u32, DeviceFault> {
+        Ok(self.handle_on(self.index, chain))
+    }
+
+    fn end_batch(&mut self) -> Result<(), DeviceFault> {
+        self.trace_fresh = false;
+        Ok(())
     }
 }
 

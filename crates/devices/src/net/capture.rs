@@ -597,6 +597,24 @@ impl CapturePoint {
         }
     }
 
+    /// What a worker calls once per batch: one relaxed load of the generation; only when
+    /// it moved past `seen` (a capture was attached or detached since), `seen` is updated
+    /// and the attached capture (or `None`) is returned under the lock, as `Some(..)`.
+    #[inline]
+    pub fn changed(&self, seen: &mut u64) -> Option<Option<Attached>> {
+        let g = self.gen.load(Ordering::Relaxed);
+        if g == *seen {
+            return None;
+        }
+        *seen = g;
+        Some(
+            self.current
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
+
     /// Whether a capture is attached.
     pub fn is_attached(&self) -> bool {
         self.current
@@ -641,17 +659,9 @@ impl CaptureTap {
     #[inline]
     pub fn refresh(&mut self) {
         self.ts = 0;
-        let g = self.point.gen.load(Ordering::Relaxed);
-        if g == self.seen {
+        let Some(cur) = self.point.changed(&mut self.seen) else {
             return;
-        }
-        self.seen = g;
-        let cur = self
-            .point
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        };
         let (rx_q, tx_q) = (2 * self.pair, 2 * self.pair + 1);
         match cur {
             Some(Attached { ring, qidx: None }) => {

@@ -242,6 +242,9 @@ impl AioGroup {
             return 0;
         };
         slot.chain.write_at(status_at as usize, &[st]);
+        if let Some(t) = slot.started {
+            self.blk.traced(self.blk.index(), &slot.chain, t, st);
+        }
         // Data bytes never reach the status byte.
         u32::try_from(written).unwrap_or(status_at).min(status_at) + 1
     }
@@ -388,6 +391,7 @@ impl GroupHandler for AioGroup {
             if ctl.abandoned() {
                 return Err(WorkerError::Abandoned);
             }
+            self.blk.trace_refresh();
             let mut done = Done::default();
             self.reap(Some(q), &mut done);
             let filled = self.fill(q, ctl, &mut done);

@@ -68,7 +68,7 @@ use rustix::time::{
     timerfd_create, timerfd_settime, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags,
     Timespec,
 };
-use uvdpa_virtio::worker::{GroupHandler, QueueHandler, WorkerCtl, WorkerError, WorkerQueue};
+use uvdpa_virtio::worker::{GroupHandler, WorkerCtl, WorkerError, WorkerQueue};
 use uvdpa_virtio::{DescriptorChain, Segment};
 
 use super::super::backend::IOV_MAX;
@@ -466,6 +466,9 @@ impl NbdGroup {
         let used = match slot.chain.writable_len().checked_sub(1) {
             Some(status_at) => {
                 slot.chain.write_at(status_at as usize, &[status]);
+                if let Some(t) = started {
+                    self.blk.traced(queue, &slot.chain, t, status);
+                }
                 u32::try_from(written).unwrap_or(status_at).min(status_at) + 1
             }
             None => 0,
@@ -618,7 +621,7 @@ impl NbdGroup {
             Some(Request::GetId { .. }) | None => {
                 // GET_ID, or a request that fails parsing: the synchronous path answers
                 // (it writes the status byte itself).
-                let used = self.blk.handle(&slot.chain).map_err(WorkerError::Device)?;
+                let used = self.blk.handle_on(slot.queue, &slot.chain);
                 return Ok(Started::Sync(used));
             }
         };
@@ -1175,6 +1178,7 @@ impl GroupHandler for NbdGroup {
             if ctl.abandoned() {
                 return Err(WorkerError::Abandoned);
             }
+            self.blk.trace_refresh();
             let progress = self.pass(queues, ctl, true, RECONNECT_HANDSHAKE_TIMEOUT)?;
             if progress == 0 {
                 break;
