@@ -1,5 +1,6 @@
 //! `uvdpa dev capture`: the CLI side of a live capture (the daemon side is
-//! `uvdpa_devices::net::capture` and `Registry::capture_start`).
+//! `uvdpa_devices::net::capture` and `Registry::capture_start`). On a blk device the same
+//! ring carries request trace records, written out as JSON lines ([`crate::trace`]).
 //!
 //! The CLI asks the daemon (`dev.capture`) to mirror a net device's frames into a
 //! shared-memory ring whose memfd comes back with the reply, then drains the ring and
@@ -25,12 +26,13 @@ use pcap_file::pcapng::blocks::section_header::{SectionHeaderBlock, SectionHeade
 use pcap_file::pcapng::PcapNgWriter;
 use pcap_file::{DataLink, Endianness, PcapError};
 use serde_json::json;
-use uvdpa_devices::net::capture::CaptureRing;
+use uvdpa_devices::net::capture::{CaptureRing, RecordInfo};
 use uvdpa_ipc::Secondary;
 
 use crate::cli::CaptureArgs;
 use crate::client::REQUEST_TIMEOUT;
 use crate::registry::CaptureView;
+use crate::trace::TraceOut;
 
 /// Pause after each pass over the rings. The rings hold milliseconds of traffic (8 MiB is
 /// ~36 ms of 64-byte frames at 1.3 Mpps each way), so draining in bursts loses nothing
@@ -146,12 +148,38 @@ impl<W: Write> PcapngOut<W> {
     }
 }
 
+/// Where drained records go: pcapng frames (net) or JSON lines (a blk request trace).
+enum Sink<W: Write> {
+    Pcapng(PcapngOut<W>),
+    Trace(TraceOut<W>),
+}
+
+impl<W: Write> Sink<W> {
+    /// Writes one record; `Ok(false)` when it was not for this output.
+    fn record(&mut self, info: RecordInfo, data: &[u8]) -> Result<bool, PcapError> {
+        match self {
+            Sink::Pcapng(p) => p.frame(info.qidx, info.ts_ns, info.orig_len, data),
+            Sink::Trace(t) => t
+                .record(info.qidx, info.ts_ns, data)
+                .map_err(PcapError::IoError),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Pcapng(p) => p.get_mut().flush(),
+            Sink::Trace(t) => t.get_mut().flush(),
+        }
+    }
+}
+
 fn is_broken_pipe(e: &PcapError) -> bool {
     matches!(e, PcapError::IoError(io) if io.kind() == io::ErrorKind::BrokenPipe)
 }
 
-/// Runs `dev capture` against the daemon at `ctl` until `count` frames, SIGINT/SIGTERM,
-/// the reader of `-w -` going away, or the daemon ending the capture.
+/// Runs `dev capture` against the daemon at `ctl` until `count` frames (net) or requests
+/// (blk), SIGINT/SIGTERM, the reader of `-w -` going away, or the daemon ending the
+/// capture.
 ///
 /// # Errors
 /// A message for stderr: the daemon refused, the output cannot be written.
@@ -194,49 +222,66 @@ pub fn run(ctl: &Path, a: &CaptureArgs) -> Result<(), String> {
         )
     };
     let out = BufWriter::with_capacity(1 << 20, out);
-    let mut pcap = PcapngOut::new(out, &view)?;
-    pcap.get_mut()
-        .flush()
+    let blk = view.mgmtdev == "blk";
+    let mut sink = if blk {
+        Sink::Trace(TraceOut::new(out))
+    } else {
+        Sink::Pcapng(PcapngOut::new(out, &view)?)
+    };
+    sink.flush()
         .map_err(|e| format!("Cannot write the capture: {e}"))?;
-    let names: Vec<String> = view
-        .queues
-        .iter()
-        .map(|&q| interface_name(&view.name, q))
-        .collect();
-    eprintln!(
-        "uvdpa: capturing on {} ({}), snaplen {} bytes, to {}",
-        view.name,
-        names.join(" "),
-        view.snaplen,
-        if a.file == "-" {
-            "standard output"
-        } else {
-            &a.file
-        }
-    );
+    let to = if a.file == "-" {
+        "standard output"
+    } else {
+        &a.file
+    };
+    if blk {
+        let queues: Vec<String> = view.queues.iter().map(u16::to_string).collect();
+        eprintln!(
+            "uvdpa: tracing requests of {} (queues {}), to {to}",
+            view.name,
+            queues.join(" ")
+        );
+    } else {
+        let names: Vec<String> = view
+            .queues
+            .iter()
+            .map(|&q| interface_name(&view.name, q))
+            .collect();
+        eprintln!(
+            "uvdpa: capturing on {} ({}), snaplen {} bytes, to {to}",
+            view.name,
+            names.join(" "),
+            view.snaplen,
+        );
+    }
 
     let mut written: u64 = 0;
     let mut failure: Option<PcapError> = None;
     let mut ended_by_daemon = false;
-    loop {
+    let drain = |sink: &mut Sink<_>, written: &mut u64, failure: &mut Option<PcapError>| {
         let mut got = 0;
         for r in 0..ring.rings() {
             got += ring.drain(r, |info, data| {
-                if failure.is_some() || a.count.is_some_and(|c| written >= c) {
+                if failure.is_some() || a.count.is_some_and(|c| *written >= c) {
                     return;
                 }
-                match pcap.frame(info.qidx, info.ts_ns, info.orig_len, data) {
-                    Ok(true) => written += 1,
+                match sink.record(info, data) {
+                    Ok(true) => *written += 1,
                     Ok(false) => {}
-                    Err(e) => failure = Some(e),
+                    Err(e) => *failure = Some(e),
                 }
             });
         }
+        got
+    };
+    loop {
+        let got = drain(&mut sink, &mut written, &mut failure);
         if failure.is_some() || a.count.is_some_and(|c| written >= c) {
             break;
         }
         if got > 0 {
-            if let Err(e) = pcap.get_mut().flush() {
+            if let Err(e) = sink.flush() {
                 failure = Some(PcapError::IoError(e));
                 break;
             }
@@ -249,26 +294,20 @@ pub fn run(ctl: &Path, a: &CaptureArgs) -> Result<(), String> {
         if ring.is_detached() || sec.is_closed() {
             // One last pass for what was written before the daemon stopped.
             ended_by_daemon = true;
-            for r in 0..ring.rings() {
-                ring.drain(r, |info, data| {
-                    if failure.is_none() && a.count.is_none_or(|c| written < c) {
-                        match pcap.frame(info.qidx, info.ts_ns, info.orig_len, data) {
-                            Ok(true) => written += 1,
-                            Ok(false) => {}
-                            Err(e) => failure = Some(e),
-                        }
-                    }
-                });
-            }
+            drain(&mut sink, &mut written, &mut failure);
             break;
         }
         std::thread::sleep(PASS_SLEEP);
     }
-    let flushed = pcap.get_mut().flush();
+    let flushed = sink.flush();
     let drops: u64 = (0..ring.rings()).map(|r| ring.counters(r).drops).sum();
     // Detach now (the daemon sees the connection close), not when the process exits.
     drop(sec);
-    eprintln!("uvdpa: {written} frames captured, {drops} dropped (capture ring full)");
+    if blk {
+        eprintln!("uvdpa: {written} requests traced, {drops} dropped (trace ring full)");
+    } else {
+        eprintln!("uvdpa: {written} frames captured, {drops} dropped (capture ring full)");
+    }
     match failure {
         Some(e) if is_broken_pipe(&e) => Ok(()),
         Some(e) => Err(pcap_err(e)),
@@ -293,6 +332,7 @@ mod tests {
     fn pcapng_has_one_interface_per_queue_and_direction_flags() {
         let view = CaptureView {
             name: "n0".into(),
+            mgmtdev: "net".into(),
             queues: vec![0, 1, 2, 3],
             rings: 2,
             ring_size: 1 << 20,

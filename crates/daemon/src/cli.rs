@@ -50,7 +50,7 @@ pub enum Cmd {
         frames: u32,
     },
     /// `dev capture NAME [qidx N] [count N] [snaplen N] -w FILE|-`: live capture of a net
-    /// device's frames to pcapng.
+    /// device's frames to pcapng, or a blk device's completed requests as JSON lines.
     DevCapture(CaptureArgs),
     /// `dev set NAME capacity SIZE`: resize a blk device while it is served.
     DevSetCapacity {
@@ -68,11 +68,11 @@ pub struct CaptureArgs {
     pub name: String,
     /// One virtqueue (as in `vstats show`: even receive, odd transmit), or every data queue.
     pub qidx: Option<u32>,
-    /// Stop after this many frames.
+    /// Stop after this many frames (net) or requests (blk).
     pub count: Option<u64>,
-    /// Most bytes kept per frame (the daemon's default when unset).
+    /// Most bytes kept per frame (the daemon's default when unset; net only).
     pub snaplen: Option<u32>,
-    /// The pcapng file; `-` for standard output.
+    /// The pcapng (net) or JSON lines (blk) file; `-` for standard output.
     pub file: String,
 }
 

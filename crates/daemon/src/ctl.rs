@@ -15,7 +15,7 @@
 //! | `dev.set` | `{"name", "capacity"}` (blk: bytes) | `{"dev": DeviceView, "notified"}` |
 //! | `res.show` | `{"type": null or TYPE}` | `{"counts": {TYPE: N}, "entries": [EntryInfo]}` |
 //! | `upgrade.*` | see [`crate::upgrade`] (live upgrade: `uvdpa daemon --takeover`) | |
-//! | `dev.capture` | `{"name", "qidx": null or N, "snaplen": null or N}` | `{"capture": CaptureView}` (+ the capture ring's memfd); detached when this client disconnects |
+//! | `dev.capture` | `{"name", "qidx": null or N, "snaplen": null or N}` | `{"capture": CaptureView}` (+ the capture ring's memfd: net frames, or blk request trace records); detached when this client disconnects |
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -16,6 +16,7 @@ mod metrics;
 mod monitor;
 mod registry;
 mod service;
+mod trace;
 mod upgrade;
 
 use std::net::SocketAddr;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
+use uvdpa_devices::blk::trace as blk_trace;
 use uvdpa_devices::blk::{
     BackendSpec, BlkConfig, BlkDevice, BlkFeatures, DEFAULT_QUEUE_SIZE as DEFAULT_BLK_QUEUE_SIZE,
 };
@@ -651,16 +652,25 @@ struct ActiveCapture {
 pub struct CaptureView {
     /// Device name.
     pub name: String,
-    /// The virtqueues captured (receive queues even, transmit queues odd).
+    /// `net` (frames, for pcapng) or `blk` (request trace records,
+    /// `uvdpa_devices::blk::trace`).
+    #[serde(default = "net_mgmtdev")]
+    pub mgmtdev: String,
+    /// The virtqueues captured (net: receive queues even, transmit queues odd).
     pub queues: Vec<u16>,
-    /// Sub-rings in the memfd (one per queue pair, or one for a single queue).
+    /// Sub-rings in the memfd (net: one per queue pair, blk: one per queue; one for a
+    /// single queue).
     pub rings: u32,
     /// Data bytes per sub-ring.
     pub ring_size: u64,
-    /// Most bytes copied per frame.
+    /// Most bytes copied per frame (blk: the trace record's size).
     pub snaplen: u32,
     /// The resource entry (`capture/N`).
     pub res: String,
+}
+
+fn net_mgmtdev() -> String {
+    "net".into()
 }
 
 /// Default snaplen of `dev capture` (tcpdump's).
@@ -1026,17 +1036,18 @@ impl Registry {
         self.captures.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Attaches a live capture of net device `name` for IPC client `client` (process
-    /// `pid`): virtqueue `qidx` only, or every data queue; frames cut at `snaplen`.
-    /// Returns what was attached and the ring's memfd. The capture lasts until
-    /// [`Registry::capture_stop`] for that client (its connection closed) or the device is
-    /// deleted.
+    /// Attaches a live capture of device `name` for IPC client `client` (process `pid`):
+    /// virtqueue `qidx` only, or every data queue. A net device mirrors its frames, cut at
+    /// `snaplen` bytes; a blk device writes one request trace record per completed request
+    /// (`uvdpa_devices::blk::trace`, `snaplen` is ignored). Returns what was attached and
+    /// the ring's memfd. The capture lasts until [`Registry::capture_stop`] for that client
+    /// (its connection closed) or the device is deleted.
     ///
     /// # Errors
     /// [`RegistryError::NotFound`], [`RegistryError::NoQueue`] for a queue out of range,
-    /// [`RegistryError::Capture`] for a blk device, the control queue, a bad snaplen or
-    /// no memory, [`RegistryError::CaptureBusy`] when the device or the client already
-    /// has a capture.
+    /// [`RegistryError::Capture`] for the control queue, a bad snaplen or no memory,
+    /// [`RegistryError::CaptureBusy`] when the device or the client already has a
+    /// capture.
     pub fn capture_start(
         &self,
         name: &str,
@@ -1053,23 +1064,37 @@ impl Registry {
         let m = devs
             .get(name)
             .ok_or_else(|| RegistryError::NotFound(name.into()))?;
-        let Dev::Net(spec, net) = &m.dev else {
-            return Err(err("only net devices can be captured".into()));
+        let no_queue = |q: u32| RegistryError::NoQueue {
+            name: name.into(),
+            qidx: q,
+            queues: m.spec.num_queues(),
         };
-        let pairs = spec.config.max_queue_pairs;
-        let data_queues = 2 * u32::from(pairs);
-        let queues: Vec<u16> = match qidx {
-            None => (0..2 * pairs).collect(),
-            Some(q) if q < data_queues => vec![q as u16],
-            Some(q) if q == data_queues => {
-                return Err(err(format!("queue {q} is the control queue")))
+        // net: one sub-ring per queue pair, frames cut at snaplen; blk: one sub-ring per
+        // queue, fixed-size request records.
+        let (mgmtdev, point, queues, all_rings, snaplen) = match &m.dev {
+            Dev::Net(spec, net) => {
+                let pairs = spec.config.max_queue_pairs;
+                let data_queues = 2 * u32::from(pairs);
+                let queues: Vec<u16> = match qidx {
+                    None => (0..2 * pairs).collect(),
+                    Some(q) if q < data_queues => vec![q as u16],
+                    Some(q) if q == data_queues => {
+                        return Err(err(format!("queue {q} is the control queue")))
+                    }
+                    Some(q) => return Err(no_queue(q)),
+                };
+                let point = net.capture_point().clone();
+                ("net", point, queues, u32::from(pairs), snaplen)
             }
-            Some(q) => {
-                return Err(RegistryError::NoQueue {
-                    name: name.into(),
-                    qidx: q,
-                    queues: m.spec.num_queues(),
-                })
+            Dev::Blk(cfg, blk) => {
+                let queues: Vec<u16> = match qidx {
+                    None => (0..cfg.num_queues).collect(),
+                    Some(q) if q < u32::from(cfg.num_queues) => vec![q as u16],
+                    Some(q) => return Err(no_queue(q)),
+                };
+                let point = blk.trace_point().clone();
+                let rec = blk_trace::RECORD_LEN as u32;
+                ("blk", point, queues, u32::from(cfg.num_queues), rec)
             }
         };
         let mut caps = self.captures();
@@ -1079,7 +1104,7 @@ impl Registry {
                 reason: format!("this client already captures {}", c.device),
             });
         }
-        let rings = if qidx.is_some() { 1 } else { u32::from(pairs) };
+        let rings = if qidx.is_some() { 1 } else { all_rings };
         let per_ring =
             (CAPTURE_BUDGET / u64::from(rings)).clamp(CAPTURE_MIN_RING, CAPTURE_MAX_RING);
         let ring_size = 1u64 << (63 - per_ring.leading_zeros());
@@ -1089,7 +1114,6 @@ impl Registry {
             .fd()
             .try_clone_to_owned()
             .map_err(|e| err(format!("cannot duplicate the ring's fd: {e}")))?;
-        let point = net.capture_point().clone();
         match point.attach(Arc::new(ring), qidx.map(|q| q as u16)) {
             Ok(()) => {}
             Err(CaptureError::Busy) => {
@@ -1118,6 +1142,7 @@ impl Registry {
         entry.add();
         let view = CaptureView {
             name: name.into(),
+            mgmtdev: mgmtdev.into(),
             queues,
             rings,
             ring_size,

@@ -325,15 +325,7 @@ fn a_killed_capture_leaves_no_residue_and_forwarding_goes_on() {
     cli.child.wait().unwrap();
     wait_no_capture(&d, Duration::from_secs(5));
     // Nothing else left behind either: the same counts as before the capture.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let after = d.cli_json(&["res", "show"])["counts"].clone();
-        if after == before {
-            break;
-        }
-        assert!(Instant::now() < deadline, "res show {after} != {before}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    d.wait_res_counts(&before, Duration::from_secs(5));
     // Still forwarding.
     let a = d.vstat("net0", 0, "packets");
     std::thread::sleep(Duration::from_millis(500));

@@ -497,6 +497,20 @@ impl Daemon {
         self.metric(&format!("uvdpa_session_connects_total{{device=\"{dev}\"}}"))
     }
 
+    /// Waits (bounded by `timeout`) until `uvdpa res show` counts are `before` again;
+    /// panics naming both when they are not.
+    pub fn wait_res_counts(&self, before: &serde_json::Value, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let after = self.cli_json(&["res", "show"])["counts"].clone();
+            if after == *before {
+                return;
+            }
+            assert!(Instant::now() < deadline, "res show {after} != {before}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The value of the sample `series` (metric name and labels exactly as the endpoint
     /// prints them) from the metrics address this process logged; panics if there is none.
     pub fn metric(&self, series: &str) -> u64 {
