@@ -159,16 +159,14 @@ impl<W: Write> Sink<W> {
     fn record(&mut self, info: RecordInfo, data: &[u8]) -> Result<bool, PcapError> {
         match self {
             Sink::Pcapng(p) => p.frame(info.qidx, info.ts_ns, info.orig_len, data),
-            Sink::Trace(t) => t
-                .record(info.qidx, info.ts_ns, data)
-                .map_err(PcapError::IoError),
+            Sink::Trace(t) => Ok(t.record(info.qidx, info.ts_ns, data)),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Sink::Pcapng(p) => p.get_mut().flush(),
-            Sink::Trace(t) => t.get_mut().flush(),
+            Sink::Trace(t) => t.flush(),
         }
     }
 }

@@ -13,30 +13,51 @@ use std::io::{self, Write};
 
 use uvdpa_devices::blk::trace::{status_name, type_name, TraceRecord};
 
-/// Writes trace records as JSON lines.
+/// Writes trace records as JSON lines. The CLI drains one queue's sub-ring after the
+/// other, so records are held until [`TraceOut::flush`] (after each pass over the rings)
+/// and written in completion-time order.
 pub struct TraceOut<W: Write> {
     w: W,
+    pending: Vec<(u64, u16, TraceRecord)>,
 }
 
 impl<W: Write> TraceOut<W> {
     /// A writer of JSON lines to `w`.
     pub fn new(w: W) -> Self {
-        Self { w }
+        Self {
+            w,
+            pending: Vec::new(),
+        }
     }
 
-    /// Writes the record of a request of `queue` completed at `ts_ns` (Unix epoch
-    /// nanoseconds); a record too short to decode is skipped (`Ok(false)`).
+    /// Takes the record of a request of `queue` completed at `ts_ns` (Unix epoch
+    /// nanoseconds); a record too short to decode is skipped (`false`).
+    pub fn record(&mut self, queue: u16, ts_ns: u64, data: &[u8]) -> bool {
+        let Some(r) = TraceRecord::decode(data) else {
+            return false;
+        };
+        self.pending.push((ts_ns, queue, r));
+        true
+    }
+
+    /// Writes the records taken since the last call, oldest first, and flushes.
     ///
     /// # Errors
     /// The output cannot be written.
-    pub fn record(&mut self, queue: u16, ts_ns: u64, data: &[u8]) -> io::Result<bool> {
-        let Some(r) = TraceRecord::decode(data) else {
-            return Ok(false);
-        };
+    pub fn flush(&mut self) -> io::Result<()> {
+        // Stable: one queue's records keep their order when two have the same time.
+        self.pending.sort_by_key(|&(ts, _, _)| ts);
+        for (ts_ns, queue, r) in std::mem::take(&mut self.pending) {
+            Self::line(&mut self.w, queue, ts_ns, &r)?;
+        }
+        self.w.flush()
+    }
+
+    fn line(w: &mut W, queue: u16, ts_ns: u64, r: &TraceRecord) -> io::Result<()> {
         // Written by hand to keep the documented field order (every value is a number or
         // a name without characters JSON escapes).
         writeln!(
-            self.w,
+            w,
             r#"{{"time":"{}","queue":{queue},"type":"{}","sector":{},"len":{},"status":"{}","latency_us":{}}}"#,
             rfc3339_ns(ts_ns),
             type_name(r.ty),
@@ -44,8 +65,7 @@ impl<W: Write> TraceOut<W> {
             r.len,
             status_name(r.status),
             r.latency_ns as f64 / 1000.0
-        )?;
-        Ok(true)
+        )
     }
 
     /// The writer.
@@ -107,9 +127,15 @@ mod tests {
             latency_ns: 12_345,
         };
         let mut out = TraceOut::new(Vec::new());
-        assert!(out.record(3, 0, &rec.encode()).unwrap());
-        assert!(!out.record(3, 0, &[0; 8]).unwrap());
+        assert!(out.record(1, 2_000, &rec.encode()));
+        assert!(out.record(3, 0, &rec.encode()));
+        assert!(!out.record(3, 0, &[0; 8]));
+        assert!(out.get_mut().is_empty(), "held until flushed");
+        out.flush().unwrap();
         let text = String::from_utf8(out.get_mut().clone()).unwrap();
+        let (first, second) = text.split_once('\n').unwrap();
+        assert!(second.contains(r#""queue":1,"#), "oldest first: {text}");
+        let text = first.to_string();
         assert!(
             text.starts_with(r#"{"time":"1970-01-01T00:00:00.000000000Z","queue":3,"type":"OUT","#)
         );

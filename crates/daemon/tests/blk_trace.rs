@@ -310,3 +310,65 @@ fn io_uring_requests_are_traced_when_they_complete() {
     drop(c);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An `nbd` device with two queues on one connection: one worker answers both queues (NBD
+/// replies), and each record names the queue its request came on.
+#[test]
+fn nbd_requests_are_traced_with_their_queue() {
+    let dir = unique_dir("trace-nbd");
+    let sock = dir.join("mem.nbd");
+    let mut nbdkit = Command::new("nbdkit")
+        .args(["--foreground", "--unix"])
+        .arg(&sock)
+        .args(["memory", "16M"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run nbdkit (Debian package nbdkit: scripts/install-deps.sh)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "nbdkit did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let d = Daemon::start_in(
+        dir.clone(),
+        &blk_config(
+            "t0",
+            &format!(
+                "backend = \"nbd\"\nuri = \"nbd+unix:///?socket={}\"\nqueues = 2\nconnections = 1",
+                sock.display()
+            ),
+        ),
+        &["t0"],
+    );
+    let mut c = BlkClient::connect(&d.sock_str("t0"), 2, 64 << 10).unwrap();
+    let t = Trace::start(&d, &["count", "4", "-w", "-"]);
+    let w = |sector: u64| Op::Write {
+        offset: sector * 512,
+        buf_off: 0,
+        len: 4096,
+    };
+    assert_eq!(c.run(0, &[w(40)]), [0]);
+    assert_eq!(c.run(1, &[w(80)]), [0]);
+    assert_eq!(c.run(1, &[Op::Flush]), [0]);
+    let read = Op::Read {
+        offset: 40 * 512,
+        buf_off: 0,
+        len: 4096,
+    };
+    assert_eq!(c.run(0, &[read]), [0]);
+    let (lines, _) = t.finish(Duration::from_secs(10));
+    let got: Vec<_> = lines.iter().map(key).collect();
+    assert_eq!(
+        got,
+        [
+            k(0, "OUT", 40, 4096, "OK"),
+            k(1, "OUT", 80, 4096, "OK"),
+            k(1, "FLUSH", 0, 0, "OK"),
+            k(0, "IN", 40, 4096, "OK"),
+        ]
+    );
+    drop(c);
+    drop(d);
+    let _ = nbdkit.kill();
+    let _ = nbdkit.wait();
+}
