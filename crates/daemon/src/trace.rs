@@ -67,11 +67,6 @@ impl<W: Write> TraceOut<W> {
             r.latency_ns as f64 / 1000.0
         )
     }
-
-    /// The writer.
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.w
-    }
 }
 
 /// `ts_ns` nanoseconds since the Unix epoch as an RFC 3339 UTC time with nanoseconds.
@@ -130,9 +125,9 @@ mod tests {
         assert!(out.record(1, 2_000, &rec.encode()));
         assert!(out.record(3, 0, &rec.encode()));
         assert!(!out.record(3, 0, &[0; 8]));
-        assert!(out.get_mut().is_empty(), "held until flushed");
+        assert!(out.w.is_empty(), "held until flushed");
         out.flush().unwrap();
-        let text = String::from_utf8(out.get_mut().clone()).unwrap();
+        let text = String::from_utf8(out.w.clone()).unwrap();
         let (first, second) = text.split_once('\n').unwrap();
         assert!(second.contains(r#""queue":1,"#), "oldest first: {text}");
         let text = first.to_string();
