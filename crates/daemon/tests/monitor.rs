@@ -9,19 +9,22 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::testpmd::{Testpmd, TestpmdOpts};
 use common::*;
 
 const BS: usize = 4096;
 
-/// One row of a monitor block, by column name.
+/// One row of a monitor block, by column name (`None`: `-`, the column does not apply).
 #[derive(Debug)]
 struct Row {
     device: String,
     qidx: u32,
     kind: String,
-    req: f64,
-    read_mb: f64,
-    write_mb: f64,
+    req: Option<f64>,
+    read_mb: Option<f64>,
+    write_mb: Option<f64>,
+    frames: Option<f64>,
+    net_mb: Option<f64>,
     kicks: f64,
     calls: f64,
     errors: u64,
@@ -75,19 +78,32 @@ fn parse_blocks(text: &str) -> Vec<Block> {
             let c: Vec<&str> = l.split_whitespace().collect();
             assert_eq!(c.len(), 12, "row {l:?}");
             let f = |i: usize| -> f64 { c[i].parse().unwrap_or_else(|_| panic!("{l:?}")) };
+            let o = |i: usize| (c[i] != "-").then(|| f(i));
+            // blk rows have only the blk columns, net rows only the net ones.
+            let blk = c[2] == "blk";
+            for (i, is_blk) in [
+                (3, true),
+                (4, true),
+                (5, true),
+                (6, false),
+                (7, false),
+                (8, false),
+            ] {
+                assert_eq!(o(i).is_some(), blk == is_blk, "row {l:?}");
+            }
             rows.push(Row {
                 device: c[0].into(),
                 qidx: c[1].parse().unwrap(),
                 kind: c[2].into(),
-                req: f(3),
-                read_mb: f(4),
-                write_mb: f(5),
+                req: o(3),
+                read_mb: o(4),
+                write_mb: o(5),
+                frames: o(6),
+                net_mb: o(7),
                 kicks: f(9),
                 calls: f(10),
                 errors: c[11].parse().unwrap(),
             });
-            // blk rows have no net columns.
-            assert_eq!(&c[6..9], ["-", "-", "-"], "row {l:?}");
         }
         blocks.push(Block { interval, rows });
     }
@@ -188,20 +204,21 @@ fn monitor_rates_match_the_generated_traffic() {
             [("busy", 0, "blk"), ("busy", 1, "blk"), ("idle", 0, "blk")]
         );
         let q1 = &b.rows[1];
-        assert!(q1.req > 0.0, "the busy queue shows requests:\n{out}");
+        let req = q1.req.unwrap();
+        assert!(req > 0.0, "the busy queue shows requests:\n{out}");
         // Every request moved 4096 data bytes, half of them each way: the MB/s columns
         // are REQ/s × 4096 / 2 / 10^6 (up to the printed rounding).
-        let per_dir = q1.req * BS as f64 / 2.0 / 1e6;
+        let per_dir = req * BS as f64 / 2.0 / 1e6;
         for (what, mb) in [("read", q1.read_mb), ("written", q1.write_mb)] {
+            let mb = mb.unwrap();
             assert!(
                 (mb - per_dir).abs() <= 0.006 + 0.5 * BS as f64 / 1e6,
-                "{what} {mb} MB/s for {} req/s:\n{out}",
-                q1.req
+                "{what} {mb} MB/s for {req} req/s:\n{out}"
             );
         }
         assert!(q1.kicks > 0.0 && q1.calls > 0.0, "kicks and calls:\n{out}");
         assert_eq!(q1.errors, 0);
-        seen += q1.req * b.interval;
+        seen += req * b.interval;
         for idle in [&b.rows[0], &b.rows[2]] {
             assert_eq!(
                 (
@@ -211,7 +228,7 @@ fn monitor_rates_match_the_generated_traffic() {
                     idle.kicks,
                     idle.calls
                 ),
-                (0.0, 0.0, 0.0, 0.0, 0.0),
+                (Some(0.0), Some(0.0), Some(0.0), 0.0, 0.0),
                 "an idle queue shows no traffic:\n{out}"
             );
         }
@@ -240,4 +257,62 @@ fn monitor_rates_match_the_generated_traffic() {
     // Bad arguments fail with the reason.
     let (ok, _, err) = d.cli(&["monitor", "-i", "0"]);
     assert!(!ok && err.contains("interval"), "{err}");
+}
+
+/// A `loopback` net device forwarding testpmd's frames (`io`, `start tx_first`): its
+/// receive and transmit queues show frames/s, and NET_MB/s is frames/s × the frame length;
+/// the control queue shows none.
+#[test]
+fn monitor_shows_net_frame_rates() {
+    const FRAME: u16 = 64;
+    let d = Daemon::start(
+        "monitor-net",
+        "[[device]]\nname = \"net0\"\nmgmtdev = \"net\"\nbackend = \"loopback\"\n\
+         queue_pairs = 1\nqueue_size = 1024\n",
+        &["net0"],
+    );
+    let mut pmd = Testpmd::spawn(TestpmdOpts {
+        vdev: format!(
+            "net_virtio_user0,path={},queues=1,queue_size=256",
+            d.sock("net0").display()
+        ),
+        core: 0,
+        fwd_mode: "io",
+        txpkts: Some(FRAME),
+        nb_queues: 1,
+        extra_eal: vec![],
+        extra_app: vec![],
+    })
+    .unwrap_or_else(|e| panic!("testpmd did not start: {e}"));
+    pmd.start_tx_first(Some(4)).unwrap();
+    let (ok, out, err) = d.cli(&["monitor", "-i", "1", "-n", "2"]);
+    pmd.stop().unwrap();
+    assert!(ok, "{err}");
+    let frames_total = d.vstat("net0", 0, "packets");
+    let blocks = parse_blocks(&out);
+    assert_eq!(blocks.len(), 2, "{out}");
+    let mut seen = 0.0;
+    for b in &blocks {
+        let kinds: Vec<(u32, &str)> = b.rows.iter().map(|r| (r.qidx, r.kind.as_str())).collect();
+        assert_eq!(kinds, [(0, "rx"), (1, "tx"), (2, "cq")], "{out}");
+        for r in &b.rows[..2] {
+            let fps = r.frames.unwrap();
+            assert!(fps > 0.0, "frames on {}:\n{out}", r.kind);
+            let mb = r.net_mb.unwrap();
+            let want = fps * f64::from(FRAME) / 1e6;
+            assert!(
+                (mb - want).abs() <= 0.006 + 0.5 * f64::from(FRAME) / 1e6,
+                "{mb} MB/s for {fps} frames/s of {FRAME} bytes:\n{out}"
+            );
+            assert_eq!(r.errors, 0);
+        }
+        seen += b.rows[0].frames.unwrap() * b.interval;
+        let cq = &b.rows[2];
+        assert_eq!((cq.frames, cq.net_mb), (Some(0.0), Some(0.0)), "{out}");
+    }
+    assert!(
+        seen <= frames_total as f64 + 2.0 * 0.5 * 5.0,
+        "{seen} frames in the blocks, {frames_total} received"
+    );
+    pmd.quit().unwrap();
 }
