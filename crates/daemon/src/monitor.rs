@@ -6,7 +6,8 @@
 //! from shared memory: a rate is the difference of two successive samples divided by the
 //! time measured between them. The device list is asked for again each interval, so
 //! devices added or deleted while it runs appear or go (a new device's rates show from
-//! its second sample).
+//! its second sample), and a net device whose negotiated features changed has its queue
+//! roles (`rx`, `tx`, `cq`) read again.
 //!
 //! Units: requests/s and frames/s per second, MB/s in 10^6 bytes per second. A blk queue's
 //! `read` is data the device returned to the driver (IN), `written` data it took from the
@@ -145,6 +146,9 @@ struct Watched {
     table: StatsTable,
     kinds: Vec<Kind>,
     prev: Vec<Sample>,
+    /// The negotiated features the kinds were read with (a net queue's role depends on
+    /// VIRTIO_NET_F_MQ): when `dev show` reports others, the kinds are read again.
+    features: Value,
 }
 
 impl Watched {
@@ -178,30 +182,36 @@ fn watch_device(sec: &Secondary, d: &Value) -> Result<Option<Watched>, String> {
     };
     let table = StatsTable::open(fd, queues)
         .map_err(|e| format!("Cannot map the counters of {name}: {e}"))?;
-    let mut kinds = Vec::with_capacity(queues);
-    for q in 0..queues {
-        if !net {
-            kinds.push(Kind::Blk);
-            continue;
-        }
-        let role = match ask(sec, "dev.vstats.show", json!({ "name": name, "qidx": q })) {
-            Ok(r) => r.payload["vstats"]["queue_type"]
-                .as_str()
-                .unwrap_or("unused")
-                .to_string(),
-            Err(_) => return Ok(None),
-        };
-        kinds.push(Kind::Net(role));
-    }
+    let Some(kinds) = kinds(sec, name, net, queues) else {
+        return Ok(None);
+    };
     let w = Watched {
         prev: Vec::new(),
         table,
         kinds,
+        features: d["features"].clone(),
     };
     Ok(Some(Watched {
         prev: w.sample(),
         ..w
     }))
+}
+
+/// What each of the `queues` queues of device `name` is; `None` when the device went
+/// away meanwhile.
+fn kinds(sec: &Secondary, name: &str, net: bool, queues: usize) -> Option<Vec<Kind>> {
+    if !net {
+        return Some(vec![Kind::Blk; queues]);
+    }
+    (0..queues)
+        .map(|q| {
+            let r = ask(sec, "dev.vstats.show", json!({ "name": name, "qidx": q })).ok()?;
+            let role = r.payload["vstats"]["queue_type"]
+                .as_str()
+                .unwrap_or("unused");
+            Some(Kind::Net(role.to_string()))
+        })
+        .collect()
 }
 
 /// Runs `uvdpa monitor` against the daemon at `ctl`: prints one block of rates per
@@ -225,10 +235,21 @@ pub fn run(ctl: &Path, a: &MonitorArgs, o: Output) -> Result<(), String> {
         devices.retain(|name, _| listed.iter().any(|d| d["name"] == json!(name)));
         for d in &listed {
             let name = d["name"].as_str().unwrap_or_default().to_string();
-            if let Entry::Vacant(slot) = devices.entry(name) {
-                if let Some(w) = watch_device(&sec, d)? {
-                    slot.insert(w);
+            match devices.entry(name) {
+                Entry::Vacant(slot) => {
+                    if let Some(w) = watch_device(&sec, d)? {
+                        slot.insert(w);
+                    }
                 }
+                Entry::Occupied(mut w) if w.get().features != d["features"] => {
+                    let net = d["mgmtdev"] == json!("net");
+                    let queues = w.get().table.queues();
+                    if let Some(k) = kinds(&sec, w.key(), net, queues) {
+                        let w = w.get_mut();
+                        (w.kinds, w.features) = (k, d["features"].clone());
+                    }
+                }
+                Entry::Occupied(_) => {}
             }
         }
         if a.iterations.is_some_and(|c| n >= c) {
