@@ -5,7 +5,7 @@
 # DPDK (dpdk-testpmd: the virtio-net driver and the
 # reference vhost-user backend of the net tests and benches/net.sh), and the VDUSE guest's
 # 6.12 kernel (tests/guest/vduse/fetch-kernel.sh), libvirt-clients (virt-xml-validate), and
-# the NBD servers nbdkit and qemu-nbd (qemu-utils).
+# the NBD servers nbdkit and qemu-nbd (qemu-utils), and Ceph (librbd, a monitor and an OSD).
 set -euo pipefail
 
 need=()
@@ -40,6 +40,14 @@ command -v xmllint >/dev/null || need+=(libxml2-utils)
 # (memory and file plugins, error/delay/blocksize-policy filters) and qemu-nbd.
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v qemu-nbd >/dev/null || need+=(qemu-utils)
+# Ceph for the `rbd` backend: librbd/librados to link against, and the single-node
+# cluster of scripts/ceph.sh (crates/daemon/tests/blk_rbd.rs): monitor, OSD, ceph/rbd tools.
+[ -e /usr/include/rbd/librbd.h ] || need+=(librbd-dev)
+[ -e /usr/include/rados/librados.h ] || need+=(librados-dev)
+command -v ceph-mon >/dev/null || [ -x /usr/bin/ceph-mon ] || need+=(ceph-mon)
+command -v ceph-osd >/dev/null || [ -x /usr/bin/ceph-osd ] || need+=(ceph-osd)
+{ command -v ceph && command -v rbd; } >/dev/null || need+=(ceph-common)
+command -v uuidgen >/dev/null || need+=(uuid-runtime)
 
 if [ ${#need[@]} -eq 0 ]; then
     echo "install-deps: all packages present"
