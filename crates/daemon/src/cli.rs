@@ -114,8 +114,8 @@ fn number<T: std::str::FromStr>(attr: &str, v: &str) -> Result<T, String> {
 }
 
 /// Parses the attributes of `dev add` into the config-file entry they stand for. Blk:
-/// `backend size path direct aio uri connections reconnect_delay timeout ro queues queue_size
-/// serial logical_block_size`; net:
+/// `backend size path direct aio uri connections reconnect_delay timeout pool image conf id
+/// keyring ro queues queue_size serial logical_block_size`; net:
 /// `backend mac mtu max_vqp (or queue_pairs) queue_size tap switch frame_len`; both:
 /// `poll_us mandate unoffer coalesce_usecs coalesce_frames transport bind bounce_size
 /// socket_mode socket_user socket_group`. Which attributes fit which mgmtdev
@@ -141,6 +141,11 @@ fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
             "connections" => e.connections = Some(number(k, &value()?)?),
             "reconnect_delay" => e.reconnect_delay = Some(number(k, &value()?)?),
             "timeout" => e.timeout = Some(number(k, &value()?)?),
+            "pool" => e.pool = Some(value()?),
+            "image" => e.image = Some(value()?),
+            "conf" => e.conf = Some(value()?.into()),
+            "id" => e.id = Some(value()?),
+            "keyring" => e.keyring = Some(value()?.into()),
             "serial" => e.serial = Some(value()?),
             "queues" => e.queues = Some(number(k, &value()?)?),
             "queue_size" => e.queue_size = Some(number(k, &value()?)?),

@@ -7,7 +7,7 @@
 //! [[device]]
 //! name = "blk0"            # 1..=32 of [A-Za-z0-9_.-], unique
 //! mgmtdev = "blk"          # device type: "blk" or "net"
-//! backend = "ram"          # ram | file | null | nbd
+//! backend = "ram"          # ram | file | null | nbd | rbd
 //! size = "256M"            # bytes, or with K/M/G/T (binary) suffix; ram and null
 //! path = "/var/lib/disk.img"  # file backend
 //! direct = false           # file backend: O_DIRECT
@@ -15,7 +15,12 @@
 //! uri = "nbd://host:10809/export"  # nbd backend (or nbd+unix:///export?socket=PATH)
 //! connections = 1          # nbd: 1..=queues (more only with NBD_FLAG_CAN_MULTI_CONN)
 //! reconnect_delay = 0      # nbd: seconds requests wait for a lost server, 0..=3600
-//! timeout = 30             # nbd: seconds a request may take, 1..=3600
+//! timeout = 30             # nbd, rbd: seconds a request may take, 1..=3600
+//! pool = "rbd"             # rbd backend: the pool, the image in it, the cluster's conf,
+//! image = "disk0"          #   the cephx user (default admin) and optionally its keyring
+//! conf = "/etc/ceph/ceph.conf"
+//! id = "admin"
+//! keyring = "/etc/ceph/ceph.client.admin.keyring"
 //! queues = 1               # 1..=64
 //! queue_size = 128         # power of two, 1..=32768: seg_max is min(queue_size, 1024) - 2
 //! read_only = false
@@ -53,6 +58,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uvdpa_devices::blk::nbd::{NbdSpec, NbdUri, DEFAULT_TIMEOUT as NBD_DEFAULT_TIMEOUT};
+use uvdpa_devices::blk::rbd::{RbdSpec, DEFAULT_ID as RBD_DEFAULT_ID};
 use uvdpa_devices::blk::{
     Aio, BackendSpec, BlkConfig, DEFAULT_QUEUE_SIZE as DEFAULT_BLK_QUEUE_SIZE,
 };
@@ -129,8 +135,18 @@ pub struct DeviceEntry {
     pub connections: Option<u16>,
     /// Seconds requests wait for a lost NBD server to come back (blk: nbd).
     pub reconnect_delay: Option<u32>,
-    /// Seconds an NBD request may take before it fails (blk: nbd).
+    /// Seconds an NBD request or RBD operation may take before it fails (blk: nbd, rbd).
     pub timeout: Option<u32>,
+    /// Ceph pool of the image (blk: rbd).
+    pub pool: Option<String>,
+    /// RBD image name (blk: rbd).
+    pub image: Option<String>,
+    /// The ceph.conf of the cluster (blk: rbd).
+    pub conf: Option<PathBuf>,
+    /// The cephx user, without `client.` (blk: rbd; default admin).
+    pub id: Option<String>,
+    /// The cephx keyring (blk: rbd; default: the conf's).
+    pub keyring: Option<PathBuf>,
     /// Number of virtqueues (blk).
     pub queues: Option<u16>,
     /// Queue size.
@@ -382,7 +398,7 @@ fn valid_name(s: &str) -> bool {
 }
 
 /// Fields only a blk device has.
-const BLK_FIELDS: [&str; 12] = [
+const BLK_FIELDS: [&str; 17] = [
     "size",
     "path",
     "direct",
@@ -391,6 +407,11 @@ const BLK_FIELDS: [&str; 12] = [
     "connections",
     "reconnect_delay",
     "timeout",
+    "pool",
+    "image",
+    "conf",
+    "id",
+    "keyring",
     "queues",
     "read_only",
     "serial",
@@ -413,6 +434,11 @@ impl DeviceEntry {
             ("connections", self.connections.is_some()),
             ("reconnect_delay", self.reconnect_delay.is_some()),
             ("timeout", self.timeout.is_some()),
+            ("pool", self.pool.is_some()),
+            ("image", self.image.is_some()),
+            ("conf", self.conf.is_some()),
+            ("id", self.id.is_some()),
+            ("keyring", self.keyring.is_some()),
             ("queues", self.queues.is_some()),
             ("read_only", self.read_only.is_some()),
             ("serial", self.serial.is_some()),
@@ -699,21 +725,28 @@ impl DeviceEntry {
                 },
             },
             "nbd" => BackendSpec::Nbd(self.validate_nbd(err)?),
+            "rbd" => BackendSpec::Rbd(self.validate_rbd(err)?),
             other => {
                 return Err(err(
                     "backend",
-                    format!("{other:?}: one of ram, file, null, nbd"),
+                    format!("{other:?}: one of ram, file, null, nbd, rbd"),
                 ))
             }
         };
         let is_file = matches!(backend, BackendSpec::File { .. });
         let is_nbd = matches!(backend, BackendSpec::Nbd(_));
+        let is_rbd = matches!(backend, BackendSpec::Rbd(_));
         for (field, set, ok, owner) in [
             ("path", self.path.is_some(), is_file, "file"),
             ("aio", self.aio.is_some(), is_file, "file"),
-            // Ignored by ram and null (as before), refused with nbd.
-            ("direct", self.direct.is_some(), !is_nbd, "file"),
-            ("size", size.is_some(), !is_nbd, "ram, null"),
+            // Ignored by ram and null (as before), refused with nbd and rbd.
+            ("direct", self.direct.is_some(), !is_nbd && !is_rbd, "file"),
+            ("size", size.is_some(), !is_nbd && !is_rbd, "ram, null"),
+            ("pool", self.pool.is_some(), is_rbd, "rbd"),
+            ("image", self.image.is_some(), is_rbd, "rbd"),
+            ("conf", self.conf.is_some(), is_rbd, "rbd"),
+            ("id", self.id.is_some(), is_rbd, "rbd"),
+            ("keyring", self.keyring.is_some(), is_rbd, "rbd"),
             ("uri", self.uri.is_some(), is_nbd, "nbd"),
             ("connections", self.connections.is_some(), is_nbd, "nbd"),
             (
@@ -722,7 +755,12 @@ impl DeviceEntry {
                 is_nbd,
                 "nbd",
             ),
-            ("timeout", self.timeout.is_some(), is_nbd, "nbd"),
+            (
+                "timeout",
+                self.timeout.is_some(),
+                is_nbd || is_rbd,
+                "nbd, rbd",
+            ),
         ] {
             if set && !ok {
                 return Err(err(field, format!("only valid with backend {owner}")));
@@ -806,6 +844,57 @@ impl DeviceEntry {
             uri,
             connections,
             reconnect_delay: std::time::Duration::from_secs(u64::from(reconnect_delay)),
+            timeout: std::time::Duration::from_secs(u64::from(timeout)),
+        })
+    }
+
+    /// The attributes of an `rbd` backend.
+    fn validate_rbd(&self, err: FieldErr<'_>) -> Result<RbdSpec, ConfigError> {
+        // Ceph names: no NUL (C strings), no `/` in pool or image (`POOL/IMAGE` syntax),
+        // nothing empty.
+        let name = |field: &'static str, v: Option<&str>| -> Result<String, ConfigError> {
+            let v = v.ok_or_else(|| err(field, "required for backend rbd".into()))?;
+            if v.is_empty() || v.len() > 255 || v.contains(['\0', '/', '@']) {
+                return Err(err(
+                    field,
+                    format!("{v:?}: 1..=255 bytes without '/', '@' or NUL"),
+                ));
+            }
+            Ok(v.to_string())
+        };
+        let pool = name("pool", self.pool.as_deref())?;
+        let image = name("image", self.image.as_deref())?;
+        let conf = self
+            .conf
+            .clone()
+            .ok_or_else(|| err("conf", "required for backend rbd (a ceph.conf path)".into()))?;
+        let id = self.id.clone().unwrap_or_else(|| RBD_DEFAULT_ID.into());
+        if id.is_empty() || id.len() > 255 || id.contains(['\0', '.', ' ']) {
+            return Err(err(
+                "id",
+                format!("{id:?}: a cephx user without `client.`, 1..=255 bytes"),
+            ));
+        }
+        for (field, p) in [("conf", Some(&conf)), ("keyring", self.keyring.as_ref())] {
+            if p.is_some_and(|p| p.as_os_str().is_empty() || p.to_str().is_none()) {
+                return Err(err(field, "a non-empty UTF-8 path".into()));
+            }
+        }
+        let timeout = self
+            .timeout
+            .unwrap_or(uvdpa_devices::blk::rbd::DEFAULT_TIMEOUT.as_secs() as u32);
+        if !(1..=NBD_MAX_SECONDS).contains(&timeout) {
+            return Err(err(
+                "timeout",
+                format!("{timeout}: 1..={NBD_MAX_SECONDS} seconds"),
+            ));
+        }
+        Ok(RbdSpec {
+            pool,
+            image,
+            conf,
+            id,
+            keyring: self.keyring.clone(),
             timeout: std::time::Duration::from_secs(u64::from(timeout)),
         })
     }
@@ -1160,7 +1249,12 @@ mod tests {
         ] {
             let (field, reason) = field_of(&format!("{ram}{f}\n"));
             assert!(f.starts_with(field), "{f}: {field}");
-            assert_eq!(reason, "only valid with backend nbd");
+            let owners = if field == "timeout" {
+                "nbd, rbd"
+            } else {
+                "nbd"
+            };
+            assert_eq!(reason, format!("only valid with backend {owners}"));
         }
         let net = "[[device]]\nname = \"e\"\nmgmtdev = \"net\"\n";
         let (field, reason) = field_of(&format!("{net}uri = \"nbd://h/e\"\n"));
@@ -1168,6 +1262,73 @@ mod tests {
             (field, reason.as_str()),
             ("uri", "only valid with mgmtdev blk")
         );
+    }
+
+    #[test]
+    fn rbd_entries_parse_and_each_invalid_field_is_named() {
+        let base = "[[device]]\nname = \"r\"\nmgmtdev = \"blk\"\nbackend = \"rbd\"\n";
+        let d = parse_config(
+            Path::new("t.toml"),
+            &format!(
+                "{base}pool = \"p\"\nimage = \"i\"\nconf = \"/c.conf\"\nid = \"u\"\n\
+                 keyring = \"/k\"\ntimeout = 7\n"
+            ),
+        )
+        .unwrap();
+        let BackendSpec::Rbd(r) = &d[0].blk().unwrap().backend else {
+            panic!("not rbd");
+        };
+        assert_eq!((r.pool.as_str(), r.image.as_str()), ("p", "i"));
+        assert_eq!(r.conf, Path::new("/c.conf"));
+        assert_eq!(r.id, "u");
+        assert_eq!(r.keyring.as_deref(), Some(Path::new("/k")));
+        assert_eq!(r.timeout, std::time::Duration::from_secs(7));
+        let ok = "pool = \"p\"\nimage = \"i\"\nconf = \"/c\"\n";
+        let d = parse_config(Path::new("t.toml"), &format!("{base}{ok}")).unwrap();
+        let BackendSpec::Rbd(r) = &d[0].blk().unwrap().backend else {
+            panic!("not rbd");
+        };
+        assert_eq!((r.id.as_str(), r.keyring.is_none()), ("admin", true));
+        assert_eq!(r.timeout, uvdpa_devices::blk::rbd::DEFAULT_TIMEOUT);
+        for (extra, field, says) in [
+            ("image = \"i\"\nconf = \"/c\"", "pool", "required"),
+            ("pool = \"p\"\nconf = \"/c\"", "image", "required"),
+            ("pool = \"p\"\nimage = \"i\"", "conf", "required"),
+            (
+                "pool = \"a/b\"\nimage = \"i\"\nconf = \"/c\"",
+                "pool",
+                "'/'",
+            ),
+            (
+                "pool = \"p\"\nimage = \"i@s\"\nconf = \"/c\"",
+                "image",
+                "'@'",
+            ),
+            (
+                &format!("{ok}id = \"client.admin\""),
+                "id",
+                "without `client.`",
+            ),
+            (&format!("{ok}timeout = 0"), "timeout", "1..=3600"),
+            (&format!("{ok}size = \"1M\""), "size", "ram, null"),
+            (&format!("{ok}uri = \"nbd://h/e\""), "uri", "backend nbd"),
+        ] {
+            let (f, reason) = field_of(&format!("{base}{extra}\n"));
+            assert_eq!(f, field, "{extra}: {reason}");
+            assert!(reason.contains(says), "{extra}: {reason}");
+        }
+        let ram = "[[device]]\nname = \"r\"\nmgmtdev = \"blk\"\nsize = \"1M\"\n";
+        for f in [
+            "pool = \"p\"",
+            "image = \"i\"",
+            "conf = \"/c\"",
+            "id = \"a\"",
+            "keyring = \"/k\"",
+        ] {
+            let (field, reason) = field_of(&format!("{ram}{f}\n"));
+            assert!(f.starts_with(field), "{f}: {field}");
+            assert_eq!(reason, "only valid with backend rbd");
+        }
     }
 
     #[test]

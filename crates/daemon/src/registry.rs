@@ -213,7 +213,7 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
             device_id: 2,
             transports: vec!["vhost-user".into(), "vduse".into()],
             attributes: vec![
-                a("backend", "ram|file|null|nbd", "ram"),
+                a("backend", "ram|file|null|nbd|rbd", "ram"),
                 a(
                     "size",
                     "512..=2^47 bytes, multiple of 512; K/M/G/T suffixes (ram, null)",
@@ -241,7 +241,12 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                     "0..=3600 s requests wait for a lost server (nbd)",
                     "0",
                 ),
-                a("timeout", "1..=3600 s a request may take (nbd)", "30"),
+                a("timeout", "1..=3600 s a request may take (nbd, rbd)", "30"),
+                a("pool", "Ceph pool of the image (rbd)", "-"),
+                a("image", "RBD image name (rbd)", "-"),
+                a("conf", "ceph.conf path (rbd)", "-"),
+                a("id", "cephx user without client. (rbd)", "admin"),
+                a("keyring", "cephx keyring path (rbd)", "from conf"),
                 a("ro", "flag: read-only", "off"),
                 a("queues", "1..=64", "1"),
                 a(
@@ -1448,7 +1453,7 @@ impl Registry {
         let old = blk.resize(bytes).map_err(|e| set_err(error_chain(&e)))?;
         match &mut cfg.backend {
             BackendSpec::Ram { size } | BackendSpec::Null { size } => *size = bytes,
-            BackendSpec::File { .. } | BackendSpec::Nbd(_) => {}
+            BackendSpec::File { .. } | BackendSpec::Nbd(_) | BackendSpec::Rbd(_) => {}
         }
         let notified = m.server.config_changed(name);
         info!(

@@ -10,6 +10,8 @@
 //! - [`NbdDisk`]: an export of an NBD server; its requests never come here but go through
 //!   each queue's own connection ([`super::nbd::group::NbdGroup`]), so the synchronous
 //!   calls below refuse data operations on it.
+//! - [`RbdDisk`]: a Ceph RBD image; likewise served only by each queue's
+//!   [`super::rbd::group::RbdGroup`] (librbd's asynchronous calls).
 //!
 //! Every backend's capacity can change while queues run ([`Backend::resize`], `uvdpa dev
 //! set NAME capacity SIZE`): it is an atomic that every request checks its range against,
@@ -40,6 +42,7 @@ use rustix::io::Errno;
 use uvdpa_virtio::Segment;
 
 use super::nbd::NbdDisk;
+use super::rbd::RbdDisk;
 use super::{BlkError, SECTOR_SIZE};
 
 // `Segment` is documented as layout-compatible with `struct iovec`; the file backend relies
@@ -80,6 +83,8 @@ pub(crate) enum Backend {
     },
     /// Sectors on an NBD server.
     Nbd(NbdDisk),
+    /// Sectors in a Ceph RBD image.
+    Rbd(RbdDisk),
 }
 
 /// A per-queue aligned buffer for O_DIRECT requests whose guest buffers are not aligned;
@@ -118,6 +123,7 @@ impl Backend {
             Self::File(f) => f.size.load(Ordering::Acquire),
             Self::Null { size } => size.load(Ordering::Acquire),
             Self::Nbd(n) => n.size(),
+            Self::Rbd(r) => r.size(),
         }
     }
 
@@ -147,6 +153,7 @@ impl Backend {
                 Ok(())
             }
             Self::Nbd(_) => Err(ResizeError::Nbd),
+            Self::Rbd(_) => Err(ResizeError::Rbd),
         }
     }
 
@@ -171,6 +178,14 @@ impl Backend {
     pub(crate) fn nbd(&self) -> Option<&NbdDisk> {
         match self {
             Self::Nbd(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The image of an RBD backend.
+    pub(crate) fn rbd(&self) -> Option<&RbdDisk> {
+        match self {
+            Self::Rbd(r) => Some(r),
             _ => None,
         }
     }
@@ -209,7 +224,7 @@ impl Backend {
                 }
                 Ok(())
             }
-            Self::Nbd(_) => Err(nbd_sync()),
+            Self::Nbd(_) | Self::Rbd(_) => Err(nbd_sync()),
         }
     }
 
@@ -233,7 +248,7 @@ impl Backend {
             // SAFETY: forwarded from this function's contract.
             Self::File(f) => unsafe { f.write(offset, bufs, bounce) },
             Self::Null { .. } => Ok(()),
-            Self::Nbd(_) => Err(nbd_sync()),
+            Self::Nbd(_) | Self::Rbd(_) => Err(nbd_sync()),
         }
     }
 
@@ -242,7 +257,7 @@ impl Backend {
         match self {
             Self::File(f) => retry_intr(|| rustix::fs::fdatasync(&f.file)),
             // Each queue's connection flushes when its worker stops.
-            Self::Ram(_) | Self::Null { .. } | Self::Nbd(_) => Ok(()),
+            Self::Ram(_) | Self::Null { .. } | Self::Nbd(_) | Self::Rbd(_) => Ok(()),
         }
     }
 
@@ -258,7 +273,7 @@ impl Backend {
                 r => r.map_err(io::Error::from),
             },
             Self::Null { .. } => Ok(()),
-            Self::Nbd(_) => Err(nbd_sync()),
+            Self::Nbd(_) | Self::Rbd(_) => Err(nbd_sync()),
         }
     }
 
@@ -270,17 +285,18 @@ impl Backend {
             Self::Ram(r) => r.zero(offset, len),
             Self::File(f) => f.write_zeroes(offset, len, unmap),
             Self::Null { .. } => Ok(()),
-            Self::Nbd(_) => Err(nbd_sync()),
+            Self::Nbd(_) | Self::Rbd(_) => Err(nbd_sync()),
         }
     }
 }
 
-/// The error of a synchronous data operation on an NBD backend (never reached: its queues
-/// run on [`super::nbd::group::NbdGroup`]).
+/// The error of a synchronous data operation on an NBD or RBD backend (never reached:
+/// their queues run on [`super::nbd::group::NbdGroup`] and
+/// [`super::rbd::group::RbdGroup`]).
 fn nbd_sync() -> io::Error {
     io::Error::new(
         io::ErrorKind::Unsupported,
-        "an NBD backend serves requests through its queue connections only",
+        "NBD and RBD backends serve requests through their queue groups only",
     )
 }
 
@@ -405,6 +421,9 @@ pub enum ResizeError {
     /// An NBD export's size is the server's.
     #[error("an NBD export's size is set by its server")]
     Nbd,
+    /// An RBD image is resized with `rbd resize`, not here.
+    #[error("an RBD image's size is set with `rbd resize`")]
+    Rbd,
     /// A system call failed.
     #[error("{what} failed: {source}")]
     Io {

@@ -1,4 +1,4 @@
-//! virtio-blk (virtio 1.2 §5.2): a block device over a RAM, file, null or NBD backend.
+//! virtio-blk (virtio 1.2 §5.2): a block device over a RAM, file, null, NBD or Ceph RBD backend.
 //!
 //! [`BlkDevice::new`] validates a [`BlkConfig`], opens the backend and fixes the config
 //! space; the device then serves any number of frontends in turn (the backend, and so a RAM
@@ -40,6 +40,7 @@ mod config;
 pub mod latency;
 pub mod nbd;
 mod queue;
+pub mod rbd;
 mod request;
 #[cfg(test)]
 mod tests;
@@ -140,16 +141,19 @@ pub enum BackendSpec {
     },
     /// An export of an NBD server ([`nbd`]); the capacity is the export's size.
     Nbd(nbd::NbdSpec),
+    /// A Ceph RBD image ([`rbd`]); the capacity is the image's size.
+    Rbd(rbd::RbdSpec),
 }
 
 impl BackendSpec {
-    /// The `backend` attribute: `ram`, `file`, `null` or `nbd`.
+    /// The `backend` attribute: `ram`, `file`, `null`, `nbd` or `rbd`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Ram { .. } => "ram",
             Self::File { .. } => "file",
             Self::Null { .. } => "null",
             Self::Nbd(_) => "nbd",
+            Self::Rbd(_) => "rbd",
         }
     }
 }
@@ -301,6 +305,23 @@ pub enum BlkError {
         /// What went wrong, with the server's reason when it gave one.
         #[source]
         source: nbd::NbdError,
+    },
+    /// The RBD image could not be opened (cluster, pool, image): the step that failed.
+    #[error("Opening RBD image {name} failed")]
+    Rbd {
+        /// `POOL/IMAGE`.
+        name: String,
+        /// The step and librados' or librbd's errno.
+        #[source]
+        source: rbd::RbdError,
+    },
+    /// The RBD image does not fit the device.
+    #[error("RBD image {name} cannot back this device: {reason}")]
+    RbdImage {
+        /// `POOL/IMAGE`.
+        name: String,
+        /// Why.
+        reason: String,
     },
     /// The NBD export does not fit the device.
     #[error("NBD export {uri} cannot back this device: {reason}")]
@@ -570,6 +591,10 @@ impl BlkDevice {
             (BackendSpec::Nbd(_), Some(_)) => {
                 return Err(BlkError::AdoptFdNotRam { backend: "nbd" })
             }
+            (BackendSpec::Rbd(spec), None) => Backend::Rbd(rbd::RbdDisk::open(spec, lbs)?),
+            (BackendSpec::Rbd(_), Some(_)) => {
+                return Err(BlkError::AdoptFdNotRam { backend: "rbd" })
+            }
         };
         let aio = match &cfg.backend {
             BackendSpec::File { path, aio, .. } => Some(choose_aio(path, *aio)),
@@ -747,13 +772,20 @@ impl VirtioDevice for BlkDevice {
 
     /// A file backend with `aio = io_uring` runs its queue on an `AioGroup` (many
     /// requests in flight, completions in any order), an `nbd` backend its queues on an
-    /// `NbdGroup` (one connection, many requests in flight); every other queue runs one
+    /// `NbdGroup` (one connection, many requests in flight), an `rbd` backend each queue on
+    /// an `RbdGroup` (librbd completions, many in flight); every other queue runs one
     /// request at a time ([`ChainGroup`]).
     fn group_handler(
         &self,
         group: u16,
         features: VirtioFeatures,
     ) -> Result<Box<dyn GroupHandler>, DeviceFault> {
+        if self.shared.backend.rbd().is_some() {
+            let q = self.blk_queue(group, features)?;
+            return rbd::group::RbdGroup::new(q)
+                .map(|g| Box::new(g) as Box<dyn GroupHandler>)
+                .map_err(|e| DeviceFault(format!("Setting up the RBD queue worker failed: {e}")));
+        }
         if self.shared.backend.nbd().is_some() {
             let q = self.blk_queue(group, features)?;
             return nbd::group::NbdGroup::new(q)
