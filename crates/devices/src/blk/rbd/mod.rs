@@ -157,3 +157,57 @@ impl RbdDisk {
         self.size
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(conf: &str) -> RbdSpec {
+        RbdSpec {
+            pool: "rbd".into(),
+            image: "img".into(),
+            conf: conf.into(),
+            id: DEFAULT_ID.into(),
+            keyring: None,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Every open error names the image and the step, and keeps librados' errno.
+    #[test]
+    fn a_missing_conf_fails_open_naming_the_step_and_errno() {
+        let e = RbdDisk::open(&spec("/nonexistent/ceph.conf"), 512).unwrap_err();
+        let BlkError::Rbd { name, source } = &e else {
+            panic!("{e:?}");
+        };
+        assert_eq!(name, "rbd/img");
+        assert_eq!(source.step, "Reading /nonexistent/ceph.conf");
+        assert_eq!(source.source.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(e.to_string(), "Opening RBD image rbd/img failed");
+        assert_eq!(
+            std::error::Error::source(&e).map(ToString::to_string),
+            Some("Reading /nonexistent/ceph.conf failed".into())
+        );
+    }
+
+    /// A conf that names no monitor fails at connect, at once (nothing to wait for).
+    #[test]
+    fn a_conf_without_monitors_fails_at_connect() {
+        let dir = std::env::temp_dir().join(format!("uvdpa-rbd-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("ceph.conf");
+        std::fs::write(&conf, "[global]\nauth client required = none\n").unwrap();
+        let t = std::time::Instant::now();
+        let e = RbdDisk::open(&spec(conf.to_str().unwrap()), 512).unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        let BlkError::Rbd { source, .. } = &e else {
+            panic!("{e:?}");
+        };
+        assert!(
+            source.step.starts_with("Connecting to the cluster of"),
+            "{}",
+            source.step
+        );
+        assert!(t.elapsed() < CONNECT_TIMEOUT * 3, "{:?}", t.elapsed());
+    }
+}
