@@ -248,6 +248,31 @@ fn rbd_image_qd1_qd32_flush_discard_zeroes_and_open_errors() {
     assert!(!ok);
     assert!(err.contains("Connecting to the cluster"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    eprintln!("dev add with a dead monitor failed after {:?}", t.elapsed());
+    // A read-only device opens the image without its exclusive lock, beside the
+    // read-write one: reads see its data, writes fail.
+    let (ok, _, err) = dev_add(
+        &d,
+        &[
+            "name", "ro0", "mgmtdev", "blk", "backend", "rbd", "pool", "rbd", "image", "disk0",
+            "conf", &conf, "ro",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(d.log_text().contains("read_only=true"));
+    let mut c = BlkClient::connect_with(&d.sock_str("ro0"), 1, 65536, true).unwrap();
+    assert_eq!(c.run(0, &[read(at + 4 * MIB)]), vec![0]);
+    assert!(c.buf()[..65536] == got[..]);
+    let w = Op::Write {
+        offset: 0,
+        buf_off: 0,
+        len: 4096,
+    };
+    assert!(
+        c.run(0, &[w])[0] < 0,
+        "a write to a read-only device succeeded"
+    );
+    drop(c);
     // A bad attribute is refused before anything is opened.
     let (ok, _, err) = dev_add(&d, &with(&["pool", "rbd", "image", "disk0", "size", "1M"]));
     assert!(!ok && err.contains("size"), "{err}");

@@ -591,7 +591,9 @@ impl BlkDevice {
             (BackendSpec::Nbd(_), Some(_)) => {
                 return Err(BlkError::AdoptFdNotRam { backend: "nbd" })
             }
-            (BackendSpec::Rbd(spec), None) => Backend::Rbd(rbd::RbdDisk::open(spec, lbs)?),
+            (BackendSpec::Rbd(spec), None) => {
+                Backend::Rbd(rbd::RbdDisk::open(spec, lbs, cfg.read_only)?)
+            }
             (BackendSpec::Rbd(_), Some(_)) => {
                 return Err(BlkError::AdoptFdNotRam { backend: "rbd" })
             }

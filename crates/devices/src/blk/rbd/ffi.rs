@@ -43,6 +43,12 @@ extern "C" {
 #[link(name = "rbd")]
 extern "C" {
     fn rbd_open(io: IoctxT, name: *const c_char, image: *mut ImageT, snap: *const c_char) -> c_int;
+    fn rbd_open_read_only(
+        io: IoctxT,
+        name: *const c_char,
+        image: *mut ImageT,
+        snap: *const c_char,
+    ) -> c_int;
     fn rbd_close(image: ImageT) -> c_int;
     fn rbd_get_size(image: ImageT, size: *mut u64) -> c_int;
     fn rbd_aio_create_completion(
@@ -192,13 +198,19 @@ unsafe impl Send for Image {}
 unsafe impl Sync for Image {}
 
 impl Image {
-    /// `rbd_open` of `name` (no snapshot), read-write.
-    pub(super) fn open(pool: Pool, name: &str) -> io::Result<Self> {
+    /// `rbd_open` of `name` (no snapshot), or `rbd_open_read_only` (which takes no
+    /// exclusive lock, so many readers can share an image).
+    pub(super) fn open(pool: Pool, name: &str, read_only: bool) -> io::Result<Self> {
         let n = cstr(name)?;
         let mut h: ImageT = ptr::null_mut();
+        let open = if read_only {
+            rbd_open_read_only
+        } else {
+            rbd_open
+        };
         // SAFETY: `pool.io` is a live context; `n` is NUL-terminated; `h` is written; a
         // null snapshot name is the head.
-        check(unsafe { rbd_open(pool.io, n.as_ptr(), &mut h, ptr::null()) })?;
+        check(unsafe { open(pool.io, n.as_ptr(), &mut h, ptr::null()) })?;
         Ok(Self { h, _pool: pool })
     }
 

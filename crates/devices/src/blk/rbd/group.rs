@@ -431,6 +431,10 @@ impl RbdGroup {
             _ => parse(chain, &limits).ok(),
         };
         slot.len = 0;
+        if let Some(Request::In { len: 0, .. } | Request::Out { len: 0, .. }) = req {
+            // Nothing to move: done, as on every backend.
+            return Started::Done(VIRTIO_BLK_S_OK, self.finish(i, VIRTIO_BLK_S_OK, 0));
+        }
         slot.op = match req {
             Some(Request::In { offset, len }) if len > 0 => {
                 select(&mut slot.iov, chain.writable(), 0, len);
@@ -449,7 +453,7 @@ impl RbdGroup {
                 seg: 0,
                 count,
             },
-            // GET_ID, empty transfers, and requests that fail parsing (the synchronous
+            // GET_ID, and requests that fail parsing (the synchronous
             // path writes their status without touching the backend).
             _ => Op::Idle,
         };

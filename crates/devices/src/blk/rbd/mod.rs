@@ -4,7 +4,7 @@
 //! # Why a binding of our own
 //! No maintained Rust binding covers librbd's asynchronous API: the `ceph` crate
 //! (ceph-rust) wraps librados and admin sockets only; `librbd-sys` 0.1.0 is a single,
-//! long-unmaintained release of generated bindings. The backend needs fourteen C
+//! long-unmaintained release of generated bindings. The backend needs nineteen C
 //! functions, so [`ffi`] declares exactly those by hand (signatures from
 //! `rbd/librbd.h` and `rados/librados.h`), each call with its safety argument, and
 //! owns the three handles (cluster, pool, image) in drop order.
@@ -12,7 +12,8 @@
 //! # The device
 //! [`RbdDisk::open`] (at `dev add`) reads `conf`, authenticates as `client.ID` (with
 //! `keyring` when given, otherwise what the conf names), connects, opens the pool and the
-//! image; any step that fails makes `dev add` fail with the step and librados' errno
+//! image (read-only, without taking the image's exclusive lock, for a `ro` device); any
+//! step that fails makes `dev add` fail with the step and librados' errno
 //! ("Opening RBD image rbd/foo failed: rbd_open failed: No such file or directory").
 //! Connecting is bounded: `client_mount_timeout` and `rados_mon_op_timeout` are
 //! [`CONNECT_TIMEOUT`], so a dead monitor cannot hang `dev add`; `rados_osd_op_timeout` is
@@ -91,7 +92,11 @@ impl RbdDisk {
     /// # Errors
     /// [`BlkError::Rbd`] naming the step that failed, [`BlkError::RbdImage`] when the
     /// image is smaller than one block.
-    pub(crate) fn open(spec: &RbdSpec, logical_block_size: u32) -> Result<Self, BlkError> {
+    pub(crate) fn open(
+        spec: &RbdSpec,
+        logical_block_size: u32,
+        read_only: bool,
+    ) -> Result<Self, BlkError> {
         let err = |step: String| {
             move |source: io::Error| BlkError::Rbd {
                 name: spec.name(),
@@ -127,7 +132,12 @@ impl RbdDisk {
         let pool = cluster
             .pool(&spec.pool)
             .map_err(err(format!("Opening pool {}", spec.pool)))?;
-        let image = ffi::Image::open(pool, &spec.image).map_err(err("rbd_open".into()))?;
+        let step = if read_only {
+            "rbd_open_read_only"
+        } else {
+            "rbd_open"
+        };
+        let image = ffi::Image::open(pool, &spec.image, read_only).map_err(err(step.into()))?;
         let bytes = image.size().map_err(err("rbd_get_size".into()))?;
         let lbs = u64::from(logical_block_size);
         let size = bytes / lbs * lbs;
@@ -145,7 +155,7 @@ impl RbdDisk {
                 "RBD image size is not a multiple of the logical block size: the tail is not served"
             );
         }
-        tracing::info!(image = %spec.name(), conf, id = %spec.id, size, "RBD image opened");
+        tracing::info!(image = %spec.name(), conf, id = %spec.id, size, read_only, "RBD image opened");
         Ok(Self {
             image: Arc::new(image),
             size,
@@ -176,7 +186,7 @@ mod tests {
     /// Every open error names the image and the step, and keeps librados' errno.
     #[test]
     fn a_missing_conf_fails_open_naming_the_step_and_errno() {
-        let e = RbdDisk::open(&spec("/nonexistent/ceph.conf"), 512).unwrap_err();
+        let e = RbdDisk::open(&spec("/nonexistent/ceph.conf"), 512, false).unwrap_err();
         let BlkError::Rbd { name, source } = &e else {
             panic!("{e:?}");
         };
@@ -198,7 +208,7 @@ mod tests {
         let conf = dir.join("ceph.conf");
         std::fs::write(&conf, "[global]\nauth client required = none\n").unwrap();
         let t = std::time::Instant::now();
-        let e = RbdDisk::open(&spec(conf.to_str().unwrap()), 512).unwrap_err();
+        let e = RbdDisk::open(&spec(conf.to_str().unwrap()), 512, true).unwrap_err();
         let _ = std::fs::remove_dir_all(&dir);
         let BlkError::Rbd { source, .. } = &e else {
             panic!("{e:?}");
