@@ -4,7 +4,8 @@
 # guest, busybox for its initramfs, fio and e2fsprogs for the guest's real-workload matrix,
 # DPDK (dpdk-testpmd: the virtio-net driver and the
 # reference vhost-user backend of the net tests and benches/net.sh), and the VDUSE guest's
-# 6.12 kernel (tests/guest/vduse/fetch-kernel.sh), libvirt-clients (virt-xml-validate), and
+# 6.12 kernel (tests/guest/vduse/fetch-kernel.sh), libvirt-clients (virt-xml-validate, virsh),
+# libvirtd with its QEMU driver, and
 # the NBD servers nbdkit and qemu-nbd (qemu-utils), and Ceph (librbd, a monitor and an OSD).
 set -euo pipefail
 
@@ -34,6 +35,11 @@ command -v tcpdump >/dev/null || [ -x /usr/bin/tcpdump ] || need+=(tcpdump)
 # (crates/daemon/tests/service.rs validates contrib/libvirt/*.xml).
 command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
 command -v xmllint >/dev/null || need+=(libxml2-utils)
+# libvirtd and its QEMU driver: crates/daemon/tests/libvirt_guest.rs starts a private
+# session-mode libvirtd and boots a guest with `virsh create` on a uvdpa disk.
+command -v libvirtd >/dev/null || [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon)
+ls /usr/lib/*/libvirt/connection-driver/libvirt_driver_qemu.so >/dev/null 2>&1 ||
+    need+=(libvirt-daemon-driver-qemu)
 # A peer of another uid connects with python3 (crates/daemon/tests/socket_access.rs).
 [ -x /usr/bin/python3 ] || need+=(python3)
 # NBD servers the `nbd` backend is tested against (crates/daemon/tests/blk_nbd.rs): nbdkit
