@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # A throwaway single-node Ceph cluster for the `rbd` backend's tests and examples: one
 # monitor (messenger v1 on 127.0.0.1 only: v2 makes the OSD look for an IPv6 address), one
-# OSD on BlueStore over a sparse 2 GiB file (so a killed and restarted OSD keeps every
-# acknowledged write; memstore would lose them), cephx with an admin keyring, a pool `rbd`
-# initialised for RBD; no manager (RBD does not need one). Everything lives under one
-# directory (default /tmp/uvdpa-ceph): config, keyrings, data, logs, pid files.
+# OSD on BlueStore over a sparse 16 GiB file (so a killed and restarted OSD keeps every
+# acknowledged write; memstore would lose them) with small RocksDB memtables (16 MiB, not
+# 256: the default's write-ahead log alone fills a small device and stops the OSD), cephx
+# with an admin keyring, a pool `rbd` initialised for RBD; no manager (RBD does not need
+# one). Everything lives under one directory (default /tmp/uvdpa-ceph): config, keyrings,
+# data, logs, pid files.
 #
 #   scripts/ceph.sh start [DIR]   start the cluster (a running one in DIR is stopped first)
 #   scripts/ceph.sh stop [DIR]    stop it and delete DIR
@@ -96,7 +98,8 @@ mon data = $dir/mon/\$name
 osd data = $dir/osd/\$name
 osd objectstore = bluestore
 bluestore block create = true
-bluestore block size = 2147483648
+bluestore block size = 17179869184
+bluestore rocksdb options annex = write_buffer_size=16777216,max_write_buffer_number=2,max_total_wal_size=67108864
 bluestore block db create = false
 bluestore block wal create = false
 bluestore fsck on mount = false

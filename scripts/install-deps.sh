@@ -54,6 +54,8 @@ command -v ceph-mon >/dev/null || [ -x /usr/bin/ceph-mon ] || need+=(ceph-mon)
 command -v ceph-osd >/dev/null || [ -x /usr/bin/ceph-osd ] || need+=(ceph-osd)
 { command -v ceph && command -v rbd; } >/dev/null || need+=(ceph-common)
 command -v uuidgen >/dev/null || need+=(uuid-runtime)
+# qemu-storage-daemon's rbd block driver, the peer of benches/rbd.sh.
+ls /usr/lib/*/qemu/block-rbd.so >/dev/null 2>&1 || need+=(qemu-block-extra)
 
 if [ ${#need[@]} -eq 0 ]; then
     echo "install-deps: all packages present"
