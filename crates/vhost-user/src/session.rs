@@ -559,6 +559,12 @@ impl Session {
                         })
                     }
                 };
+                debug!(
+                    device = %self.name,
+                    vring = i,
+                    num = format_args!("{:#x}", { s.num }),
+                    "SET_VRING_BASE"
+                );
                 self.rt.reconfigure(i, |v| {
                     v.base = base;
                     v.base_set = true;
@@ -590,6 +596,12 @@ impl Session {
                 } else {
                     u32::from(base)
                 };
+                debug!(
+                    device = %self.name,
+                    vring = i,
+                    num = format_args!("{num:#x}"),
+                    "GET_VRING_BASE reply"
+                );
                 let reply = VhostUserVringState::new(s.index, num);
                 Ok(Some(reply.as_slice().to_vec()))
             }
