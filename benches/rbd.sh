@@ -12,7 +12,7 @@
 #
 # Knobs: RUNTIME [10] seconds per run, RAMP [1], REPS [3], SIZE_MB [1024] image size,
 # WORKLOADS ["randread:4k:1 randread:4k:32 randwrite:4k:1 randwrite:4k:32 read:1M:8
-# write:1M:8"], SKIP_BUILD [0], QSD [qemu-storage-daemon] (needs qemu-block-extra for
+# write:1M:8"], UVDPA_POLL_US [the daemon's default], SKIP_BUILD [0], QSD [qemu-storage-daemon] (needs qemu-block-extra for
 # its rbd driver: scripts/install-deps.sh).
 set -euo pipefail
 
@@ -94,6 +94,7 @@ image = "bench"
 conf = "$CONF"
 queues = 1
 queue_size = 256
+${UVDPA_POLL_US:+poll_us = $UVDPA_POLL_US}
 EOF
     SOCK=$WORK/uvdpa.run/bench0.sock
     start uvdpa "$SOCK" "$UVDPA" daemon --run-dir "$WORK/uvdpa.run" --config "$WORK/uvdpa.toml"
@@ -147,7 +148,7 @@ OUT=$RESULTS_DIR/rbd-$STAMP.md
     echo "- cluster: scripts/ceph.sh (one monitor, one BlueStore OSD on a file in /var/tmp), image ${SIZE_MB} MiB, prefilled"
     echo "- client: uvdpa-blkbench (libblkio, 1 queue), ${RUNTIME}s per run after ${RAMP}s ramp, median of $REPS reps, servers alternating"
     echo "- qsd: $("$QSD" --version | head -n1); \`--blockdev driver=rbd,pool=rbd,image=bench,conf=CONF,user=admin\` (default cache: librbd cache on, as uvdpa)"
-    echo "- uvdpa: $(git -C "$ROOT" rev-parse --short HEAD); \`backend rbd\`, queue_size 256, librbd defaults"
+    echo "- uvdpa: $(git -C "$ROOT" rev-parse --short HEAD); \`backend rbd\`, queue_size 256, poll_us ${UVDPA_POLL_US:-default}, librbd defaults"
     echo "- machine: $(nproc) CPUs, $(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo); load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
     echo "| workload | QD | uvdpa IOPS | qsd IOPS | uvdpa/qsd |"
