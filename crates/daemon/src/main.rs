@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
@@ -33,7 +33,7 @@ use crate::registry::{DeviceView, Registry};
 
 /// uvdpa: vDPA devices in userspace.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "uvdpa", version, about)]
 struct Cli {
     /// Print JSON.
     #[arg(short = 'j', long = "json", global = true)]
@@ -102,6 +102,18 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Print a completion script for SHELL to stdout, generated from these definitions
+    /// (e.g. `uvdpa completions bash > /etc/bash_completion.d/uvdpa`). It completes the
+    /// subcommands and options; the words after `dev`, `mgmtdev` and `res` (iproute2-style
+    /// arguments) are not completed.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the uvdpa(1) man page (roff) to stdout, generated from these definitions
+    /// (e.g. `uvdpa man > uvdpa.1; man -l uvdpa.1`).
+    Man,
 }
 
 fn default_run_dir() -> PathBuf {
@@ -349,6 +361,13 @@ fn main() -> ExitCode {
             interval,
             iterations,
         } => run_monitor(&cli.ctl, interval, iterations, cli.json, cli.pretty),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "uvdpa", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(|e| format!("Writing the man page failed: {e}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
