@@ -39,19 +39,8 @@ done
 [[ -S $NBD_SOCK ]] || die "nbdkit did not start: $(cat "$WORK/nbdkit.log")"
 
 start_uvdpa() {
-    mkdir -p "$WORK/uvdpa.run"
-    cat >"$WORK/uvdpa.toml" <<EOT
-[[device]]
-name = "bench0"
-mgmtdev = "blk"
-backend = "nbd"
-uri = "nbd+unix:///bench?socket=$NBD_SOCK"
-queues = 1
-queue_size = 256
-${UVDPA_POLL_US:+poll_us = $UVDPA_POLL_US}
-EOT
-    SOCK=$WORK/uvdpa.run/bench0.sock
-    start uvdpa "$SOCK" "$UVDPA" daemon --run-dir "$WORK/uvdpa.run" --config "$WORK/uvdpa.toml"
+    start_uvdpa_with "backend = \"nbd\"
+uri = \"nbd+unix:///bench?socket=$NBD_SOCK\""
 }
 
 start_qsd() {

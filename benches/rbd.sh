@@ -35,21 +35,10 @@ CONF=$CEPH_DIR/ceph.conf
 rbd -c "$CONF" create --size "${SIZE_MB}M" rbd/bench
 
 start_uvdpa() {
-    mkdir -p "$WORK/uvdpa.run"
-    cat >"$WORK/uvdpa.toml" <<EOT
-[[device]]
-name = "bench0"
-mgmtdev = "blk"
-backend = "rbd"
-pool = "rbd"
-image = "bench"
-conf = "$CONF"
-queues = 1
-queue_size = 256
-${UVDPA_POLL_US:+poll_us = $UVDPA_POLL_US}
-EOT
-    SOCK=$WORK/uvdpa.run/bench0.sock
-    start uvdpa "$SOCK" "$UVDPA" daemon --run-dir "$WORK/uvdpa.run" --config "$WORK/uvdpa.toml"
+    start_uvdpa_with "backend = \"rbd\"
+pool = \"rbd\"
+image = \"bench\"
+conf = \"$CONF\""
 }
 
 start_qsd() {

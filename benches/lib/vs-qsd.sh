@@ -64,6 +64,23 @@ stop() { # SIGTERM, SIGKILL after 10 s (a server stuck on dead storage), reap
     wait "$pid" 2>/dev/null || true
 }
 
+# Starts uvdpa with one blk device `bench0` (1 queue of 256) whose backend lines are $1
+# (TOML), plus `poll_us` when UVDPA_POLL_US is set; leaves its socket in SOCK.
+start_uvdpa_with() {
+    mkdir -p "$WORK/uvdpa.run"
+    cat >"$WORK/uvdpa.toml" <<EOT
+[[device]]
+name = "bench0"
+mgmtdev = "blk"
+$1
+queues = 1
+queue_size = 256
+${UVDPA_POLL_US:+poll_us = $UVDPA_POLL_US}
+EOT
+    SOCK=$WORK/uvdpa.run/bench0.sock
+    start uvdpa "$SOCK" "$UVDPA" daemon --run-dir "$WORK/uvdpa.run" --config "$WORK/uvdpa.toml"
+}
+
 # Writes the whole disk once through uvdpa (1 MiB sequential), so reads hit real data.
 vs_qsd_prefill() {
     start_uvdpa
