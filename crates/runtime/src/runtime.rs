@@ -782,6 +782,9 @@ impl DeviceRuntime {
                     // The frontend shrank a memory fd under the daemon: worth an error
                     // line (once per region: the device stays failed until a reset).
                     error!(device = %name, vring = first, gpa = format_args!("{gpa:#x}"), size = format_args!("{size:#x}"), "Guest memory fault contained, device needs reset: {e}");
+                } else if let WorkerError::Forbidden { .. } | WorkerError::Sandbox(_) = e {
+                    // A gap in the seccomp allow-list, or a worker doing what it must not.
+                    error!(device = %name, vring = first, "{e}");
                 } else {
                     warn!(device = %name, vring = first, "Virtqueue failed, device needs reset: {e}");
                 }

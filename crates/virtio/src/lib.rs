@@ -17,6 +17,7 @@ pub mod interrupts;
 pub mod memory;
 pub mod packed;
 pub mod queue;
+pub mod sandbox;
 pub mod split;
 pub mod stats;
 pub mod status;

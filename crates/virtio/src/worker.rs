@@ -111,6 +111,12 @@ pub trait GroupHandler: Send {
     /// [`WorkerCtl::abandoned`] while it waits and, once set, stop touching the rings
     /// (but still wait for the I/O: the memory must stay mapped until it is done).
     fn stopped(&mut self, _queues: &mut [WorkerQueue], _ctl: &WorkerCtl) {}
+
+    /// System calls the handler makes beyond the common data path, for the worker's
+    /// seccomp filter ([`crate::sandbox`]). The default needs none.
+    fn sandbox_needs(&self) -> crate::sandbox::Needs {
+        crate::sandbox::Needs::empty()
+    }
 }
 
 /// A device failure that stops the queue (the device needs a reset).
@@ -144,6 +150,18 @@ pub enum WorkerError {
         /// Its size in bytes.
         size: u64,
     },
+    /// The worker made a system call outside its seccomp allow-list ([`crate::sandbox`],
+    /// trap mode): the call failed with EPERM.
+    #[error("Queue worker {worker} made a forbidden system call: {call}; the device is failed")]
+    Forbidden {
+        /// The worker thread's name (`blk0-q0`).
+        worker: String,
+        /// The call.
+        call: crate::sandbox::Forbidden,
+    },
+    /// The worker could not install its seccomp filter.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// One virtqueue as a worker runs it: the ring and its eventfds and counters.
@@ -278,8 +296,11 @@ impl QueueWorker {
     /// Starts a worker thread that owns `params.queues` until [`QueueWorker::stop`].
     ///
     /// # Errors
-    /// Creating the stop eventfd, the epoll instance or the thread failed.
+    /// Creating the stop eventfd, the epoll instance or the thread failed, or the
+    /// seccomp filter did not compile.
     pub fn spawn(params: WorkerParams) -> io::Result<Self> {
+        let filter = crate::sandbox::worker_filter(params.handler.sandbox_needs())
+            .map_err(io::Error::other)?;
         let stop = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
         let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         for (k, q) in params.queues.iter().enumerate() {
@@ -313,7 +334,7 @@ impl QueueWorker {
             // even if the owner gives up on it (`stop_timeout`).
             .spawn({
                 let stop = stop.clone();
-                move || run(params, ep, &f, &stop)
+                move || run(params, ep, &f, &stop, filter.as_deref())
             })?;
         Ok(Self {
             thread,
@@ -500,12 +521,30 @@ fn memory_fault(queues: &[WorkerQueue], seen: &mut u64) -> Option<WorkerError> {
         .map(|(gpa, size)| WorkerError::MemoryFault { gpa, size })
 }
 
-/// Reports the group's failure; a contained memory fault, if one happened, is the cause
-/// reported (it explains whatever the queue made of the zeroed memory).
+/// A system call this worker thread was stopped from making since the last look (one
+/// thread-local load when there is none).
+fn forbidden(name: &str) -> Option<WorkerError> {
+    crate::sandbox::take_forbidden().map(|call| WorkerError::Forbidden {
+        worker: name.to_string(),
+        call,
+    })
+}
+
+/// A contained fault of this worker: a forbidden system call, or a SIGBUS in its memory.
+fn contained(p: &WorkerParams, seen: &mut u64) -> Option<WorkerError> {
+    forbidden(&p.name).or_else(|| memory_fault(&p.queues, seen))
+}
+
+/// Reports the group's failure; a contained fault (a forbidden system call, a memory
+/// fault), if one happened, is the cause reported (it explains whatever the queue made of
+/// the EPERM or the zeroed memory).
 fn fail(p: &mut WorkerParams, error: &mut Option<WorkerError>, e: WorkerError, seen: &mut u64) {
     let e = match e {
-        WorkerError::Abandoned | WorkerError::MemoryFault { .. } => e,
-        other => memory_fault(&p.queues, seen).unwrap_or(other),
+        WorkerError::Abandoned
+        | WorkerError::MemoryFault { .. }
+        | WorkerError::Forbidden { .. }
+        | WorkerError::Sandbox(_) => e,
+        other => contained(p, seen).unwrap_or(other),
     };
     for q in &p.queues {
         q.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -517,7 +556,13 @@ fn fail(p: &mut WorkerParams, error: &mut Option<WorkerError>, e: WorkerError, s
     *error = Some(e);
 }
 
-fn run(mut p: WorkerParams, ep: OwnedFd, flags: &WorkerCtl, _stop: &OwnedFd) -> WorkerExit {
+fn run(
+    mut p: WorkerParams,
+    ep: OwnedFd,
+    flags: &WorkerCtl,
+    _stop: &OwnedFd,
+    filter: Option<&crate::sandbox::Filter>,
+) -> WorkerExit {
     let mut error: Option<WorkerError> = None;
     let mut events = [epoll::Event {
         flags: epoll::EventFlags::empty(),
@@ -527,12 +572,16 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &WorkerCtl, _stop: &OwnedFd) -> 
     let mut work = true;
     // Zero, so a worker started on memory that faulted earlier fails at its first batch.
     let mut faults_seen = 0u64;
+    // Before the first look at a ring: everything the worker does from here is filtered.
+    if let Some(Err(e)) = filter.map(crate::sandbox::Filter::apply) {
+        fail(&mut p, &mut error, e.into(), &mut faults_seen);
+    }
     while !flags.stopping() {
         if work && error.is_none() {
             match p.handler.process(&mut p.queues, flags) {
                 Err(e) => fail(&mut p, &mut error, e, &mut faults_seen),
                 Ok(()) => {
-                    if let Some(e) = memory_fault(&p.queues, &mut faults_seen) {
+                    if let Some(e) = contained(&p, &mut faults_seen) {
                         fail(&mut p, &mut error, e, &mut faults_seen);
                     }
                 }
@@ -555,7 +604,7 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &WorkerCtl, _stop: &OwnedFd) -> 
         // About to sleep: ask for kicks, and look once more (closing the race with a
         // driver that added work before it saw them enabled).
         if error.is_none() {
-            if let Some(e) = memory_fault(&p.queues, &mut faults_seen) {
+            if let Some(e) = contained(&p, &mut faults_seen) {
                 fail(&mut p, &mut error, e, &mut faults_seen);
                 continue;
             }
@@ -606,6 +655,11 @@ fn run(mut p: WorkerParams, ep: OwnedFd, flags: &WorkerCtl, _stop: &OwnedFd) -> 
         }
     }
     p.handler.stopped(&mut p.queues, flags);
+    if let Some(e) = forbidden(&p.name) {
+        // Too late to fail the device for it: say so, it is a gap in the allow-list.
+        tracing::error!("{e} (while stopping)");
+        error.get_or_insert(e);
+    }
     WorkerExit {
         queues: p.queues,
         handler: p.handler,
@@ -773,6 +827,61 @@ mod tests {
         };
         assert_eq!(e, fault);
         assert_eq!(w.stop().unwrap().error, Some(fault));
+        assert_eq!(table.queue(0).unwrap().errors.load(Ordering::Relaxed), 1);
+    }
+
+    /// A handler that makes a system call no worker needs.
+    struct Rogue;
+    impl QueueHandler for Rogue {
+        fn handle(&mut self, chain: &DescriptorChain) -> Result<u32, DeviceFault> {
+            // SAFETY: socket() takes integers and returns an fd or -1; a returned fd is
+            // closed at once.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+            if fd >= 0 {
+                // SAFETY: `fd` was just returned to us and is not used again.
+                unsafe { libc::close(fd) };
+            }
+            Ok(chain.writable_len())
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_forbidden_system_call_fails_the_group_and_names_the_call() {
+        assert_eq!(crate::sandbox::mode(), crate::sandbox::Mode::Trap);
+        let mem =
+            Arc::new(GuestMemory::new(vec![MemoryRegion::anonymous(0, 1 << 20).unwrap()]).unwrap());
+        let mut dq = DriverQueue::new(mem.clone(), 0x1000, 16);
+        let queue = SplitQueue::new(&dq.config(false, false), mem).unwrap();
+        let kick = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap());
+        let table = StatsTable::new("t", 1).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let w = QueueWorker::spawn(WorkerParams {
+            name: "rogue-q0".into(),
+            queues: vec![one_queue(queue, kick.clone(), &table)],
+            handler: Box::new(ChainGroup::new(Box::new(Rogue))),
+            on_error: Arc::new(move |e| {
+                let _ = tx.lock().unwrap().send(e.clone());
+            }),
+            poll: Duration::ZERO,
+            hold: None,
+        })
+        .unwrap();
+        dq.add_chain(&[(0x8_0000, 64, true)]);
+        dq.publish();
+        rustix::io::write(&*kick, &1u64.to_ne_bytes()).unwrap();
+        let e = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            e.to_string(),
+            "Queue worker rogue-q0 made a forbidden system call: 41 (socket); the device is failed"
+        );
+        // The batch that made it was still answered; nothing after it is processed.
+        assert!(dq.pop_used().is_some());
+        assert!(matches!(
+            w.stop().unwrap().error,
+            Some(WorkerError::Forbidden { .. })
+        ));
         assert_eq!(table.queue(0).unwrap().errors.load(Ordering::Relaxed), 1);
     }
 

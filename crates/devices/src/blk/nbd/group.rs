@@ -1211,6 +1211,11 @@ impl GroupHandler for NbdGroup {
         Ok(work || self.ep_ready())
     }
 
+    fn sandbox_needs(&self) -> uvdpa_virtio::sandbox::Needs {
+        // Reconnecting happens on the worker (socket, connect, name resolution).
+        uvdpa_virtio::sandbox::Needs::CONNECT
+    }
+
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.ep.as_fd())
     }

@@ -661,6 +661,11 @@ impl GroupHandler for RbdGroup {
         Ok(work)
     }
 
+    fn sandbox_needs(&self) -> uvdpa_virtio::sandbox::Needs {
+        // librbd aio submission and completion polling run on the worker.
+        uvdpa_virtio::sandbox::Needs::LIBRBD
+    }
+
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.sink.efd.as_fd())
     }
