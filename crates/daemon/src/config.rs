@@ -3,6 +3,8 @@
 //!
 //! ```toml
 //! metrics = "127.0.0.1:9464" # optional: serve OpenMetrics at http://ADDR/metrics
+//! seccomp = "trap"         # queue workers' seccomp filter: trap (default) | log | kill | off
+//! user = "uvdpa:kvm"       # optional: drop to USER[:GROUP] after start-up (started as root)
 //!
 //! [[device]]
 //! name = "blk0"            # 1..=32 of [A-Za-z0-9_.-], unique
@@ -201,6 +203,12 @@ struct ConfigFile {
     /// `ADDR:PORT` of the metrics endpoint (off when absent).
     #[serde(default)]
     metrics: Option<String>,
+    /// The queue workers' seccomp mode (`trap` when absent).
+    #[serde(default)]
+    seccomp: Option<String>,
+    /// `USER[:GROUP]` to run as after start-up.
+    #[serde(default)]
+    user: Option<String>,
     #[serde(default)]
     device: Vec<DeviceEntry>,
 }
@@ -213,6 +221,10 @@ pub struct DaemonConfig {
     pub devices: Vec<(DeviceEntry, DeviceSpec)>,
     /// Where to serve metrics (`metrics = "127.0.0.1:9464"`), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The queue workers' seccomp mode (`seccomp = "kill"`), if set.
+    pub seccomp: Option<uvdpa_virtio::sandbox::Mode>,
+    /// Who to run as after start-up (`user = "nobody"`), if set; resolved at start-up.
+    pub user: Option<String>,
 }
 
 /// Default length of the frames of a `source` net backend.
@@ -1050,6 +1062,17 @@ pub fn parse_daemon_config(path: &Path, text: &str) -> Result<DaemonConfig, Conf
             })
         })
         .transpose()?;
+    let seccomp = file
+        .seccomp
+        .as_deref()
+        .map(|m| {
+            m.parse().map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("seccomp: {e}"),
+            })
+        })
+        .transpose()?;
+    let user = file.user;
     let mut devices: Vec<(DeviceEntry, DeviceSpec)> = Vec::new();
     for (i, entry) in file.device.into_iter().enumerate() {
         let spec = entry.validate(i)?;
@@ -1062,7 +1085,12 @@ pub fn parse_daemon_config(path: &Path, text: &str) -> Result<DaemonConfig, Conf
         }
         devices.push((entry, spec));
     }
-    Ok(DaemonConfig { devices, metrics })
+    Ok(DaemonConfig {
+        devices,
+        metrics,
+        seccomp,
+        user,
+    })
 }
 
 /// Reads and validates a config file: its devices and the daemon's settings.

@@ -14,6 +14,7 @@ mod config;
 mod ctl;
 mod metrics;
 mod monitor;
+mod privs;
 mod registry;
 mod service;
 mod trace;
@@ -73,6 +74,19 @@ enum Command {
         /// exits. Devices come from the old daemon; --config is only read on SIGHUP.
         #[arg(long)]
         takeover: bool,
+        /// What a queue worker's seccomp filter does with a system call outside its
+        /// allow-list: trap (the call fails with EPERM and the worker's device is failed,
+        /// with an error line naming the call), log (allowed; the kernel logs it), kill
+        /// (the process is killed), off (no filter). Overrides the config file's
+        /// `seccomp` [default: trap].
+        #[arg(long, value_name = "MODE", value_parser = ["trap", "log", "kill", "off"])]
+        seccomp: Option<String>,
+        /// Run as USER[:GROUP] (names or numbers) once the devices, sockets and metrics
+        /// port of the start-up exist: the daemon must start as root, chowns its run
+        /// directory to USER and drops root for good. VDUSE and tap devices added later
+        /// then fail (they need root). Overrides the config file's `user`.
+        #[arg(long, value_name = "USER[:GROUP]")]
+        user: Option<String>,
     },
     /// Device types: `mgmtdev show`.
     Mgmtdev {
@@ -164,21 +178,50 @@ fn check_config(path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// How `uvdpa daemon` hardens itself (`--seccomp`, `--user`).
+struct Hardening {
+    seccomp: Option<String>,
+    user: Option<String>,
+}
+
 fn run_daemon(
     run_dir: Option<PathBuf>,
     config: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
     takeover: bool,
+    hardening: Hardening,
 ) -> Result<(), String> {
-    let (specs, entries, file_metrics): (Vec<DeviceSpec>, _, _) = match &config {
-        Some(path) => {
-            let cfg = load_daemon_config(path).map_err(|e| service::error_chain(&e))?;
-            let entries = cfg.devices.iter().map(|(e, _)| e.clone()).collect();
-            let specs = cfg.devices.into_iter().map(|(_, s)| s).collect();
-            (specs, entries, cfg.metrics)
-        }
-        None => (default_devices(), Vec::new(), None),
+    let (specs, entries, file_metrics, file_seccomp, file_user): (Vec<DeviceSpec>, _, _, _, _) =
+        match &config {
+            Some(path) => {
+                let cfg = load_daemon_config(path).map_err(|e| service::error_chain(&e))?;
+                let entries = cfg.devices.iter().map(|(e, _)| e.clone()).collect();
+                let specs = cfg.devices.into_iter().map(|(_, s)| s).collect();
+                (specs, entries, cfg.metrics, cfg.seccomp, cfg.user)
+            }
+            None => (default_devices(), Vec::new(), None, None, None),
+        };
+    let seccomp = match hardening.seccomp {
+        Some(m) => m.parse().map_err(|e| format!("--seccomp: {e}"))?,
+        None => file_seccomp.unwrap_or_default(),
     };
+    // Before the first device (and so the first queue worker) exists.
+    uvdpa_virtio::sandbox::set_mode(seccomp);
+    info!(mode = %seccomp, "queue workers' seccomp filter");
+    let run_as = hardening
+        .user
+        .or(file_user)
+        .map(|u| privs::resolve(&u).map_err(|e| e.to_string()))
+        .transpose()?;
+    if let Some(to) = &run_as {
+        if !rustix::process::geteuid().is_root() && rustix::process::geteuid().as_raw() != to.uid {
+            return Err(privs::PrivsError::NotRoot(
+                to.spec.clone(),
+                rustix::process::geteuid().as_raw(),
+            )
+            .to_string());
+        }
+    }
     // A takeover serves the old daemon's devices; the file is for later reloads.
     let specs = if takeover { Vec::new() } else { specs };
     if specs.is_empty() && !takeover {
@@ -241,6 +284,16 @@ fn run_daemon(
                 return Err(format!("device {name}: {e}"));
             }
         }
+    }
+    if let Some(to) = &run_as {
+        // Everything that needs root exists now: sockets, VDUSE devices, taps, the
+        // control socket, the metrics port.
+        if let Err(e) = privs::drop_to(to, &run_dir) {
+            primary.shutdown();
+            registry.del_all();
+            return Err(e.to_string());
+        }
+        info!(user = %to.spec, uid = to.uid, gid = to.gid, "dropped root");
     }
     println!("control socket: {}", primary.path().display());
     if let Some(m) = &metrics {
@@ -338,7 +391,11 @@ fn main() -> ExitCode {
             metrics,
             check_config: None,
             takeover,
+            seccomp,
+            user,
         } => {
+            // Before anything of ours opens an fd.
+            privs::close_inherited_fds();
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("UVDPA_LOG")
@@ -352,7 +409,13 @@ fn main() -> ExitCode {
                         && std::env::var_os("NO_COLOR").is_none(),
                 )
                 .init();
-            run_daemon(run_dir, config, metrics, takeover)
+            run_daemon(
+                run_dir,
+                config,
+                metrics,
+                takeover,
+                Hardening { seccomp, user },
+            )
         }
         Command::Mgmtdev { args } => manage(&cli.ctl, "mgmtdev", &args, cli.json, cli.pretty),
         Command::Dev { args } => manage(&cli.ctl, "dev", &args, cli.json, cli.pretty),

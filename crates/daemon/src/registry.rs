@@ -867,6 +867,18 @@ impl Registry {
             name: spec.name.clone(),
             reason,
         };
+        // After `--user` dropped root, say why instead of failing on EACCES/EPERM.
+        if matches!(spec.transport, crate::config::Transport::Vduse { .. }) {
+            crate::privs::needs_root("A VDUSE device").map_err(|e| create(e.to_string()))?;
+        }
+        if let DeviceKind::Net(n) = &spec.kind {
+            if matches!(
+                n.backend,
+                uvdpa_devices::net::device::NetBackendSpec::Tap { .. }
+            ) {
+                crate::privs::needs_root("A tap device").map_err(|e| create(e.to_string()))?;
+            }
+        }
         let dev = match &spec.kind {
             DeviceKind::Blk(cfg) => Dev::Blk(
                 cfg.clone(),

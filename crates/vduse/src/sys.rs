@@ -488,6 +488,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_worker_sandbox_allows_the_interrupt_ioctls_by_their_real_numbers() {
+        use uvdpa_virtio::sandbox;
+        assert_eq!(sandbox::VDUSE_VQ_INJECT_IRQ as Opcode, VDUSE_VQ_INJECT_IRQ);
+        assert_eq!(
+            sandbox::VDUSE_DEV_INJECT_CONFIG_IRQ as Opcode,
+            VDUSE_DEV_INJECT_CONFIG_IRQ
+        );
+        assert_eq!(sandbox::VDUSE_IOTLB_GET_FD as Opcode, VDUSE_IOTLB_GET_FD);
+    }
+
+    #[test]
     fn ioctl_numbers_match_the_uapi_macros() {
         use rustix::ioctl::opcode;
         assert_eq!(VDUSE_GET_API_VERSION, opcode::read::<u64>(0x81, 0x00));

@@ -281,6 +281,9 @@ pub const VDUSE_VQ_INJECT_IRQ: u32 = 0x4004_8117;
 /// VDUSE_DEV_INJECT_CONFIG_IRQ, `_IO(0x81, 0x13)`: the config-change interrupt a failing
 /// worker sends for DEVICE_NEEDS_RESET.
 pub const VDUSE_DEV_INJECT_CONFIG_IRQ: u32 = 0x8113;
+/// VDUSE_IOTLB_GET_FD, `_IOWR(0x81, 0x10, struct vduse_iotlb_entry)`: a VDUSE worker maps
+/// an IOTLB entry it misses (the VDUSE crate's `IotlbResolver`).
+pub const VDUSE_IOTLB_GET_FD: u32 = 0xc020_8110;
 
 #[cfg(target_arch = "x86_64")]
 fn build(mode: Mode, needs: Needs) -> Result<Filter, SandboxError> {
@@ -371,8 +374,9 @@ fn build(mode: Mode, needs: Needs) -> Result<Filter, SandboxError> {
     for nr in always {
         rules.insert(nr, Vec::new());
     }
-    // Rust's debug builds check that an fd is open before closing it (F_GETFD).
-    let getters = [libc::F_GETFD, libc::F_GETFL].map(|c| c as u64);
+    // Rust's debug builds check that an fd is open before closing it (F_GETFD); an IOTLB
+    // fd from VDUSE_IOTLB_GET_FD is made close-on-exec (F_SETFD).
+    let getters = [libc::F_GETFD, libc::F_GETFL, libc::F_SETFD].map(|c| c as u64);
     rules.insert(libc::SYS_fcntl, one_of(1, &getters)?);
     rules.insert(libc::SYS_mmap, no_exec()?);
     rules.insert(libc::SYS_mprotect, no_exec()?);
@@ -380,7 +384,8 @@ fn build(mode: Mode, needs: Needs) -> Result<Filter, SandboxError> {
     // SIGSYS that did not come from seccomp).
     let fatal = [libc::SIGABRT, libc::SIGBUS, libc::SIGSEGV, libc::SIGSYS].map(|s| s as u64);
     rules.insert(libc::SYS_tgkill, one_of(2, &fatal)?);
-    // A VDUSE queue's interrupt, and the config interrupt of a failing device.
+    // A VDUSE queue's interrupt, the config interrupt of a failing device, and an IOTLB
+    // entry a VDUSE worker maps on a miss (then checked with fstat and mapped).
     rules.insert(
         libc::SYS_ioctl,
         one_of(
@@ -388,8 +393,15 @@ fn build(mode: Mode, needs: Needs) -> Result<Filter, SandboxError> {
             &[
                 u64::from(VDUSE_VQ_INJECT_IRQ),
                 u64::from(VDUSE_DEV_INJECT_CONFIG_IRQ),
+                u64::from(VDUSE_IOTLB_GET_FD),
             ],
         )?,
+    );
+    rules.insert(libc::SYS_fstat, Vec::new());
+    let empty_path = libc::AT_EMPTY_PATH as u64;
+    rules.insert(
+        libc::SYS_newfstatat,
+        vec![rule(vec![cond(3, Op::MaskedEq(empty_path), empty_path)?])?],
     );
     if needs.contains(Needs::CONNECT) {
         let domains = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6].map(|d| d as u64);

@@ -101,6 +101,20 @@ impl Daemon {
         d
     }
 
+    /// Wraps a daemon the test spawned itself (extra arguments, fds), logging to `log`
+    /// in `dir`, and waits for the sockets of `names`.
+    pub fn adopt(child: Child, dir: PathBuf, log: PathBuf, names: &[&str]) -> Daemon {
+        let d = Daemon {
+            child: Some(child),
+            dir,
+            log,
+        };
+        for n in names {
+            d.wait_socket(n);
+        }
+        d
+    }
+
     /// Runs the CLI against this daemon's control socket: (exit ok, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
         Self::cli_at(&self.dir.join("uvdpa.ctl"), args)
@@ -224,6 +238,17 @@ impl Drop for Daemon {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // Every test runs the queue workers under the default seccomp filter (trap): a
+        // call outside its allow-list fails the device with this line, and the test.
+        if !std::thread::panicking() {
+            let log = self.log_text();
+            if let Some(line) = log
+                .lines()
+                .find(|l| l.contains("made a forbidden system call"))
+            {
+                panic!("a queue worker was stopped by its seccomp filter: {line}");
+            }
         }
     }
 }
