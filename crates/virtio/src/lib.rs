@@ -14,6 +14,7 @@ pub mod fault;
 pub mod features;
 pub mod inflight;
 pub mod interrupts;
+pub mod loglimit;
 pub mod memory;
 pub mod packed;
 pub mod queue;
