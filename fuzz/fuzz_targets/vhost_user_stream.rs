@@ -255,6 +255,8 @@ fuzz_target!(|data: &[u8]| {
                 mandated: VirtioFeatures::empty(),
                 unoffered: VirtioFeatures::empty(),
                 vectors: Arc::new(VectorTable::new(num_queues)),
+                max_memory: uvdpa_vhost_user::session::DEFAULT_MAX_MEMORY,
+                log_limits: Arc::default(),
             },
         );
         let debug = std::env::var_os("UVDPA_FUZZ_DEBUG").is_some();

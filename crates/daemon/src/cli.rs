@@ -118,7 +118,7 @@ fn number<T: std::str::FromStr>(attr: &str, v: &str) -> Result<T, String> {
 /// keyring ro queues queue_size serial logical_block_size`; net:
 /// `backend mac mtu max_vqp (or queue_pairs) queue_size tap switch frame_len`; both:
 /// `poll_us mandate unoffer coalesce_usecs coalesce_frames transport bind bounce_size
-/// socket_mode socket_user socket_group`. Which attributes fit which mgmtdev
+/// socket_mode socket_user socket_group max_memory`. Which attributes fit which mgmtdev
 /// and their ranges are checked by [`DeviceEntry::validate`].
 fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
     let mut e = DeviceEntry::default();
@@ -167,6 +167,7 @@ fn parse_dev_add(args: &[String]) -> Result<Cmd, String> {
             "socket_mode" => e.socket_mode = Some(value()?),
             "socket_user" => e.socket_user = Some(value()?),
             "socket_group" => e.socket_group = Some(value()?),
+            "max_memory" => e.max_memory = Some(SizeValue::Text(value()?)),
             "ro" => e.read_only = Some(true),
             "direct" => e.direct = Some(true),
             other => {

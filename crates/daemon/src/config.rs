@@ -36,6 +36,7 @@
 //! transport = "vhost-user" # vhost-user (a socket) | vduse (a kernel vDPA device)
 //! bind = "vduse"           # vduse: add it to the vDPA bus (vdpa mgmtdev vduse) | "none"
 //! bounce_size = "64M"      # vduse: the kernel's bounce buffer, > the largest request
+//! max_memory = "4T"       # vhost-user: most address space the memory table may map
 //!
 //! [[device]]
 //! name = "net0"
@@ -195,6 +196,9 @@ pub struct DeviceEntry {
     /// vhost-user: group of the socket file, a group name or gid; processes whose primary
     /// group it is are accepted as peers.
     pub socket_group: Option<String>,
+    /// vhost-user: most bytes of address space a frontend's memory table may map (bytes,
+    /// or with K/M/G/T suffix).
+    pub max_memory: Option<SizeValue>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +237,11 @@ pub const NET_DEFAULT_FRAME_LEN: u16 = 64;
 /// qemu-storage-daemon's adaptive polling uses (poll-max-ns 32768). `poll_us = 0` turns it
 /// off (the worker then sleeps in epoll after every batch).
 pub const BLK_DEFAULT_POLL_US: u32 = 32;
+pub use uvdpa_vhost_user::session::DEFAULT_MAX_MEMORY;
+/// Smallest `max_memory`: 1 MiB.
+pub const MIN_MAX_MEMORY: u64 = 1 << 20;
+/// Largest `max_memory`: 128 TiB, the user address space of x86-64 with 4-level paging.
+pub const MAX_MAX_MEMORY: u64 = 128 << 40;
 /// Largest `reconnect_delay` and `timeout` of an `nbd` backend, seconds.
 pub const NBD_MAX_SECONDS: u32 = 3600;
 /// Shortest frame of a `source` net backend (an Ethernet minimum frame without its FCS).
@@ -311,6 +320,8 @@ pub struct DeviceSpec {
     pub transport: Transport,
     /// Who may connect to the vhost-user socket.
     pub access: SocketAccess,
+    /// vhost-user: most bytes of address space a frontend's memory table may map.
+    pub max_memory: u64,
     /// The table it was validated from (a live upgrade hands it to the new daemon).
     pub entry: DeviceEntry,
 }
@@ -518,6 +529,7 @@ impl DeviceEntry {
         };
         let transport = self.validate_transport(&kind, &err)?;
         let access = self.validate_access(&transport, &err)?;
+        let max_memory = self.validate_max_memory(&transport, &err)?;
         // blk over vhost-user polls by default, as qemu-storage-daemon does (adaptive,
         // 32 µs); net does not (its users pick busy-polling or none, as with DPDK). Over
         // VDUSE the driver runs on the daemon's own CPUs, and a polling worker takes them
@@ -598,7 +610,37 @@ impl DeviceEntry {
             kind,
             transport,
             access,
+            max_memory,
         })
+    }
+
+    /// `max_memory` (vhost-user only): 1 MiB..=128 TiB, default [`DEFAULT_MAX_MEMORY`].
+    fn validate_max_memory(
+        &self,
+        transport: &Transport,
+        err: FieldErr<'_>,
+    ) -> Result<u64, ConfigError> {
+        let Some(v) = &self.max_memory else {
+            return Ok(DEFAULT_MAX_MEMORY);
+        };
+        if *transport != Transport::VhostUser {
+            return Err(err(
+                "max_memory",
+                "only valid with transport vhost-user (VDUSE memory is the kernel's IOTLB)".into(),
+            ));
+        }
+        let bytes = match v {
+            SizeValue::Bytes(b) => Some(*b),
+            SizeValue::Text(t) => parse_size(t),
+        };
+        bytes
+            .filter(|b| (MIN_MAX_MEMORY..=MAX_MAX_MEMORY).contains(b))
+            .ok_or_else(|| {
+                err(
+                    "max_memory",
+                    format!("{v:?}: bytes or K/M/G/T, 1M..=128T (default 4T)"),
+                )
+            })
     }
 
     /// `socket_mode`, `socket_user`, `socket_group` (vhost-user only); names are looked
@@ -1393,6 +1435,22 @@ mod tests {
     }
 
     #[test]
+    fn max_memory_defaults_to_4t_and_takes_sizes() {
+        let base = "[[device]]\nname = \"m\"\nmgmtdev = \"blk\"\nsize = \"1M\"\n";
+        let d = parse_config(Path::new("t.toml"), base).unwrap();
+        assert_eq!(d[0].max_memory, 4 << 40);
+        for (v, bytes) in [
+            ("\"1T\"", 1u64 << 40),
+            ("\"128T\"", 128 << 40),
+            ("1048576", 1 << 20),
+        ] {
+            let d =
+                parse_config(Path::new("t.toml"), &format!("{base}max_memory = {v}\n")).unwrap();
+            assert_eq!(d[0].max_memory, bytes, "{v}");
+        }
+    }
+
+    #[test]
     fn each_invalid_field_is_named() {
         let base = "[[device]]\nname = \"a\"\nmgmtdev = \"blk\"\nsize = \"1M\"\n";
         for (extra, field) in [
@@ -1417,6 +1475,10 @@ mod tests {
             ("transport = \"vduse\"\nbind = \"later\"", "bind"),
             ("transport = \"vduse\"\nbounce_size = \"1M\"", "bounce_size"),
             ("transport = \"vduse\"\nbounce_size = \"2G\"", "bounce_size"),
+            ("max_memory = \"512K\"", "max_memory"),
+            ("max_memory = \"129T\"", "max_memory"),
+            ("max_memory = \"lots\"", "max_memory"),
+            ("transport = \"vduse\"\nmax_memory = \"1T\"", "max_memory"),
         ] {
             assert_eq!(field_of(&format!("{base}{extra}\n")).0, field, "{extra}");
         }

@@ -184,9 +184,8 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
             "-",
         )
     };
-    let socket =
-        || {
-            [
+    let socket = || {
+        [
             a("socket_mode", "octal 0000..=0777 (vhost-user socket file)", "0600"),
             a(
                 "socket_user",
@@ -198,8 +197,13 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
                 "group name or gid: the socket's group; frontends of that primary group accepted",
                 "-",
             ),
+            a(
+                "max_memory",
+                "bytes or K/M/G/T, 1M..=128T: address space a frontend's memory table may map (vhost-user)",
+                "4T",
+            ),
         ]
-        };
+    };
     let bind = || {
         a(
             "bind",
@@ -954,6 +958,7 @@ impl Registry {
                     mandated,
                     unoffered,
                     access: spec.access,
+                    max_memory: spec.max_memory,
                 };
                 let server = match adopt {
                     None => VhostUserServer::start_with(&spec.name, &sock, dev.virtio(), opts)

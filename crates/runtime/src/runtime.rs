@@ -10,6 +10,7 @@ use uvdpa_restrack::{Owner, ResHandle, ResId, ResType, Tracker};
 use uvdpa_virtio::dirty::{DirtyLog, QueueLog};
 use uvdpa_virtio::inflight::InflightMap;
 use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
+use uvdpa_virtio::loglimit::DeviceLogLimits;
 use uvdpa_virtio::stats::{QueueStatsRef, StatsTable};
 use uvdpa_virtio::worker::{
     GroupHandler, QueueWorker, StopError, WorkerError, WorkerParams, WorkerQueue,
@@ -160,6 +161,10 @@ pub struct RuntimeParams {
     /// connection down, so the faulted memory is unmapped and the frontend must reconnect
     /// with a new table. `None`: the device only goes to DEVICE_NEEDS_RESET. Must not block.
     pub end_session: Option<SessionEnder>,
+    /// The device's log limits, kept across its sessions: status lines go through
+    /// `request`, ring failures through `ring`, so a frontend that loops breaking its ring
+    /// and reconnecting cannot flood the log.
+    pub log_limits: Arc<DeviceLogLimits>,
 }
 
 /// See [`RuntimeParams::end_session`].
@@ -194,6 +199,7 @@ pub struct DeviceRuntime {
     vectors: Arc<VectorTable>,
     notify_config: ConfigNotifier,
     end_session: Option<SessionEnder>,
+    log_limits: Arc<DeviceLogLimits>,
     closed: bool,
     /// Vrings are held stopped ([`DeviceRuntime::hold`]): none starts until
     /// [`DeviceRuntime::release`].
@@ -219,6 +225,7 @@ impl DeviceRuntime {
             vectors,
             notify_config,
             end_session,
+            log_limits,
         } = p;
         let status = StatusMachine::new(
             (device.features() - unoffered) | transport_features,
@@ -253,6 +260,7 @@ impl DeviceRuntime {
             vectors,
             notify_config,
             end_session,
+            log_limits,
             closed: false,
             held: false,
         };
@@ -363,7 +371,9 @@ impl DeviceRuntime {
             return Ok(());
         }
         let res = self.status.set_status(value);
-        info!(device = %self.name, status = ?self.status.status().names(), "device status");
+        if let Some(suppressed) = self.log_limits.request.check() {
+            info!(device = %self.name, status = ?self.status.status().names(), suppressed, "device status");
+        }
         res?;
         Ok(())
     }
@@ -385,7 +395,9 @@ impl DeviceRuntime {
         self.status.reset();
         self.status.set_driver_features(driver);
         self.needs_reset.store(false, Ordering::Release);
-        info!(device = %self.name, "device status reset");
+        if let Some(suppressed) = self.log_limits.request.check() {
+            info!(device = %self.name, suppressed, "device status reset");
+        }
     }
 
     /// Full device reset: every vring is stopped (in-flight requests complete first), then
@@ -404,7 +416,9 @@ impl DeviceRuntime {
         self.acked = VirtioFeatures::empty();
         self.inflight = None;
         self.log = None;
-        info!(device = %self.name, "device reset");
+        if let Some(suppressed) = self.log_limits.request.check() {
+            info!(device = %self.name, suppressed, "device reset");
+        }
     }
 
     /// Holds every vring stopped, for a live upgrade: running vrings stop where their
@@ -463,7 +477,9 @@ impl DeviceRuntime {
 
     /// Marks the device DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2) and notifies the driver.
     pub fn fail(&self, why: &str) {
-        warn!(device = %self.name, "Device needs reset: {why}");
+        if let Some(suppressed) = self.log_limits.ring.check() {
+            warn!(device = %self.name, suppressed, "Device needs reset: {why}");
+        }
         self.needs_reset.store(true, Ordering::Release);
         (self.notify_config)();
     }
@@ -729,7 +745,9 @@ impl DeviceRuntime {
                 // In the ring's layout (split or packed); chains a previous backend left in
                 // flight are resubmitted first.
                 if !queue.attach_inflight(map, index) {
-                    warn!(device = %self.name, vring = m, size = cfg.size, packed, "inflight buffer has no region for this vring (queue size or layout); not tracked");
+                    if let Some(suppressed) = self.log_limits.request.check() {
+                        warn!(device = %self.name, vring = m, size = cfg.size, packed, suppressed, "inflight buffer has no region for this vring (queue size or layout); not tracked");
+                    }
                 }
             }
             if let Some(log) = self.logging() {
@@ -763,6 +781,7 @@ impl DeviceRuntime {
         let notify = self.notify_config.clone();
         let end_session = self.end_session.clone();
         let name = self.name.clone();
+        let limits = self.log_limits.clone();
         let thread = format!("{}-q{}", self.name, first);
         // The worker thread itself holds a reference to the device entry, so a worker stuck
         // in a backend request keeps the device "in use" until it really ends.
@@ -778,15 +797,19 @@ impl DeviceRuntime {
             poll: self.poll,
             hold,
             on_error: Arc::new(move |e| {
-                if let WorkerError::MemoryFault { gpa, size } = e {
-                    // The frontend shrank a memory fd under the daemon: worth an error
-                    // line (once per region: the device stays failed until a reset).
-                    error!(device = %name, vring = first, gpa = format_args!("{gpa:#x}"), size = format_args!("{size:#x}"), "Guest memory fault contained, device needs reset: {e}");
-                } else if let WorkerError::Forbidden { .. } | WorkerError::Sandbox(_) = e {
-                    // A gap in the seccomp allow-list, or a worker doing what it must not.
-                    error!(device = %name, vring = first, "{e}");
-                } else {
-                    warn!(device = %name, vring = first, "Virtqueue failed, device needs reset: {e}");
+                // Once per failure (the device stays failed until a reset), and at most
+                // DEVICE_LOG_LINES_PER_SEC a second for a frontend that loops breaking its
+                // ring and reconnecting.
+                if let Some(suppressed) = limits.ring.check() {
+                    if let WorkerError::MemoryFault { gpa, size } = e {
+                        // The frontend shrank a memory fd under the daemon: an error line.
+                        error!(device = %name, vring = first, gpa = format_args!("{gpa:#x}"), size = format_args!("{size:#x}"), suppressed, "Guest memory fault contained, device needs reset: {e}");
+                    } else if let WorkerError::Forbidden { .. } | WorkerError::Sandbox(_) = e {
+                        // A gap in the seccomp allow-list, or a worker doing what it must not.
+                        error!(device = %name, vring = first, suppressed, "{e}");
+                    } else {
+                        warn!(device = %name, vring = first, suppressed, "Virtqueue failed, device needs reset: {e}");
+                    }
                 }
                 needs_reset.store(true, Ordering::Release);
                 // Visible to `dev show` at once, not only after the next request.

@@ -423,6 +423,7 @@ impl VduseServer {
                 // The IOTLB fds come from the kernel, not from a driver that could shrink
                 // them; a fault there leaves the device in DEVICE_NEEDS_RESET.
                 end_session: None,
+                log_limits: Arc::default(),
             },
         );
         let kicks = match kick_fds {

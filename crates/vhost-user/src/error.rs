@@ -86,6 +86,16 @@ pub enum Error {
         /// Number of queues.
         num: u16,
     },
+    /// A memory table that would map more than the device allows (attribute
+    /// `max_memory`); nothing of it was mapped.
+    #[error("Memory table refused: it maps {total} bytes, more than the device's max_memory of {limit} bytes")]
+    MemoryLimit {
+        /// Bytes of address space the table would map (each region's `mmap_offset +
+        /// memory_size`, summed; `u64::MAX` when the sum overflows).
+        total: u64,
+        /// The device's `max_memory`.
+        limit: u64,
+    },
     /// A memory table that cannot be used.
     #[error("Memory table refused: {0}")]
     Memory(#[from] MemoryError),

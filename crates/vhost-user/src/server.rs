@@ -19,13 +19,14 @@ use rustix::event::{eventfd, EventfdFlags};
 use tracing::{info, warn};
 use uvdpa_runtime::ConfigNotifier;
 use uvdpa_virtio::interrupts::VectorTable;
+use uvdpa_virtio::loglimit::DeviceLogLimits;
 use uvdpa_virtio::stats::StatsTable;
 use uvdpa_virtio::VirtioDevice;
 
 use crate::connection::Connection;
 use crate::error::Error;
 use crate::handover::SessionHandover;
-use crate::session::{ResCtx, Session, SessionParams, SessionState};
+use crate::session::{ResCtx, Session, SessionParams, SessionState, DEFAULT_MAX_MEMORY};
 use uvdpa_runtime::pause::{Mode, Pause, Woken};
 
 /// What the server shares with its session thread.
@@ -45,6 +46,9 @@ struct Shared {
     control: Arc<Pause<SessionHandover>>,
     /// A session thread runs (set by the accept loop, cleared when the session ends).
     busy: Arc<AtomicBool>,
+    /// Log limits of the device, shared by every session (a frontend looping connect and
+    /// disconnect must not flood the log).
+    log_limits: Arc<DeviceLogLimits>,
 }
 
 /// Frontend connections of one device's socket since it was created (read with relaxed
@@ -60,7 +64,7 @@ pub struct SessionCounters {
 }
 
 /// Per-device options of a vhost-user server.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ServerOptions {
     /// Where sessions record their resources (sessions, memory regions, virtqueues,
     /// workers, call vectors, under the device's entry); running workers hold a reference
@@ -75,6 +79,64 @@ pub struct ServerOptions {
     pub unoffered: uvdpa_virtio::VirtioFeatures,
     /// Who may connect to the socket.
     pub access: SocketAccess,
+    /// Most bytes of address space a frontend's memory table may map (attribute
+    /// `max_memory`, default [`DEFAULT_MAX_MEMORY`]); see [`crate::session`].
+    pub max_memory: u64,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            res: None,
+            poll: std::time::Duration::ZERO,
+            mandated: uvdpa_virtio::VirtioFeatures::empty(),
+            unoffered: uvdpa_virtio::VirtioFeatures::empty(),
+            access: SocketAccess::default(),
+            max_memory: DEFAULT_MAX_MEMORY,
+        }
+    }
+}
+
+/// Connections a device's socket accepts at once before the accept loop slows down
+/// ([`ACCEPT_PER_SEC`]).
+pub const ACCEPT_BURST: u32 = 20;
+/// Connections per second a device's socket accepts once its burst is spent: each
+/// further one waits `1 s / ACCEPT_PER_SEC` (50 ms) in the listen backlog. A frontend that
+/// loops connect/disconnect costs the daemon at most this many sessions a second; a QEMU
+/// with `reconnect=1` tries once a second.
+pub const ACCEPT_PER_SEC: u32 = 20;
+
+/// A token bucket of accepted connections: [`ACCEPT_BURST`] tokens, refilled at
+/// [`ACCEPT_PER_SEC`].
+struct AcceptBudget {
+    tokens: f64,
+    last: std::time::Instant,
+    /// Connections that had to wait, since the last log line saying so.
+    delayed: u64,
+}
+
+impl AcceptBudget {
+    fn new() -> Self {
+        Self {
+            tokens: f64::from(ACCEPT_BURST),
+            last: std::time::Instant::now(),
+            delayed: 0,
+        }
+    }
+
+    /// Takes a token; returns how long to wait first when none is left.
+    fn take(&mut self, now: std::time::Instant) -> Option<std::time::Duration> {
+        let rate = f64::from(ACCEPT_PER_SEC);
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * rate).min(f64::from(ACCEPT_BURST));
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            return None;
+        }
+        // Negative: the wait that brings this token back to zero.
+        Some(std::time::Duration::from_secs_f64(-self.tokens / rate))
+    }
 }
 
 /// Who may connect to a device's socket: its file mode and owner, and the peers accepted
@@ -166,7 +228,14 @@ fn peer_pid(s: &UnixStream) -> Option<u32> {
 /// server shuts down, or it is detached (handed over to a new daemon).
 fn run_session(name: &str, stream: UnixStream, sh: &Shared) {
     let pid = peer_pid(&stream);
-    info!(device = name, frontend_pid = pid, "frontend connected");
+    if let Some(suppressed) = sh.log_limits.session.check() {
+        info!(
+            device = name,
+            frontend_pid = pid,
+            suppressed,
+            "frontend connected"
+        );
+    }
     sh.sessions.connects.fetch_add(1, Ordering::Relaxed);
     {
         let mut st = sh.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -191,6 +260,8 @@ fn session_params(sh: &Shared, pid: Option<u32>) -> SessionParams {
         mandated: sh.opts.mandated,
         unoffered: sh.opts.unoffered,
         vectors: sh.vectors.clone(),
+        max_memory: sh.opts.max_memory,
+        log_limits: sh.log_limits.clone(),
     }
 }
 
@@ -278,11 +349,25 @@ fn serve_session(name: &str, mut session: Session, pid: Option<u32>, sh: &Shared
         match session.handle_one() {
             Ok(()) => {}
             Err(Error::Disconnected) => {
-                info!(device = name, frontend_pid = pid, "frontend disconnected");
+                if let Some(suppressed) = sh.log_limits.session.check() {
+                    info!(
+                        device = name,
+                        frontend_pid = pid,
+                        suppressed,
+                        "frontend disconnected"
+                    );
+                }
                 break;
             }
             Err(e) => {
-                warn!(device = name, frontend_pid = pid, "Ending session: {e}");
+                if let Some(suppressed) = sh.log_limits.session.check() {
+                    warn!(
+                        device = name,
+                        frontend_pid = pid,
+                        suppressed,
+                        "Ending session: {e}"
+                    );
+                }
                 break;
             }
         }
@@ -346,6 +431,7 @@ impl VhostUserServer {
             sessions: Arc::default(),
             control: Arc::new(Pause::new(Mode::Serving)?),
             busy: Arc::default(),
+            log_limits: Arc::default(),
         };
         let sh = shared.clone();
         let n = name.to_string();
@@ -487,6 +573,7 @@ impl VhostUserServer {
             sessions: Arc::default(),
             control: Arc::new(Pause::new(Mode::Paused).map_err(io)?),
             busy: Arc::default(),
+            log_limits: Arc::default(),
         };
         let c = &shared.sessions;
         c.connects.store(h.counters.0, Ordering::Relaxed);
@@ -623,8 +710,26 @@ fn pause_accept(listener: &UnixListener, sh: &Shared) -> bool {
     mode != Mode::Detached
 }
 
+/// Waits up to `wait` for the shutdown eventfd; true if it fired.
+fn shutdown_within(shutdown: &OwnedFd, wait: std::time::Duration) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let t = Timespec {
+        tv_sec: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(wait.subsec_nanos()),
+    };
+    let mut fds = [PollFd::new(shutdown, PollFlags::IN)];
+    loop {
+        match poll(&mut fds, Some(&t)) {
+            Ok(n) => return n > 0,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
 fn accept_loop(name: &str, listener: UnixListener, sh: Shared, adopted: Option<Session>) {
     let busy = sh.busy.clone();
+    let mut budget = AcceptBudget::new();
     let mut session_thread: Option<JoinHandle<()>> = None;
     if let Some(session) = adopted {
         busy.store(true, Ordering::Release);
@@ -655,6 +760,23 @@ fn accept_loop(name: &str, listener: UnixListener, sh: Shared, adopted: Option<S
             }
             Woken::Readable => {}
         }
+        // A frontend looping connect/disconnect gets ACCEPT_PER_SEC sessions a second: the
+        // rest wait in the listen backlog (the wait ends early for a shutdown).
+        if let Some(wait) = budget.take(std::time::Instant::now()) {
+            budget.delayed += 1;
+            if let Some(suppressed) = sh.log_limits.session.check() {
+                info!(
+                    device = name,
+                    delayed = budget.delayed,
+                    suppressed,
+                    "Connections arrive faster than {ACCEPT_PER_SEC}/s: accepting them slower"
+                );
+                budget.delayed = 0;
+            }
+            if shutdown_within(&sh.shutdown, wait) {
+                break;
+            }
+        }
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) => {
@@ -665,13 +787,16 @@ fn accept_loop(name: &str, listener: UnixListener, sh: Shared, adopted: Option<S
         if let Ok(c) = rustix::net::sockopt::socket_peercred(&stream) {
             let (uid, gid) = (c.uid.as_raw(), c.gid.as_raw());
             if !sh.opts.access.allows(uid, gid) {
-                warn!(
-                    device = name,
-                    frontend_pid = peer_pid(&stream),
-                    uid,
-                    gid,
-                    "Refusing a frontend of uid {uid}: only the daemon's uid, root, socket_user and socket_group may connect"
-                );
+                if let Some(suppressed) = sh.log_limits.session.check() {
+                    warn!(
+                        device = name,
+                        frontend_pid = peer_pid(&stream),
+                        uid,
+                        gid,
+                        suppressed,
+                        "Refusing a frontend of uid {uid}: only the daemon's uid, root, socket_user and socket_group may connect"
+                    );
+                }
                 sh.sessions.refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -683,11 +808,14 @@ fn accept_loop(name: &str, listener: UnixListener, sh: Shared, adopted: Option<S
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         if busy.load(Ordering::Acquire) {
-            warn!(
-                device = name,
-                frontend_pid = peer_pid(&stream),
-                "Refusing a second frontend: one is already connected"
-            );
+            if let Some(suppressed) = sh.log_limits.session.check() {
+                warn!(
+                    device = name,
+                    frontend_pid = peer_pid(&stream),
+                    suppressed,
+                    "Refusing a second frontend: one is already connected"
+                );
+            }
             sh.sessions.refused.fetch_add(1, Ordering::Relaxed);
             drop(stream);
             continue;
@@ -714,5 +842,29 @@ fn accept_loop(name: &str, listener: UnixListener, sh: Shared, adopted: Option<S
     }
     if let Some(t) = session_thread.take() {
         let _ = t.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn accept_budget_allows_a_burst_then_paces_connections() {
+        let t0 = Instant::now();
+        let mut b = AcceptBudget::new();
+        b.last = t0;
+        for i in 0..ACCEPT_BURST {
+            assert_eq!(b.take(t0), None, "connection {i} of the burst delayed");
+        }
+        // Past the burst, each connection waits one refill period more than the last.
+        let step = Duration::from_secs(1) / ACCEPT_PER_SEC;
+        let w1 = b.take(t0).expect("no wait past the burst");
+        let w2 = b.take(t0).expect("no wait past the burst");
+        assert!(w1.abs_diff(step) < Duration::from_millis(1), "{w1:?}");
+        assert!(w2.abs_diff(2 * step) < Duration::from_millis(1), "{w2:?}");
+        // A quiet second refills the bucket.
+        assert_eq!(b.take(t0 + Duration::from_secs(2)), None);
     }
 }

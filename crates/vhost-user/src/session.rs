@@ -20,6 +20,7 @@ pub use uvdpa_runtime::{ResCtx, SessionState};
 use uvdpa_virtio::dirty::DirtyLog;
 use uvdpa_virtio::inflight::{InflightLayout, InflightMap};
 use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
+use uvdpa_virtio::loglimit::DeviceLogLimits;
 use uvdpa_virtio::memory::MAX_REGIONS;
 use uvdpa_virtio::split::MAX_QUEUE_SIZE;
 use uvdpa_virtio::stats::StatsTable;
@@ -36,6 +37,16 @@ use crate::connection::{Connection, Request};
 use crate::error::Error;
 
 pub use uvdpa_runtime::STOP_TIMEOUT;
+
+/// Default of [`SessionParams::max_memory`] (attribute `max_memory`): 4 TiB of address
+/// space. Regions are mapped from offset 0 of their fd, so a region costs
+/// `mmap_offset + memory_size` bytes: a QEMU guest with one memory backend of N bytes maps
+/// about N + 4 GiB (the region above 4 GiB starts that far into the fd), and two backends
+/// of N/2 map N. The default serves any stock guest of up to 2 TiB, even with every
+/// region in one fd, and bounds one device to 1/32 of the daemon's 128 TiB of user
+/// address space, so no frontend can use it all up and make other devices' memory tables
+/// fail.
+pub const DEFAULT_MAX_MEMORY: u64 = 4 << 40;
 
 /// Whether and how this backend does dirty page logging for live migration, from the
 /// environment variable `UVDPA_DIRTY_LOG` read once per process:
@@ -152,6 +163,9 @@ pub struct Session {
     /// effect lives outside the runtime.
     pub(crate) record: crate::handover::Record,
     frontend_pid: Option<u32>,
+    /// See [`SessionParams::max_memory`].
+    max_memory: u64,
+    log_limits: Arc<DeviceLogLimits>,
 }
 
 fn decode<T: ByteValued + Default + VhostUserMsgValidator>(
@@ -211,6 +225,13 @@ pub struct SessionParams {
     pub unoffered: VirtioFeatures,
     /// The device's interrupt vectors: vector `i` is vring `i`'s call (seed 001).
     pub vectors: Arc<VectorTable>,
+    /// Most bytes of address space the memory table may map, summed over its regions
+    /// (each `mmap_offset + memory_size`, as regions are mapped from offset 0 of their
+    /// fd). A SET_MEM_TABLE or ADD_MEM_REG past it is refused with
+    /// [`Error::MemoryLimit`], before anything is mapped. Default [`DEFAULT_MAX_MEMORY`].
+    pub max_memory: u64,
+    /// The device's log limits, kept across sessions.
+    pub log_limits: Arc<DeviceLogLimits>,
 }
 
 impl Session {
@@ -227,6 +248,8 @@ impl Session {
             mandated,
             unoffered,
             vectors,
+            max_memory,
+            log_limits,
         } = p;
         let backend = BackendChannel::default();
         let channel = backend.clone();
@@ -256,6 +279,7 @@ impl Session {
                 vectors,
                 notify_config: Arc::new(move || notify_config_change(&channel)),
                 end_session,
+                log_limits: log_limits.clone(),
             },
         );
         Self {
@@ -269,6 +293,8 @@ impl Session {
             log_fd: None,
             record: crate::handover::Record::default(),
             frontend_pid,
+            max_memory,
+            log_limits,
         }
     }
 
@@ -329,7 +355,9 @@ impl Session {
                 Err(e) => {
                     // A reply without a buffer (mmap_size 0, no fd): QEMU then runs the
                     // device without inflight tracking instead of failing to start it.
-                    warn!(device = %self.name, "GET_INFLIGHT_FD refused, no inflight buffer: {e}");
+                    if let Some(suppressed) = self.log_limits.request.check() {
+                        warn!(device = %self.name, suppressed, "GET_INFLIGHT_FD refused, no inflight buffer: {e}");
+                    }
                     let body = VhostUserInflight::new(0, 0, 0, 0);
                     self.conn.send_reply(&req.hdr, body.as_slice())
                 }
@@ -347,7 +375,9 @@ impl Session {
             Ok(None) => Ok(()),
             Err(e) if e.ends_session() => Err(e),
             Err(e) if wants_ack && !has_reply(code) => {
-                warn!(device = %self.name, request = ?code, "Request failed: {e}");
+                if let Some(suppressed) = self.log_limits.request.check() {
+                    warn!(device = %self.name, request = ?code, suppressed, "Request failed: {e}");
+                }
                 self.conn.send_reply(&req.hdr, &u64_reply(1))
             }
             Err(e) => Err(e),
@@ -580,6 +610,12 @@ impl Session {
                     v.started = false;
                     v.kick = None;
                 })?;
+                if std::env::var_os("UVDPA_DEBUG_DIRTY_ALL").is_some() {
+                    if let Some(l) = self.rt.logging() {
+                        l.log(0, l.len() as u64 * 8 * 4096);
+                        tracing::warn!("DEBUG: whole log dirtied");
+                    }
+                }
                 let packed = self
                     .rt
                     .acked()
@@ -735,7 +771,9 @@ impl Session {
                         reason: e.to_string(),
                     }
                 })?;
-                info!(device = %self.name, bytes = log.len(), "dirty log set");
+                if let Some(suppressed) = self.log_limits.request.check() {
+                    info!(device = %self.name, bytes = log.len(), suppressed, "dirty log set");
+                }
                 if dirty_log_mode() == DirtyLogMode::On {
                     self.rt.set_dirty_log(Some(Arc::new(log)))?;
                 }
@@ -784,7 +822,9 @@ impl Session {
                         request: "NET_SET_MTU",
                         reason: e.0,
                     })?;
-                info!(device = %self.name, mtu, "frontend MTU set");
+                if let Some(suppressed) = self.log_limits.request.check() {
+                    info!(device = %self.name, mtu, suppressed, "frontend MTU set");
+                }
                 self.record.mtu = Some(mtu);
                 Ok(None)
             }
@@ -799,7 +839,9 @@ impl Session {
                 Ok(None)
             }
             other => {
-                warn!(device = %self.name, request = ?other, "Unsupported vhost-user request");
+                if let Some(suppressed) = self.log_limits.request.check() {
+                    warn!(device = %self.name, request = ?other, suppressed, "Unsupported vhost-user request");
+                }
                 Err(Error::UnknownRequest(other as u32))
             }
         }
@@ -863,7 +905,9 @@ impl Session {
         let transport =
             VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES | VirtioFeatures::VHOST_F_LOG_ALL;
         let logging = features.contains(VirtioFeatures::VHOST_F_LOG_ALL);
-        if logging != self.rt.acked().contains(VirtioFeatures::VHOST_F_LOG_ALL) {
+        if logging != self.rt.acked().contains(VirtioFeatures::VHOST_F_LOG_ALL)
+            && self.log_limits.request.check().is_some()
+        {
             info!(device = %self.name, on = logging, "dirty logging (VHOST_F_LOG_ALL) switched");
         }
         if !self.protocol.contains(VhostUserProtocolFeatures::STATUS) {
@@ -904,13 +948,28 @@ impl Session {
     fn check_seals(&self, fd: &OwnedFd, gpa: u64, size: u64) {
         let seals = uvdpa_virtio::fd_seals(fd);
         if !seals.shrink_sealed {
-            info!(
-                device = %self.name,
-                gpa = format_args!("{gpa:#x}"),
-                size = format_args!("{size:#x}"),
-                fd = seals.kind,
-                "Memory region is not sealed against shrinking (no F_SEAL_SHRINK): relies on SIGBUS containment"
-            );
+            if let Some(suppressed) = self.log_limits.request.check() {
+                info!(
+                    device = %self.name,
+                    gpa = format_args!("{gpa:#x}"),
+                    size = format_args!("{size:#x}"),
+                    fd = seals.kind,
+                    suppressed,
+                    "Memory region is not sealed against shrinking (no F_SEAL_SHRINK): relies on SIGBUS containment"
+                );
+            }
+        }
+    }
+
+    /// Refuses a memory table that would map `total` bytes (`None`: more than 2^64) when
+    /// that is past [`SessionParams::max_memory`]; returns the total otherwise.
+    fn check_memory_limit(&self, total: Option<u64>) -> Result<u64, Error> {
+        match total {
+            Some(t) if t <= self.max_memory => Ok(t),
+            _ => Err(Error::MemoryLimit {
+                total: total.unwrap_or(u64::MAX),
+                limit: self.max_memory,
+            }),
         }
     }
 
@@ -934,10 +993,18 @@ impl Session {
             });
         }
         expect_fds("SET_MEM_TABLE", req, n)?;
+        // The whole table against the limit before anything is mapped; it replaces the
+        // current table, so only its own regions count.
+        let mut wanted = Vec::with_capacity(n);
+        for chunk in rest.chunks_exact(region_len) {
+            wanted.push(decode::<VhostUserMemoryRegion>("SET_MEM_TABLE", chunk)?);
+        }
+        let total = self.check_memory_limit(wanted.iter().try_fold(0u64, |sum, r| {
+            sum.checked_add(mapped_bytes(r.mmap_offset, r.memory_size))
+        }))?;
         let mut regions = Vec::with_capacity(n);
         let mut records = Vec::with_capacity(n);
-        for (chunk, fd) in rest.chunks_exact(region_len).zip(&req.fds) {
-            let r: VhostUserMemoryRegion = decode("SET_MEM_TABLE", chunk)?;
+        for (r, fd) in wanted.iter().zip(&req.fds) {
             self.check_seals(fd, r.guest_phys_addr, r.memory_size);
             regions.push(MemoryRegion::map(
                 fd,
@@ -955,7 +1022,9 @@ impl Session {
             ));
         }
         let mem = GuestMemory::new(regions)?;
-        info!(device = %self.name, regions = n, bytes = mem.total_size(), "memory table set");
+        if let Some(suppressed) = self.log_limits.request.check() {
+            info!(device = %self.name, regions = n, bytes = mem.total_size(), mapped = total, suppressed, "memory table set");
+        }
         self.region_repeats.clear();
         self.record.regions = records;
         Ok(self.rt.replace_memory(|_| Ok(Some(mem)))?)
@@ -987,6 +1056,13 @@ impl Session {
             debug!(device = %self.name, gpa = key.0, size = key.1, "ADD_MEM_REG of a mapped region: one more reference");
             return Ok(());
         }
+        let current = self.rt.memory().map_or(Some(0), |m| {
+            m.regions()
+                .iter()
+                .try_fold(0u64, |sum, x| sum.checked_add(x.mapped_len()))
+        });
+        let total = current.and_then(|c| c.checked_add(mapped_bytes(r.mmap_offset, r.memory_size)));
+        self.check_memory_limit(total)?;
         self.check_seals(fd, r.guest_phys_addr, r.memory_size);
         let region = MemoryRegion::map(
             fd,
@@ -1132,6 +1208,12 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Bytes of address space a region maps: [`MemoryRegion::map`] maps from offset 0 of the
+/// fd (saturating: an overflowing region is refused by the limit, and by the mapping).
+fn mapped_bytes(mmap_offset: u64, size: u64) -> u64 {
+    mmap_offset.saturating_add(size)
 }
 
 /// Requests whose success reply carries data (they never get a bare ack).

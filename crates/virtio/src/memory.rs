@@ -340,6 +340,12 @@ impl MemoryRegion {
         self.size
     }
 
+    /// Bytes of address space the region's mapping takes (for [`MemoryRegion::map`]:
+    /// `mmap_offset + size`, as it maps from offset 0 of the fd).
+    pub fn mapped_len(&self) -> u64 {
+        self.map_len as u64
+    }
+
     /// Frontend virtual address of the first byte.
     pub fn uaddr(&self) -> u64 {
         self.uaddr
