@@ -356,6 +356,51 @@ fn requests_larger_than_the_server_maximum_are_split() {
     assert!(d.stop().success());
 }
 
+/// A guest request is split into at most 4096 NBD commands (`MAX_PARTS`), so what a
+/// queue holds per request is bounded whatever length the guest asks for: against a
+/// server taking at most 4 KiB a command, a 16 MiB read is served and a 16 MiB + 4 KiB
+/// one fails with IOERR, and the queue goes on.
+#[test]
+fn a_request_needing_too_many_server_commands_fails_alone() {
+    let dir = unique_dir("nbd-parts");
+    let srv = nbdkit(
+        &dir,
+        "parts",
+        &["blocksize-policy"],
+        &[
+            "memory",
+            "32M",
+            "blocksize-minimum=512",
+            "blocksize-preferred=4096",
+            "blocksize-maximum=4096",
+            "blocksize-error-policy=error",
+        ],
+    );
+    let d = Daemon::start("nbd-parts", &nbd_config("p0", &srv.uri(""), ""), &["p0"]);
+    let len = 16 * MIB as usize;
+    let mut c = BlkClient::connect(&d.sock_str("p0"), 1, len + 4096).unwrap();
+    let read = |len| Op::Read {
+        offset: 0,
+        buf_off: 0,
+        len,
+    };
+    assert_eq!(
+        c.run(0, &[read(len)]),
+        vec![0],
+        "a 16 MiB read (4096 commands)"
+    );
+    let r = c.run(0, &[read(len + 4096)]);
+    assert!(r[0] < 0, "a read of 4097 commands was served: {r:?}");
+    write_verify(&mut c, 0, 16, 4, 4096, 9);
+    drop(c);
+    let log = d.log_text();
+    assert!(
+        log.contains("needs more than 4096 commands"),
+        "the refusal is not the daemon's:\n{log}"
+    );
+    assert!(d.stop().success());
+}
+
 #[test]
 fn nbdkit_file_plugin_flush_trim_and_zeroes_reach_the_file() {
     let dir = disk_dir("nbd-file");

@@ -90,6 +90,13 @@ mod rx;
 pub const STOP_BUDGET: Duration = Duration::from_secs(3);
 /// Most requests one queue has at the server at once.
 pub(crate) const MAX_DEPTH: usize = 128;
+/// Most NBD commands (parts) one read or write may become: the guest chooses a request's
+/// length (up to 4 GiB in one chain) and the export its maximum payload, and each part is
+/// kept in the request's slot, so this bounds what a queue holds to [`MAX_DEPTH`] ×
+/// `MAX_PARTS` parts (about 29 MiB) whatever the guest sends. A longer request fails with
+/// IOERR; with the usual 32 MiB payload every request fits, with a 64 KiB one up to
+/// 256 MiB (Linux's largest request is `seg_max` × `size_max`, at most 1022 MiB here).
+pub(crate) const MAX_PARTS: u64 = 4096;
 /// First reconnect backoff; it doubles up to [`BACKOFF_MAX`].
 const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Longest reconnect backoff.
@@ -532,6 +539,15 @@ impl NbdGroup {
                 }
                 slot.data_offset = offset;
                 let step = u64::from(info.max_payload.max(1));
+                if (len as u64).div_ceil(step) > MAX_PARTS {
+                    self.blk.log_failure(
+                        slot.chain.head(),
+                        &super::super::request::RequestError::Io(io::Error::other(format!(
+                            "length {len} needs more than {MAX_PARTS} commands of the export's maximum payload {step}"
+                        ))),
+                    );
+                    return Ok(Started::Done(VIRTIO_BLK_S_IOERR));
+                }
                 let mut at = 0u64;
                 while at < len as u64 {
                     let n = step.min(len as u64 - at);
@@ -1285,6 +1301,12 @@ impl Drop for NbdGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_per_queue_are_bounded() {
+        let bytes = std::mem::size_of::<Part>() as u64 * MAX_PARTS * MAX_DEPTH as u64;
+        assert!(bytes <= 32 << 20, "{bytes} bytes of parts per queue");
+    }
 
     #[test]
     fn cookies_name_generation_slot_and_part() {
