@@ -4,158 +4,19 @@
 
 mod common;
 
-use std::io::{IoSlice, Read};
-use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::raw::*;
 use common::*;
-use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-
-const GET_FEATURES: u32 = 1;
-const SET_FEATURES: u32 = 2;
-const SET_MEM_TABLE: u32 = 5;
-const SET_VRING_NUM: u32 = 8;
-const SET_VRING_ADDR: u32 = 9;
-const SET_VRING_KICK: u32 = 12;
-const GET_PROTOCOL_FEATURES: u32 = 15;
-const SET_PROTOCOL_FEATURES: u32 = 16;
-const GET_CONFIG: u32 = 24;
-const REPLY_ACK: u64 = 1 << 3;
-const CONFIG: u64 = 1 << 9;
-const NEED_REPLY: u32 = 0x8;
-
-struct Raw {
-    s: UnixStream,
-}
-
-enum Answer {
-    Reply(Vec<u8>),
-    Closed,
-}
-
-impl Raw {
-    fn connect(path: &str) -> Raw {
-        let s = UnixStream::connect(path).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Raw { s }
-    }
-
-    fn send(&self, code: u32, flags: u32, body: &[u8], fds: &[BorrowedFd<'_>]) {
-        self.send_sized(code, flags, body.len() as u32, body, fds)
-    }
-
-    fn send_sized(&self, code: u32, flags: u32, size: u32, body: &[u8], fds: &[BorrowedFd<'_>]) {
-        let mut hdr = Vec::new();
-        hdr.extend_from_slice(&code.to_le_bytes());
-        hdr.extend_from_slice(&(1 | flags).to_le_bytes());
-        hdr.extend_from_slice(&size.to_le_bytes());
-        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(32))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        if !fds.is_empty() {
-            assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
-        }
-        // The peer may already have closed: ignore EPIPE, the answer says what happened.
-        let _ = sendmsg(
-            &self.s,
-            &[IoSlice::new(&hdr), IoSlice::new(body)],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        );
-    }
-
-    fn answer(&mut self) -> Answer {
-        let mut hdr = [0u8; 12];
-        match self.s.read_exact(&mut hdr) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Answer::Closed,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Answer::Closed,
-            Err(e) => panic!("no answer from the backend: {e}"),
-        }
-        let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
-        assert_eq!(flags, 0x5, "reply flags must be version 1 | REPLY");
-        let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
-        let mut body = vec![0u8; size];
-        self.s.read_exact(&mut body).unwrap();
-        Answer::Reply(body)
-    }
-
-    fn u64_answer(&mut self) -> Option<u64> {
-        match self.answer() {
-            Answer::Reply(b) if b.len() == 8 => Some(u64::from_le_bytes(b.try_into().unwrap())),
-            Answer::Reply(b) => panic!("unexpected reply of {} bytes", b.len()),
-            Answer::Closed => None,
-        }
-    }
-
-    /// Negotiates PROTOCOL_FEATURES + REPLY_ACK (+ CONFIG) so failures are answered.
-    fn with_reply_ack(path: &str) -> Raw {
-        let (r, offered) = Self::negotiate(path, CONFIG);
-        assert!(offered & REPLY_ACK != 0 && offered & CONFIG != 0);
-        r
-    }
-
-    /// Connects, acks VERSION_1 + PROTOCOL_FEATURES and negotiates `wanted` (with
-    /// REPLY_ACK) out of what the device offers; returns the session and the offered
-    /// protocol features.
-    fn negotiate(path: &str, wanted: u64) -> (Raw, u64) {
-        let mut r = Raw::connect(path);
-        r.send(GET_FEATURES, 0, &[], &[]);
-        let features = r.u64_answer().unwrap();
-        assert!(
-            features & (1 << 30) != 0,
-            "VHOST_USER_F_PROTOCOL_FEATURES not offered"
-        );
-        assert!(features & (1 << 32) != 0, "VIRTIO_F_VERSION_1 not offered");
-        r.send(
-            SET_FEATURES,
-            0,
-            &((1u64 << 30) | (1 << 32)).to_le_bytes(),
-            &[],
-        );
-        r.send(GET_PROTOCOL_FEATURES, 0, &[], &[]);
-        let offered = r.u64_answer().unwrap();
-        r.send(
-            SET_PROTOCOL_FEATURES,
-            NEED_REPLY,
-            &((REPLY_ACK | wanted) & offered).to_le_bytes(),
-            &[],
-        );
-        assert_eq!(r.u64_answer(), Some(0));
-        (r, offered)
-    }
-}
 
 fn vring_addr(index: u32, flags: u32) -> Vec<u8> {
     let mut b = index.to_le_bytes().to_vec();
     b.extend_from_slice(&flags.to_le_bytes());
     for v in [0x1000u64, 0x2000, 0x3000, 0] {
         b.extend_from_slice(&v.to_le_bytes());
-    }
-    b
-}
-
-fn memfd(size: u64) -> OwnedFd {
-    let fd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&fd, size).unwrap();
-    fd
-}
-
-fn region(gpa: u64, size: u64, uaddr: u64) -> Vec<u8> {
-    [gpa, size, uaddr, 0]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect()
-}
-
-fn mem_table(regions: &[Vec<u8>]) -> Vec<u8> {
-    let mut b = (regions.len() as u32).to_le_bytes().to_vec();
-    b.extend_from_slice(&[0; 4]);
-    for r in regions {
-        b.extend_from_slice(r);
     }
     b
 }
@@ -395,14 +256,6 @@ fn malformed_messages_fail_the_session_not_the_daemon() {
     );
     assert!(d.stop().success());
 }
-
-const NET_SET_MTU: u32 = 20;
-const GET_INFLIGHT_FD: u32 = 31;
-const ADD_MEM_REG: u32 = 37;
-const REM_MEM_REG: u32 = 38;
-const MTU: u64 = 1 << 4;
-const INFLIGHT_SHMFD: u64 = 1 << 12;
-const CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
 
 fn inflight_body(num_queues: u16, queue_size: u16) -> Vec<u8> {
     let mut b = [0u64, 0]
