@@ -464,17 +464,23 @@ fn floods_leave_a_bystander_serving() {
             Phase::Quiet => assert_eq!(connects, 0),
             Phase::ConnectChurn | Phase::MemTableChurn | Phase::RingBreakStorm => {
                 assert!(
-                    count.cycles > ACCEPT_BURST + 5,
+                    count.cycles >= 10,
                     "{}: only {} cycles, not a flood",
                     kind.name(),
                     count.cycles
                 );
-                assert!(
-                    suppressed > 0,
-                    "{}: no `suppressed=` count in the log:\n{}",
-                    kind.name(),
-                    lines.join("\n")
-                );
+                // Each session would log two lines (connected, disconnected): when that
+                // is more than the limit let through, some were dropped and counted (a
+                // slow machine that churns less need not reach the limit).
+                let windows = elapsed.ceil() as u64 + 1;
+                if 2 * connects > LOG_LINES_PER_SEC * windows {
+                    assert!(
+                        suppressed > 0,
+                        "{}: {connects} sessions and no `suppressed=` count in the log:\n{}",
+                        kind.name(),
+                        lines.join("\n")
+                    );
+                }
             }
             Phase::KickFlood => {
                 assert_eq!(count.failed_rings, 1, "the broken ring did not fail");
