@@ -10,7 +10,9 @@
 //! - no panic or crash, in the session or in a queue worker thread (libFuzzer's panic hook
 //!   aborts on a panic in any thread); no hang (EOF ends the stream, a read timeout backs it);
 //! - every reply is a well-formed reply header (version 1 | REPLY) with a body that fits;
-//! - no fd is leaked once the session is dropped.
+//! - no fd is leaked once the session is dropped;
+//! - the queue workers run under their seccomp filter (`uvdpa_virtio::sandbox`, trap mode,
+//!   the daemon's default) and none makes a system call outside its allow-list.
 //!
 //! Input layout: `device u8`, then per message (at most 64):
 //! `op u8, request (u8, or u32 if op&0x40), [flags u32 if op&0x10], body_len u16, body,
@@ -284,4 +286,11 @@ fuzz_target!(|data: &[u8]| {
         check_replies(&frontend);
     }
     assert_eq!(open_fds(), fds_before, "fds leaked");
+    let (trapped, last) = uvdpa_virtio::sandbox::trapped();
+    assert_eq!(
+        trapped,
+        0,
+        "a queue worker made a forbidden system call: {last} ({})",
+        uvdpa_virtio::sandbox::syscall_name(last)
+    );
 });
