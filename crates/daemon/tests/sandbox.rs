@@ -1,8 +1,8 @@
 //! The daemon's sandbox, end to end: queue workers run under their seccomp filter by
 //! default (trap) while libblkio does verified I/O on ram and io_uring file devices, and
 //! the control threads do not; `--seccomp off` leaves workers unfiltered; `--user nobody`
-//! drops root after start-up, keeps serving, and refuses a VDUSE device added later with
-//! a clear error; an fd inherited from the parent is closed.
+//! drops root after start-up, keeps serving, and refuses a VDUSE or tap device added later
+//! with a clear error; an fd inherited from the parent is closed.
 //!
 //! That a forbidden call is stopped is shown where it can be provoked: the
 //! `uvdpa-virtio` unit tests `sandbox::tests` (EPERM, the call recorded) and
@@ -297,6 +297,12 @@ fn user_nobody_drops_root_keeps_serving_and_refuses_vduse_later() {
         err.contains("A VDUSE device needs root") && err.contains("--user"),
         "{err}"
     );
+    // So does a tap device (CAP_NET_ADMIN).
+    let (ok, _, err) = d.cli(&[
+        "dev", "add", "name", "t0", "mgmtdev", "net", "backend", "tap",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("A tap device needs root"), "{err}");
     let (ok, _, err) = d.cli(&["dev", "del", "late"]);
     assert!(ok, "{err}");
     verified_io(&d.sock("ram0"), 10);

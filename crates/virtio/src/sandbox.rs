@@ -131,7 +131,7 @@ pub enum SandboxError {
     #[error("Building the seccomp filter failed: {0}")]
     Build(String),
     /// prctl(PR_SET_NO_NEW_PRIVS) or seccomp(SECCOMP_SET_MODE_FILTER) failed.
-    #[error("Installing the seccomp filter failed: {0}")]
+    #[error("Installing the seccomp filter failed: {0} (the daemon's `--seccomp off` runs workers without it)")]
     Install(String),
 }
 
