@@ -292,6 +292,15 @@ pub enum StopError {
 const STOP: u64 = u64::MAX;
 const WAKE: u64 = u64::MAX - 1;
 
+/// Consecutive wake-ups by kicks that found no ring with new chains after which a worker
+/// backs off ([`SPURIOUS_KICK_BACKOFF`]): a driver kicks when it adds work, so only a
+/// frontend flooding the kick eventfd gets there.
+pub const SPURIOUS_KICK_LIMIT: u32 = 64;
+/// How long a worker sleeps before each further wake-up once [`SPURIOUS_KICK_LIMIT`]
+/// empty kicks came in a row: a kick flood then costs the daemon at most one wake-up a
+/// millisecond of that worker, instead of a CPU. A kick that brings work ends it.
+pub const SPURIOUS_KICK_BACKOFF: Duration = Duration::from_millis(1);
+
 impl QueueWorker {
     /// Starts a worker thread that owns `params.queues` until [`QueueWorker::stop`].
     ///
@@ -572,6 +581,8 @@ fn run(
     let mut work = true;
     // Zero, so a worker started on memory that faulted earlier fails at its first batch.
     let mut faults_seen = 0u64;
+    // Wake-ups in a row that were kicks only, with no new chain in any ring.
+    let mut spurious = 0u32;
     // Before the first look at a ring: everything the worker does from here is filtered.
     if let Some(Err(e)) = filter.map(crate::sandbox::Filter::apply) {
         fail(&mut p, &mut error, e.into(), &mut faults_seen);
@@ -588,7 +599,8 @@ fn run(
             }
         }
         work = false;
-        if !p.poll.is_zero() && error.is_none() {
+        // No busy-polling after an empty kick: a kick flood must not keep the worker spinning.
+        if !p.poll.is_zero() && error.is_none() && spurious == 0 {
             match poll_for_work(&mut p, flags) {
                 Ok(true) => {
                     work = true;
@@ -633,10 +645,14 @@ fn run(
                 break;
             }
         };
+        let (mut kicked, mut useful) = (false, false);
         for ev in events.iter().take(n) {
             match ev.data.u64() {
-                STOP => {}
-                WAKE => work = true,
+                STOP => useful = true,
+                WAKE => {
+                    work = true;
+                    useful = true;
+                }
                 k => {
                     if let Some(q) = p.queues.get(k as usize) {
                         q.stats.kicks.fetch_add(1, Ordering::Relaxed);
@@ -644,9 +660,21 @@ fn run(
                             error.get_or_insert(WorkerError::Wait(e));
                         }
                         work = true;
+                        kicked = true;
+                        // A failed group serves nothing more; an error reading the ring is
+                        // for `process` to report.
+                        useful |= error.is_none() && !matches!(q.queue.has_available(), Ok(false));
                     }
                 }
             }
+        }
+        if kicked && !useful {
+            spurious = spurious.saturating_add(1);
+            if spurious >= SPURIOUS_KICK_LIMIT && !flags.stopping() {
+                std::thread::sleep(SPURIOUS_KICK_BACKOFF);
+            }
+        } else {
+            spurious = 0;
         }
     }
     if flags.drain.load(Ordering::Acquire) && error.is_none() {
@@ -735,6 +763,43 @@ mod tests {
         assert_eq!(exit.queues[0].queue.next_avail(), 3);
         assert!(exit.error.is_none());
         assert_eq!(table.queue(0).unwrap().requests.load(Ordering::Relaxed), 3);
+    }
+
+    /// Kicks into an empty ring (a kick flood) make the worker back off after
+    /// SPURIOUS_KICK_LIMIT of them in a row, and a kick with work is still served.
+    #[test]
+    fn empty_kicks_back_off_and_work_still_completes() {
+        let (mut dq, w, kick, table) = setup(Duration::from_micros(32));
+        let kicks = || table.queue(0).unwrap().kicks.load(Ordering::Relaxed);
+        let extra = 100u64;
+        let t0 = Instant::now();
+        for i in 1..=u64::from(SPURIOUS_KICK_LIMIT) + extra {
+            rustix::io::write(&*kick, &1u64.to_ne_bytes()).unwrap();
+            // One wake-up per kick: wait until the worker took it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while kicks() < i {
+                assert!(Instant::now() < deadline, "kick {i} not taken");
+                std::thread::yield_now();
+            }
+        }
+        dq.add_chain(&[(0x8_0000, 64, true)]);
+        dq.publish();
+        rustix::io::write(&*kick, &1u64.to_ne_bytes()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dq.pop_used().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the chain after the flood was not served"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Each empty kick past the limit was followed by a back-off sleep (a lower bound:
+        // a slow machine only takes longer).
+        let floor = SPURIOUS_KICK_BACKOFF * (extra as u32 - 1);
+        assert!(t0.elapsed() >= floor, "{:?} < {floor:?}", t0.elapsed());
+        let exit = w.stop().unwrap();
+        assert!(exit.error.is_none());
+        assert_eq!(exit.queues[0].queue.next_avail(), 1);
     }
 
     /// A handler that says when it is entered and blocks until released.
