@@ -67,6 +67,33 @@ fn max_suppressed(lines: &[&str]) -> u64 {
         .unwrap_or(0)
 }
 
+/// utime + stime (clock ticks) of the threads of `pid` whose name starts with `prefix`
+/// (a device's session and queue worker threads are named after it).
+fn device_cpu_ticks(pid: u32, prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+            if !stat[open + 1..close].starts_with(prefix) {
+                return None;
+            }
+            let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+            // After the name: state is field 3, utime 14 and stime 15 (proc(5)).
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(t).unwrap_or(100)
+}
+
 #[test]
 fn memory_tables_past_max_memory_are_refused() {
     let cfg = format!(
@@ -301,8 +328,13 @@ struct FloodCount {
     refused: u64,
 }
 
-/// Runs `kind` against the socket `sock` until `stop`.
-fn flood(kind: Phase, sock: std::path::PathBuf, stop: Arc<AtomicBool>) -> FloodCount {
+/// Runs `kind` against the socket `sock` until `stop`; `phase` is how long that will be.
+fn flood(
+    kind: Phase,
+    sock: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    phase: Duration,
+) -> FloodCount {
     let path = sock.to_str().unwrap().to_string();
     let mut n = FloodCount::default();
     let ua = 0x1000_0000_0000u64;
@@ -349,7 +381,7 @@ fn flood(kind: Phase, sock: std::path::PathBuf, stop: Arc<AtomicBool>) -> FloodC
             while !stop.load(Ordering::Relaxed) {
                 // First half: an empty ring kicked without end; then an avail index
                 // that jumps past the ring size, and more kicks into the failed ring.
-                if !broken && t0.elapsed() > Duration::from_millis(1000) {
+                if !broken && t0.elapsed() > phase / 2 {
                     g.mem
                         .write(ring.dq.avail + 2, &300u16.to_le_bytes())
                         .unwrap();
@@ -419,10 +451,18 @@ fn floods_leave_a_bystander_serving() {
         let connects_before = d.session_connects("fl");
         let stop = Arc::new(AtomicBool::new(false));
         let (s, sock) = (stop.clone(), d.sock("fl"));
-        let flooder = std::thread::spawn(move || flood(kind, sock, s));
+        let flooder = std::thread::spawn(move || flood(kind, sock, s, phase_len));
         let t0 = Instant::now();
         phase.store(i, Ordering::Release);
-        std::thread::sleep(phase_len);
+        // CPU time of the flooded device's threads over the phase (those alive at its end;
+        // a kick flood has one session throughout).
+        std::thread::sleep(Duration::from_millis(200));
+        let cpu0 = device_cpu_ticks(d.pid(), "fl-");
+        let tc = Instant::now();
+        std::thread::sleep(phase_len.saturating_sub(Duration::from_millis(200)));
+        let cpu = device_cpu_ticks(d.pid(), "fl-").saturating_sub(cpu0) as f64
+            / clock_ticks() as f64
+            / tc.elapsed().as_secs_f64();
         phase.store(WARMUP, Ordering::Release);
         stop.store(true, Ordering::Relaxed);
         let count = flooder.join().expect("flooder failed");
@@ -438,10 +478,11 @@ fn floods_leave_a_bystander_serving() {
             .collect();
         let suppressed = max_suppressed(&lines);
         println!(
-            "phase {}: {:?}, {connects} sessions, {} log lines about fl (max suppressed={suppressed}) in {elapsed:.1} s",
+            "phase {}: {:?}, {connects} sessions, {} log lines about fl (max suppressed={suppressed}) in {elapsed:.1} s, fl threads {:.0}% of a CPU",
             kind.name(),
             count,
-            lines.len()
+            lines.len(),
+            cpu * 100.0
         );
         assert!(d.alive(), "{}: the daemon died", kind.name());
         // At most the accept budget of sessions: a burst, then ACCEPT_PER_SEC.
