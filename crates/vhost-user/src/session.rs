@@ -610,12 +610,6 @@ impl Session {
                     v.started = false;
                     v.kick = None;
                 })?;
-                if std::env::var_os("UVDPA_DEBUG_DIRTY_ALL").is_some() {
-                    if let Some(l) = self.rt.logging() {
-                        l.log(0, l.len() as u64 * 8 * 4096);
-                        tracing::warn!("DEBUG: whole log dirtied");
-                    }
-                }
                 let packed = self
                     .rt
                     .acked()
