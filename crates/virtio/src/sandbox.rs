@@ -694,6 +694,44 @@ mod tests {
         assert_eq!(connect.1, None);
     }
 
+    /// Forks a child that installs a filter of `mode` and calls socket(); returns its wait
+    /// status. The filter is built before the fork (the child only makes system calls).
+    fn forked_socket_call(mode: Mode) -> libc::c_int {
+        let filter = build(mode, Needs::empty()).unwrap();
+        // SAFETY: the child only calls async-signal-safe functions (setrlimit, prctl and
+        // seccomp via apply_filter, which does not allocate, socket, _exit) before it exits.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                // No core file from the SIGSYS kill.
+                let none = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
+                if seccompiler::apply_filter(&filter.program).is_err() {
+                    libc::_exit(2);
+                }
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+                libc::_exit(if fd >= 0 { 0 } else { 1 });
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            status
+        }
+    }
+
+    #[test]
+    fn kill_mode_kills_the_process_and_log_mode_lets_the_call_through() {
+        let killed = forked_socket_call(Mode::Kill);
+        assert!(libc::WIFSIGNALED(killed), "status {killed:#x}");
+        assert_eq!(libc::WTERMSIG(killed), libc::SIGSYS);
+        let logged = forked_socket_call(Mode::Log);
+        assert!(libc::WIFEXITED(logged), "status {logged:#x}");
+        assert_eq!(libc::WEXITSTATUS(logged), 0, "the call was refused");
+    }
+
     #[test]
     fn modes_parse_and_print() {
         for m in [Mode::Trap, Mode::Log, Mode::Kill, Mode::Off] {
