@@ -18,161 +18,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::qemu::{Guest, Qmp, CPU};
 use common::*;
 use serde_json::{json, Value};
-
-/// A QMP connection (QEMU's JSON monitor).
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Qmp {
-    /// Connects (waiting up to 60 s for QEMU to create the socket) and leaves
-    /// capabilities negotiation mode.
-    fn connect(path: &Path) -> Qmp {
-        let t = Instant::now();
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if t.elapsed() > Duration::from_secs(60) => {
-                    panic!("QMP socket {} not up: {e}", path.display())
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut q = Qmp {
-            r: BufReader::new(s.try_clone().unwrap()),
-            w: s,
-        };
-        let greeting = q.read();
-        assert!(greeting.get("QMP").is_some(), "QMP greeting: {greeting}");
-        q.cmd("qmp_capabilities", json!({})).unwrap();
-        q
-    }
-
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        self.r.read_line(&mut line).expect("QMP read");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP reply {line:?}: {e}"))
-    }
-
-    /// Runs a command; its `return`, or the `error` description.
-    fn cmd(&mut self, execute: &str, arguments: Value) -> Result<Value, String> {
-        let msg = json!({ "execute": execute, "arguments": arguments });
-        writeln!(self.w, "{msg}").map_err(|e| format!("QMP write: {e}"))?;
-        loop {
-            let v = self.read();
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                return Err(e["desc"].as_str().unwrap_or("?").to_string());
-            }
-            // An asynchronous event: skip.
-        }
-    }
-}
-
-/// One run-guest.sh (one QEMU) whose console is collected by a thread.
-struct Guest {
-    child: Child,
-    console: Arc<Mutex<String>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-    pidfile: PathBuf,
-}
-
-impl Guest {
-    fn spawn(dir: &Path, name: &str, sock: &str, extra_qemu: &str, args: &[&str]) -> Guest {
-        let pidfile = dir.join(format!("{name}.qemu.pid"));
-        let mut child = Command::new("bash")
-            .arg(guest_dir().join("run-guest.sh"))
-            .args(["--vhost-user-blk", sock, "--qemu-pidfile"])
-            .arg(&pidfile)
-            .args(args)
-            .env("QEMU_EXTRA", extra_qemu)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run run-guest.sh");
-        let console = Arc::new(Mutex::new(String::new()));
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let c = console.clone();
-        let reader = std::thread::spawn(move || {
-            let c2 = c.clone();
-            let e = std::thread::spawn(move || {
-                for l in BufReader::new(err).lines().map_while(Result::ok) {
-                    let mut s = c2.lock().unwrap();
-                    s.push_str(&l);
-                    s.push('\n');
-                }
-            });
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let mut s = c.lock().unwrap();
-                s.push_str(&l);
-                s.push('\n');
-            }
-            let _ = e.join();
-        });
-        Guest {
-            child,
-            console,
-            reader: Some(reader),
-            pidfile,
-        }
-    }
-
-    fn console(&self) -> String {
-        self.console.lock().unwrap().clone()
-    }
-
-    /// Waits until the console shows `what` (panics after `secs`).
-    fn wait_for(&self, what: &str, secs: u64) {
-        let t = Instant::now();
-        while !self.console().contains(what) {
-            assert!(
-                t.elapsed() < Duration::from_secs(secs),
-                "no {what:?} on the console within {secs} s:\n{}",
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits for run-guest.sh to exit; its exit code and the whole console.
-    fn finish(mut self) -> (i32, String) {
-        let code = self.child.wait().unwrap().code().unwrap_or(-1);
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-        (code, self.console())
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        // A failed test must not leave QEMU running.
-        if let Ok(pid) = std::fs::read_to_string(&self.pidfile) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                let _ = rustix::process::kill_process(
-                    rustix::process::Pid::from_raw(pid).unwrap(),
-                    rustix::process::Signal::KILL,
-                );
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn result_line(console: &str) -> String {
     console
@@ -182,12 +33,6 @@ fn result_line(console: &str) -> String {
         .trim()
         .to_string()
 }
-
-/// The guest CPU, overriding run-guest.sh's `-cpu max`: without 5-level paging. With
-/// LA57 a TCG guest crashed on the destination once in about eight migrations (recursive
-/// page faults in the kernel's page fault entry right after the switchover; QEMU 7.2);
-/// none in the runs since it is off. The cause was not isolated further.
-const CPU: &str = "-cpu max,la57=off";
 
 /// What one migration run saw.
 struct Outcome {
@@ -370,24 +215,26 @@ fn migrate(tag: &str, packed: bool, dirty_log: &str) -> Outcome {
     // tracking sees, and that hides most device writes the dirty log would have to
     // report. Off, the device's writes are the only ones into those pages.
     args.extend(["--append", "init_on_alloc=0"]);
+    let (src_sock, dst_sock) = (d.sock_str("src"), d.sock_str("dst"));
+    fn with_disk<'a>(sock: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+        [&["--vhost-user-blk", sock][..], args].concat()
+    }
     let dst = Guest::spawn(
         &dir,
         "dst",
-        &d.sock_str("dst"),
         &format!(
             "{CPU} -S -incoming unix:{} -qmp unix:{},server=on,wait=off",
             mig.display(),
             qd.display()
         ),
-        &args,
+        &with_disk(&dst_sock, &args),
     );
     let mut qmp_dst = Qmp::connect(&qd);
     let src = Guest::spawn(
         &dir,
         "src",
-        &d.sock_str("src"),
         &format!("{CPU} -qmp unix:{},server=on,wait=off", qs.display()),
-        &args,
+        &with_disk(&src_sock, &args),
     );
     let mut qmp = Qmp::connect(&qs);
     src.wait_for("uvdpa-guest: round 1 ok", 180);
@@ -584,9 +431,17 @@ fn without_dirty_logging_qemu_refuses_to_migrate() {
     let g = Guest::spawn(
         &dir,
         "off",
-        &d.sock_str("off"),
         &format!("-qmp unix:{},server=on,wait=off", qs.display()),
-        &["--mode", "loop", "--secs", "600", "--timeout", "120"],
+        &[
+            "--vhost-user-blk",
+            &d.sock_str("off"),
+            "--mode",
+            "loop",
+            "--secs",
+            "600",
+            "--timeout",
+            "120",
+        ],
     );
     let mut qmp = Qmp::connect(&qs);
     g.wait_for("uvdpa-guest: disk vda found", 120);

@@ -27,18 +27,17 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::qemu::{Guest, Qmp, CPU};
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// The guest's address and the bridge's (the host side), in the namespace.
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -60,9 +59,6 @@ const SLACK_MS: u64 = ANNOUNCE_MS + 1500;
 const BEFORE_S: u64 = 8;
 const AFTER_S: u64 = 20;
 
-/// The guest CPU (see migration.rs: no 5-level paging under TCG migration).
-const CPU: &str = "-cpu max,la57=off";
-
 fn run(cmd: &mut Command) -> (bool, String) {
     match cmd.output() {
         Ok(o) => (
@@ -70,146 +66,6 @@ fn run(cmd: &mut Command) -> (bool, String) {
             String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
         ),
         Err(e) => (false, format!("{cmd:?}: {e}")),
-    }
-}
-
-/// A QMP connection (QEMU's JSON monitor).
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let t = Instant::now();
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if t.elapsed() > Duration::from_secs(60) => {
-                    panic!("QMP socket {} not up: {e}", path.display())
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut q = Qmp {
-            r: BufReader::new(s.try_clone().unwrap()),
-            w: s,
-        };
-        let mut line = String::new();
-        q.r.read_line(&mut line).expect("QMP greeting");
-        assert!(line.contains("\"QMP\""), "QMP greeting: {line}");
-        q.cmd("qmp_capabilities", json!({})).unwrap();
-        q
-    }
-
-    /// Runs a command; its `return`, or the `error` description.
-    fn cmd(&mut self, execute: &str, arguments: Value) -> Result<Value, String> {
-        let msg = json!({ "execute": execute, "arguments": arguments });
-        writeln!(self.w, "{msg}").expect("QMP write");
-        loop {
-            let mut line = String::new();
-            self.r.read_line(&mut line).expect("QMP read");
-            let v: Value =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP reply {line:?}: {e}"));
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                return Err(e["desc"].as_str().unwrap_or("?").to_string());
-            }
-        }
-    }
-}
-
-/// One run-guest.sh (one QEMU) whose console is collected by a thread.
-struct Guest {
-    child: Child,
-    console: Arc<Mutex<String>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-    pidfile: PathBuf,
-}
-
-impl Guest {
-    fn spawn(dir: &Path, name: &str, extra_qemu: &str, args: &[&str]) -> Guest {
-        let pidfile = dir.join(format!("{name}.qemu.pid"));
-        let mut child = Command::new("bash")
-            .arg(guest_dir().join("run-guest.sh"))
-            .arg("--qemu-pidfile")
-            .arg(&pidfile)
-            .args(args)
-            .env("QEMU_EXTRA", extra_qemu)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run run-guest.sh");
-        let console = Arc::new(Mutex::new(String::new()));
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let c = console.clone();
-        let reader = std::thread::spawn(move || {
-            let c2 = c.clone();
-            let e = std::thread::spawn(move || {
-                for l in BufReader::new(err).lines().map_while(Result::ok) {
-                    let mut s = c2.lock().unwrap();
-                    s.push_str(&l);
-                    s.push('\n');
-                }
-            });
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let mut s = c.lock().unwrap();
-                s.push_str(&l);
-                s.push('\n');
-            }
-            let _ = e.join();
-        });
-        Guest {
-            child,
-            console,
-            reader: Some(reader),
-            pidfile,
-        }
-    }
-
-    fn console(&self) -> String {
-        self.console.lock().unwrap().clone()
-    }
-
-    fn wait_for(&self, what: &str, secs: u64) {
-        let t = Instant::now();
-        while !self.console().contains(what) {
-            assert!(
-                t.elapsed() < Duration::from_secs(secs),
-                "no {what:?} on the console within {secs} s:\n{}",
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits for run-guest.sh to exit; its exit code and the whole console.
-    fn finish(mut self) -> (i32, String) {
-        let code = self.child.wait().unwrap().code().unwrap_or(-1);
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-        (code, self.console())
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        // A failed test must not leave QEMU running.
-        if let Ok(pid) = std::fs::read_to_string(&self.pidfile) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                let _ = rustix::process::kill_process(
-                    rustix::process::Pid::from_raw(pid).unwrap(),
-                    rustix::process::Signal::KILL,
-                );
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

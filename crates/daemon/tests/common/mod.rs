@@ -866,6 +866,7 @@ impl Drop for Qsd {
 /// rust-vmm's vhost-user frontend (`vhost` crate) with the test acting as the virtio driver
 /// on a memfd it shares with the device: guest physical addresses start at 0 and the
 /// frontend's "virtual" addresses at [`vu::UADDR`] (only the device translates those).
+pub mod qemu;
 pub mod raw;
 pub mod testpmd;
 pub mod vduse_guest;
