@@ -655,10 +655,12 @@ fn run(
                 }
                 k => {
                     if let Some(q) = p.queues.get(k as usize) {
-                        q.stats.kicks.fetch_add(1, Ordering::Relaxed);
                         if let Err(e) = drain(&q.kick) {
                             error.get_or_insert(WorkerError::Wait(e));
                         }
+                        // Counted once drained: a kick seen in the count is consumed, and
+                        // the next one wakes the worker again.
+                        q.stats.kicks.fetch_add(1, Ordering::Relaxed);
                         work = true;
                         kicked = true;
                         // A failed group serves nothing more; an error reading the ring is
