@@ -28,7 +28,7 @@
 //! read_only = false
 //! serial = "uvdpa-blk0"    # at most 20 bytes
 //! logical_block_size = 512 # 512, 1024, 2048 or 4096
-//! poll_us = 32             # busy-poll window after the ring empties, µs (0 = off; net: 0)
+//! poll_us = 32             # busy-poll window after the ring empties, µs (0 = off; net, rbd: 0)
 //! mandate = ["VIRTIO_BLK_F_FLUSH"]  # features the driver must accept (FEATURES_OK)
 //! coalesce_usecs = 0       # interrupt coalescing per queue vector (0 = off)
 //! coalesce_frames = 0
@@ -535,8 +535,12 @@ impl DeviceEntry {
         // VDUSE the driver runs on the daemon's own CPUs, and a polling worker takes them
         // from the threads that submit the I/O: measured in the 6.12 guest, polling cut
         // uvdpa's IOPS to 0.13-0.42x qsd's, without it 0.9-1.3x (README, VDUSE benchmark).
+        // An `rbd` disk does not poll either: librbd completes in 150 µs or more, so a 32 µs
+        // window seldom finds work, and it took twice the worker's CPU per request (QD32
+        // reads, measured) from the OSD sharing the CPUs (README, RBD benchmark).
+        let rbd = matches!(&kind, DeviceKind::Blk(b) if matches!(b.backend, BackendSpec::Rbd(_)));
         let default_poll = match (&transport, mgmtdev) {
-            (Transport::VhostUser, "blk") => BLK_DEFAULT_POLL_US,
+            (Transport::VhostUser, "blk") if !rbd => BLK_DEFAULT_POLL_US,
             _ => 0,
         };
         let poll_us = self.poll_us.unwrap_or(default_poll);
@@ -1353,7 +1357,11 @@ mod tests {
         assert_eq!(r.id, "u");
         assert_eq!(r.keyring.as_deref(), Some(Path::new("/k")));
         assert_eq!(r.timeout, std::time::Duration::from_secs(7));
+        // An rbd disk does not busy-poll unless asked to.
+        assert_eq!(d[0].poll_us, 0);
         let ok = "pool = \"p\"\nimage = \"i\"\nconf = \"/c\"\n";
+        let d = parse_config(Path::new("t.toml"), &format!("{base}{ok}poll_us = 32\n")).unwrap();
+        assert_eq!(d[0].poll_us, 32);
         let d = parse_config(Path::new("t.toml"), &format!("{base}{ok}")).unwrap();
         let BackendSpec::Rbd(r) = &d[0].blk().unwrap().backend else {
             panic!("not rbd");

@@ -172,7 +172,7 @@ pub fn mgmtdevs() -> Vec<MgmtdevView> {
     let poll_us = |default: u32| {
         a(
             "poll_us",
-            "0..=1000000 (busy-poll window after the ring empties, µs; default 0 over vduse)",
+            "0..=1000000 (busy-poll window after the ring empties, µs; default 0 over vduse and for rbd)",
             &default.to_string(),
         )
     };
