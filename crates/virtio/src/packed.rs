@@ -113,6 +113,9 @@ pub struct PackedQueue {
     /// Used position at the last notification decision.
     signalled_used: u16,
     signalled_wrap: bool,
+    /// Whether the signalled position is where the driver was last notified; not after a
+    /// (re)start (see the split ring's field of the same name).
+    signalled_valid: bool,
     /// Used slots advanced since the last notification decision (saturating).
     unsignalled: u32,
     event_idx: bool,
@@ -201,6 +204,7 @@ impl PackedQueue {
             shadow: Vec::with_capacity(usize::from(cfg.size)),
             signalled_used: slot,
             signalled_wrap: wrap,
+            signalled_valid: false,
             unsignalled: 0,
             event_idx: cfg.event_idx,
             indirect: cfg.indirect,
@@ -706,6 +710,11 @@ impl PackedQueue {
         match flags {
             RING_EVENT_FLAGS_DISABLE => false,
             RING_EVENT_FLAGS_DESC if self.event_idx => {
+                if !std::mem::replace(&mut self.signalled_valid, true) {
+                    // The first decision since the ring started: what the driver was last
+                    // told is unknown, so tell it (harmless if spurious).
+                    return true;
+                }
                 let off_wrap = u16::from_le(
                     self.u16_at(self.driver, EVENT_OFF_WRAP)
                         .load(Ordering::Relaxed),

@@ -111,6 +111,11 @@ pub struct SplitQueue {
     next_used: u16,
     /// used->idx value at the last notification decision (EVENT_IDX).
     signalled_used: u16,
+    /// Whether `signalled_used` is where the driver was last notified. Not after a
+    /// (re)start: a backend that died between publishing used entries and signalling them
+    /// leaves `used_event` behind the used index, and comparing against the used index at
+    /// start would never notify for them (the driver waits forever).
+    signalled_valid: bool,
     /// Used entries were added since the last notification decision.
     pending_signal: bool,
     event_idx: bool,
@@ -178,6 +183,7 @@ impl SplitQueue {
             next_avail: cfg.next_avail,
             next_used: 0,
             signalled_used: 0,
+            signalled_valid: false,
             pending_signal: false,
             event_idx: cfg.event_idx,
             indirect: cfg.indirect,
@@ -379,6 +385,11 @@ impl SplitQueue {
         let new = self.next_used;
         let old = self.signalled_used;
         self.signalled_used = new;
+        if self.event_idx && !std::mem::replace(&mut self.signalled_valid, true) {
+            // The first decision since the ring started: what the driver was last told is
+            // unknown, so tell it (a spurious notification is harmless; §2.7.10).
+            return true;
+        }
         if self.event_idx {
             let used_event = u16::from_le(
                 self.u16_at(self.avail, 4 + 2 * usize::from(self.size))

@@ -311,6 +311,46 @@ fn event_idx_suppresses_and_requests_notifications() {
     assert_eq!(dq.avail_event(), 4);
 }
 
+/// A backend that published used entries and died before signalling them leaves
+/// `used_event` behind the used index; the queue of the backend started next must notify
+/// at its first completion, or the driver (waiting for those entries) never hears again.
+#[test]
+fn a_restarted_queue_notifies_at_its_first_completion() {
+    let mem = Arc::new(GuestMemory::new(vec![MemoryRegion::anonymous(0, MEM).unwrap()]).unwrap());
+    let mut dq = DriverQueue::new(mem.clone(), 0x1000, 8);
+    let mut c = DescriptorChain::default();
+    let mut dead = SplitQueue::new(&dq.config(true, true), mem.clone()).unwrap();
+    for _ in 0..3 {
+        dq.add_chain(&[(BUF, 16, true)]);
+    }
+    dq.publish();
+    // The driver wants to hear once the first entry is used.
+    dq.set_used_event(0);
+    for _ in 0..2 {
+        assert!(dead.pop(&mut c).unwrap());
+        dead.add_used(c.head(), 0);
+    }
+    dead.publish_used();
+    drop(dead); // killed before needs_notification: nothing was signalled
+    let mut cfg = dq.config(true, true);
+    cfg.next_avail = 2;
+    let mut q = SplitQueue::new(&cfg, mem).unwrap();
+    assert!(q.pop(&mut c).unwrap());
+    q.add_used(c.head(), 0);
+    q.publish_used();
+    assert!(
+        q.needs_notification(),
+        "the first completion after a restart notifies"
+    );
+    // From then on used_event decides again: the driver has not asked for more.
+    dq.add_chain(&[(BUF, 16, true)]);
+    dq.publish();
+    assert!(q.pop(&mut c).unwrap());
+    q.add_used(c.head(), 0);
+    q.publish_used();
+    assert!(!q.needs_notification());
+}
+
 #[test]
 fn no_interrupt_flag_and_no_notify_flag() {
     let mem = Arc::new(GuestMemory::new(vec![MemoryRegion::anonymous(0, MEM).unwrap()]).unwrap());
