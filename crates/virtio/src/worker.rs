@@ -860,6 +860,36 @@ mod tests {
         );
     }
 
+    /// A one-queue worker running `handler` (no polling) whose group errors arrive on the
+    /// returned channel; also its kick eventfd and stats table.
+    fn spawn_reporting(
+        name: &str,
+        queue: SplitQueue,
+        handler: Box<dyn QueueHandler>,
+    ) -> (
+        QueueWorker,
+        Arc<OwnedFd>,
+        Arc<StatsTable>,
+        std::sync::mpsc::Receiver<WorkerError>,
+    ) {
+        let kick = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap());
+        let table = StatsTable::new("t", 1).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let w = QueueWorker::spawn(WorkerParams {
+            name: name.into(),
+            queues: vec![one_queue(queue, kick.clone(), &table)],
+            handler: Box::new(ChainGroup::new(handler)),
+            on_error: Arc::new(move |e| {
+                let _ = tx.lock().unwrap().send(e.clone());
+            }),
+            poll: Duration::ZERO,
+            hold: None,
+        })
+        .unwrap();
+        (w, kick, table, rx)
+    }
+
     #[test]
     fn a_shrunk_memfd_fails_the_group_with_a_memory_fault() {
         let fd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
@@ -868,21 +898,7 @@ mod tests {
         let mem = Arc::new(GuestMemory::new(vec![region]).unwrap());
         let mut dq = DriverQueue::new(mem.clone(), 0x1000, 16);
         let queue = SplitQueue::new(&dq.config(false, false), mem).unwrap();
-        let kick = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap());
-        let table = StatsTable::new("t", 1).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
-        let w = QueueWorker::spawn(WorkerParams {
-            name: "fault-q0".into(),
-            queues: vec![one_queue(queue, kick.clone(), &table)],
-            handler: Box::new(ChainGroup::new(Box::new(Echo))),
-            on_error: Arc::new(move |e| {
-                let _ = tx.lock().unwrap().send(e.clone());
-            }),
-            poll: Duration::ZERO,
-            hold: None,
-        })
-        .unwrap();
+        let (w, kick, table, rx) = spawn_reporting("fault-q0", queue, Box::new(Echo));
         dq.add_chain(&[(0x8_0000, 64, true)]);
         dq.publish();
         rustix::fs::ftruncate(&fd, 0).unwrap();
@@ -920,21 +936,7 @@ mod tests {
             Arc::new(GuestMemory::new(vec![MemoryRegion::anonymous(0, 1 << 20).unwrap()]).unwrap());
         let mut dq = DriverQueue::new(mem.clone(), 0x1000, 16);
         let queue = SplitQueue::new(&dq.config(false, false), mem).unwrap();
-        let kick = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap());
-        let table = StatsTable::new("t", 1).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
-        let w = QueueWorker::spawn(WorkerParams {
-            name: "rogue-q0".into(),
-            queues: vec![one_queue(queue, kick.clone(), &table)],
-            handler: Box::new(ChainGroup::new(Box::new(Rogue))),
-            on_error: Arc::new(move |e| {
-                let _ = tx.lock().unwrap().send(e.clone());
-            }),
-            poll: Duration::ZERO,
-            hold: None,
-        })
-        .unwrap();
+        let (w, kick, table, rx) = spawn_reporting("rogue-q0", queue, Box::new(Rogue));
         dq.add_chain(&[(0x8_0000, 64, true)]);
         dq.publish();
         rustix::io::write(&*kick, &1u64.to_ne_bytes()).unwrap();

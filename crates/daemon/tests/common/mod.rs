@@ -90,15 +90,7 @@ impl Daemon {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn uvdpa daemon");
-        let d = Daemon {
-            child: Some(child),
-            dir,
-            log,
-        };
-        for n in names {
-            d.wait_socket(n);
-        }
-        d
+        Self::adopt(child, dir, log, names)
     }
 
     /// Wraps a daemon the test spawned itself (extra arguments, fds), logging to `log`
