@@ -73,17 +73,20 @@ struct RamDiff {
 
 /// Hashes of the known region's 4 KiB blocks (the last [`KNOWN`] bytes of `img`).
 fn known_blocks(img: &Path) -> std::collections::HashSet<u64> {
-    use std::hash::{Hash, Hasher};
     let data = std::fs::read(img).expect("read the disk image");
     data[(DISK - KNOWN) as usize..]
         .chunks(4096)
         .filter(|b| b.iter().any(|&x| x != 0))
-        .map(|b| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            b.hash(&mut h);
-            h.finish()
-        })
+        .map(block_hash)
         .collect()
+}
+
+/// A 4 KiB block's hash, to look it up in [`known_blocks`].
+fn block_hash(b: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
 }
 
 /// Guest-physical pages of the virtqueues of the destination's virtio devices (as QEMU
@@ -128,7 +131,6 @@ fn ring_pages(qmp: &mut Qmp, packed: bool) -> Vec<u64> {
 
 /// Saves both RAMs (QMP `pmemsave`) and compares them; see [`RamDiff`].
 fn compare_ram(dir: &Path, img: &Path, src: &mut Qmp, dst: &mut Qmp, packed: bool) -> RamDiff {
-    use std::hash::{Hash, Hasher};
     let (sm, dm) = (dir.join("src.ram"), dir.join("dst.ram"));
     for (q, f) in [(&mut *src, &sm), (&mut *dst, &dm)] {
         q.cmd(
@@ -152,9 +154,7 @@ fn compare_ram(dir: &Path, img: &Path, src: &mut Qmp, dst: &mut Qmp, packed: boo
             continue;
         }
         let page = page as u64;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        x.hash(&mut h);
-        if known.contains(&h.finish()) || rings.contains(&page) {
+        if known.contains(&block_hash(x)) || rings.contains(&page) {
             diff.device.push(page);
         } else {
             diff.cpu.push(page);
