@@ -379,6 +379,9 @@ struct Model {
     /// Entries after the head, written at `publish_used`: (slot, id, len, flags).
     shadow: Vec<(u16, u16, u32, u16)>,
     signalled: (u16, bool),
+    /// Whether an event-index decision was made since the queue started: the first one
+    /// always notifies, as the driver's last notification point is unknown after a start.
+    signalled_valid: bool,
     unsignalled: u32,
     outstanding: Vec<Outstanding>,
     /// `next_avail` before the pops since the last `add_used` (a valid rewind target).
@@ -513,6 +516,7 @@ fn needs_notification(q: &mut PackedQueue, m: &mut Model, g: &Guest) {
         let flags = g.read_u16(m.driver + 2).expect("driver area is mapped");
         match flags {
             1 => false,
+            2 if m.event_idx && !std::mem::replace(&mut m.signalled_valid, true) => true,
             2 if m.event_idx => {
                 let off_wrap = g.read_u16(m.driver).expect("driver area is mapped");
                 let off = off_wrap & !WRAP_BIT;
@@ -861,6 +865,7 @@ fuzz_target!(|data: &[u8]| {
         batch_head: None,
         shadow: Vec::new(),
         signalled: pos,
+        signalled_valid: false,
         unsignalled: 0,
         outstanding: Vec::new(),
         rewind_to: None,
