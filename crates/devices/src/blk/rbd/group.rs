@@ -28,8 +28,8 @@
 //! librbd runs each operation's callback on one of its own threads. The callback
 //! ([`on_complete`]) takes the result, releases the librbd completion, pushes
 //! `(slot, result)` into the group's [`Sink`] (a mutex-guarded vector, held for one push)
-//! and writes the sink's eventfd, which is the group's [`GroupHandler::wake_fd`]. The
-//! worker swaps the vector out and finishes those requests on its own thread; only it
+//! and, if it is the first push since the worker last looked, writes the sink's eventfd,
+//! which is the group's [`GroupHandler::wake_fd`]. The worker swaps the vector out and finishes those requests on its own thread; only it
 //! touches the rings. Each operation's callback argument is a boxed reference to the sink,
 //! so a callback that comes late never sees freed memory.
 //!
@@ -65,46 +65,62 @@ pub(crate) const MAX_DEPTH: usize = 256;
 const STOP_WAIT: Duration = Duration::from_millis(10);
 
 /// Where librbd's callbacks leave completions for the worker.
+///
+/// The eventfd is written once per batch, not once per completion: the first push after
+/// the worker's last take writes it, later pushes only queue. Writing and clearing it under
+/// the same lock as the queue keeps the two in step (a write never lands after the take
+/// that cleared its flag), so the worker reads the eventfd only when it was written and
+/// never spins on a stale count.
 #[derive(Debug)]
 pub(super) struct Sink {
-    /// Written (+1) after each push; the worker's wake-up.
+    /// Readable while [`Completed::signalled`]; the worker's wake-up.
     efd: OwnedFd,
+    done: Mutex<Completed>,
+}
+
+/// The completions a [`Sink`] holds.
+#[derive(Debug, Default)]
+struct Completed {
     /// `(slot, result)` of the operations over since the worker last looked.
-    done: Mutex<Vec<(usize, isize)>>,
+    ops: Vec<(usize, isize)>,
+    /// The eventfd was written since the last take.
+    signalled: bool,
 }
 
 impl Sink {
     fn new() -> io::Result<Self> {
         Ok(Self {
             efd: eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
-            done: Mutex::new(Vec::new()),
+            done: Mutex::new(Completed::default()),
         })
     }
 
-    fn push(&self, slot: usize, result: isize) {
-        self.done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((slot, result));
-        // A full counter (never, at 2^64 - 2) or EAGAIN still leaves it readable.
-        let _ = rustix::io::write(&self.efd, &1u64.to_ne_bytes());
+    fn lock(&self) -> std::sync::MutexGuard<'_, Completed> {
+        self.done.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Clears the eventfd, then takes what is queued (in that order: a push after the
-    /// take wakes the worker again).
+    fn push(&self, slot: usize, result: isize) {
+        let mut d = self.lock();
+        d.ops.push((slot, result));
+        if !std::mem::replace(&mut d.signalled, true) {
+            // A full counter (never, at 2^64 - 2) or EAGAIN still leaves it readable.
+            let _ = rustix::io::write(&self.efd, &1u64.to_ne_bytes());
+        }
+    }
+
+    /// Takes what is queued, clearing the eventfd if a push wrote it (a push after the
+    /// take writes it again).
     fn take(&self, into: &mut Vec<(usize, isize)>) {
-        let mut b = [0u8; 8];
-        let _ = rustix::io::read(&self.efd, &mut b);
-        let mut q = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        std::mem::swap(&mut *q, into);
+        let mut d = self.lock();
+        if std::mem::take(&mut d.signalled) {
+            let mut b = [0u8; 8];
+            let _ = rustix::io::read(&self.efd, &mut b);
+        }
+        std::mem::swap(&mut d.ops, into);
     }
 
     fn pending(&self) -> bool {
-        !self
-            .done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+        !self.lock().ops.is_empty()
     }
 
     /// Waits up to `t` for the eventfd.
@@ -726,5 +742,26 @@ mod tests {
         // Taking cleared the eventfd: nothing wakes a worker now.
         let mut b = [0u8; 8];
         assert!(rustix::io::read(&sink.efd, &mut b).is_err());
+    }
+
+    /// A batch of completions writes the eventfd once; the first push after a take
+    /// writes it again.
+    #[test]
+    fn the_sink_signals_once_per_batch() {
+        let sink = Sink::new().unwrap();
+        let count = |s: &Sink| {
+            let mut b = [0u8; 8];
+            rustix::io::read(&s.efd, &mut b).map_or(0, |_| u64::from_ne_bytes(b))
+        };
+        let mut batch = Vec::new();
+        for i in 0..5 {
+            sink.push(i, 0);
+        }
+        sink.take(&mut batch);
+        assert_eq!(batch.len(), 5);
+        assert_eq!(count(&sink), 0, "the take left the eventfd readable");
+        sink.push(9, 0);
+        sink.push(10, 0);
+        assert_eq!(count(&sink), 1, "two pushes after a take: one write");
     }
 }
