@@ -269,7 +269,7 @@ fn bystander(
     phase: Arc<AtomicUsize>,
 ) -> std::thread::JoinHandle<(Vec<Vec<f64>>, u64)> {
     std::thread::spawn(move || {
-        let mut c = BlkClient::connect(&path, 1, 2 * 4096).expect("bystander connect");
+        let mut c = BlkClient::connect(&path, 1, 4096).expect("bystander connect");
         let mut lat = vec![Vec::new(); PHASES.len()];
         let mut verified = 0u64;
         loop {
@@ -277,36 +277,7 @@ fn bystander(
             if p == DONE {
                 break;
             }
-            let offset = (verified % 1024) * 4096;
-            let data = pattern(verified, 4096);
-            c.buf()[..4096].copy_from_slice(&data);
-            let t = Instant::now();
-            let w = c.run(
-                0,
-                &[Op::Write {
-                    offset,
-                    buf_off: 0,
-                    len: 4096,
-                }],
-            );
-            let tw = t.elapsed();
-            assert_eq!(w, vec![0], "bystander write {verified} failed");
-            c.buf()[4096..].fill(0);
-            let t = Instant::now();
-            let r = c.run(
-                0,
-                &[Op::Read {
-                    offset,
-                    buf_off: 4096,
-                    len: 4096,
-                }],
-            );
-            let tr = t.elapsed();
-            assert_eq!(r, vec![0], "bystander read {verified} failed");
-            assert!(
-                c.buf()[4096..] == data[..],
-                "bystander data corrupted at round {verified}"
-            );
+            let (tw, tr) = c.verify_round("bystander", 0, (verified % 1024) * 4096, 1, verified);
             verified += 1;
             if let Some(v) = lat.get_mut(p) {
                 v.push(tw.as_secs_f64() * 1e6);

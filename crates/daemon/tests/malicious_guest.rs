@@ -65,38 +65,7 @@ impl Bystander {
             let mut c = BlkClient::connect(&path, 1, 16 * 4096).expect("connect to `good`");
             let mut round = 0u64;
             while !s.load(Ordering::Relaxed) {
-                let data = pattern(round, 16 * 4096);
-                c.buf().copy_from_slice(&data);
-                let at = |i: u64| (round % 64) * 65536 + i * 4096;
-                let w: Vec<Op> = (0..16)
-                    .map(|i| Op::Write {
-                        offset: at(i),
-                        buf_off: i as usize * 4096,
-                        len: 4096,
-                    })
-                    .collect();
-                let res = c.run(0, &w);
-                assert!(
-                    res.iter().all(|&r| r == 0),
-                    "`good`: write failed in round {round}: {res:?}"
-                );
-                c.buf().fill(0);
-                let r: Vec<Op> = (0..16)
-                    .map(|i| Op::Read {
-                        offset: at(i),
-                        buf_off: i as usize * 4096,
-                        len: 4096,
-                    })
-                    .collect();
-                let res = c.run(0, &r);
-                assert!(
-                    res.iter().all(|&r| r == 0),
-                    "`good`: read failed in round {round}: {res:?}"
-                );
-                assert!(
-                    c.buf() == &data[..],
-                    "`good`: data read back differs in round {round}"
-                );
+                c.verify_round("`good`", 0, (round % 64) * 65536, 16, round);
                 round += 1;
                 n.store(round, Ordering::Relaxed);
                 // Continuous, but leaves the (shared, 2-core) machine some room.

@@ -231,26 +231,7 @@ fn add_del_cycles_under_io_return_everything_to_baseline() {
         ]);
         assert!(ok, "dev add {name}: {err}");
         let mut c = BlkClient::connect(&d.sock_str(&name), 2, 4 * 4096).unwrap();
-        let data = pattern(i, 4 * 4096);
-        c.buf().copy_from_slice(&data);
-        let w: Vec<Op> = (0..4)
-            .map(|k| Op::Write {
-                offset: k * 4096,
-                buf_off: k as usize * 4096,
-                len: 4096,
-            })
-            .collect();
-        assert!(c.run((i % 2) as usize, &w).iter().all(|&r| r == 0));
-        c.buf().fill(0);
-        let r: Vec<Op> = (0..4)
-            .map(|k| Op::Read {
-                offset: k * 4096,
-                buf_off: k as usize * 4096,
-                len: 4096,
-            })
-            .collect();
-        assert!(c.run((i % 2) as usize, &r).iter().all(|&r| r == 0));
-        assert!(c.buf() == &data[..]);
+        c.verify_round(&name, (i % 2) as usize, 0, 4, i);
         // Delete while the frontend is still connected.
         let (ok, _, err) = d.cli(&["dev", "del", &name]);
         assert!(ok, "dev del {name}: {err}");

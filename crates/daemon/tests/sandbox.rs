@@ -20,36 +20,11 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// Writes 64 blocks of 4 KiB, 32 at a time, and reads them back.
+/// Writes 64 blocks of 4 KiB, 32 at a time, and reads each batch back.
 fn verified_io(sock: &Path, seed: u64) {
     let mut c = BlkClient::connect(sock.to_str().unwrap(), 1, 32 * 4096).unwrap();
-    let bs = 4096usize;
-    let data = pattern(seed, 64 * bs);
-    for round in 0..2 {
-        c.buf()[..32 * bs].copy_from_slice(&data[round * 32 * bs..][..32 * bs]);
-        let ops: Vec<Op> = (0..32)
-            .map(|k| Op::Write {
-                offset: ((round * 32 + k) * bs) as u64,
-                buf_off: k * bs,
-                len: bs,
-            })
-            .collect();
-        assert!(c.run(0, &ops).iter().all(|&r| r == 0), "writes failed");
-    }
-    for round in 0..2 {
-        c.buf()[..32 * bs].fill(0x5a);
-        let ops: Vec<Op> = (0..32)
-            .map(|k| Op::Read {
-                offset: ((round * 32 + k) * bs) as u64,
-                buf_off: k * bs,
-                len: bs,
-            })
-            .collect();
-        assert!(c.run(0, &ops).iter().all(|&r| r == 0), "reads failed");
-        assert!(
-            c.buf()[..32 * bs] == data[round * 32 * bs..][..32 * bs],
-            "read back different data"
-        );
+    for round in 0..2u64 {
+        c.verify_round("sandbox", 0, round * 32 * 4096, 32, seed + round);
     }
 }
 

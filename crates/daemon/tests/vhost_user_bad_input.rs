@@ -27,35 +27,7 @@ fn bystander(path: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64
         let mut c = BlkClient::connect(&path, 1, 16 * 4096).unwrap();
         let mut rounds = 0u64;
         while !stop.load(Ordering::Relaxed) || rounds < 3 {
-            let data = pattern(rounds, 16 * 4096);
-            c.buf().copy_from_slice(&data);
-            let w: Vec<Op> = (0..16)
-                .map(|i| Op::Write {
-                    offset: (rounds % 64) * 65536 + i * 4096,
-                    buf_off: i as usize * 4096,
-                    len: 4096,
-                })
-                .collect();
-            assert!(
-                c.run(0, &w).iter().all(|&r| r == 0),
-                "bystander write failed"
-            );
-            c.buf().fill(0);
-            let r: Vec<Op> = (0..16)
-                .map(|i| Op::Read {
-                    offset: (rounds % 64) * 65536 + i * 4096,
-                    buf_off: i as usize * 4096,
-                    len: 4096,
-                })
-                .collect();
-            assert!(
-                c.run(0, &r).iter().all(|&r| r == 0),
-                "bystander read failed"
-            );
-            assert!(
-                c.buf() == &data[..],
-                "bystander data corrupted in round {rounds}"
-            );
+            c.verify_round("bystander", 0, (rounds % 64) * 65536, 16, rounds);
             rounds += 1;
         }
         rounds

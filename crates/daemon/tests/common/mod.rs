@@ -726,6 +726,62 @@ impl BlkClient {
     }
 }
 
+impl BlkClient {
+    /// One verified round on queue `q`: writes `blocks` 4 KiB blocks of `pattern(seed)` from
+    /// the start of the buffer to `offset` in one batch, zeroes the buffer, reads them back
+    /// in one batch and compares. Returns how long the write and the read batch took.
+    /// Panics (naming `who` and the seed) on a failed request or a mismatch.
+    pub fn verify_round(
+        &mut self,
+        who: &str,
+        q: usize,
+        offset: u64,
+        blocks: usize,
+        seed: u64,
+    ) -> (Duration, Duration) {
+        const BS: usize = 4096;
+        let data = pattern(seed, blocks * BS);
+        self.buf()[..data.len()].copy_from_slice(&data);
+        let ops = |read: bool| -> Vec<Op> {
+            (0..blocks)
+                .map(|i| {
+                    let (offset, buf_off, len) = (offset + (i * BS) as u64, i * BS, BS);
+                    if read {
+                        Op::Read {
+                            offset,
+                            buf_off,
+                            len,
+                        }
+                    } else {
+                        Op::Write {
+                            offset,
+                            buf_off,
+                            len,
+                        }
+                    }
+                })
+                .collect()
+        };
+        let t = Instant::now();
+        let w = self.run(q, &ops(false));
+        let tw = t.elapsed();
+        assert!(
+            w.iter().all(|&r| r == 0),
+            "{who} write {seed} failed: {w:?}"
+        );
+        self.buf()[..data.len()].fill(0);
+        let t = Instant::now();
+        let r = self.run(q, &ops(true));
+        let tr = t.elapsed();
+        assert!(r.iter().all(|&r| r == 0), "{who} read {seed} failed: {r:?}");
+        assert!(
+            self.buf()[..data.len()] == data[..],
+            "{who} data corrupted in round {seed}"
+        );
+        (tw, tr)
+    }
+}
+
 /// A deterministic pseudo-random pattern (SplitMix64) for write/verify.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed;
