@@ -292,6 +292,9 @@ fn render_dev(out: &mut impl Write, d: &Value) -> std::io::Result<()> {
     if d.get("testpmd").is_some() {
         rows.push(vec!["  testpmd".to_string(), s(d, "testpmd")]);
     }
+    if d.get("max_memory").is_some() {
+        rows.push(vec!["  max_memory".to_string(), s(d, "max_memory")]);
+    }
     table(out, &rows)
 }
 

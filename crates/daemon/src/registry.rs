@@ -347,6 +347,10 @@ pub struct DeviceView {
     pub queues: u16,
     /// Queue size.
     pub queue_size: u16,
+    /// vhost-user: the most bytes of address space a frontend's memory table may map
+    /// (attribute `max_memory`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<u64>,
     /// Capacity in bytes (blk).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<u64>,
@@ -1241,6 +1245,7 @@ impl Registry {
             frontend_pid: st.frontend_pid,
             queues: m.spec.num_queues(),
             queue_size: m.spec.queue_size(),
+            max_memory: (!vduse).then_some(m.spec.max_memory),
             capacity: None,
             read_only: None,
             aio: None,

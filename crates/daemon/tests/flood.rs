@@ -110,6 +110,16 @@ fn memory_tables_past_max_memory_are_refused() {
         &["big", "small"],
         &[("UVDPA_LOG", "info")],
     );
+    // `dev show` reports each device's limit, the default and the configured one.
+    for (dev, limit) in [("big", 4 * TIB), ("small", 64 << 20)] {
+        let shown = &d.cli_json(&["dev", "show", dev])["dev"][0];
+        assert_eq!(shown["max_memory"], limit, "dev show {dev}: {shown}");
+    }
+    let (ok, text, _) = d.cli(&["dev", "show", "small"]);
+    assert!(
+        ok && text.contains("max_memory") && text.contains("67108864"),
+        "{text}"
+    );
 
     // A QEMU-shaped 2 TiB guest on one memfd: low RAM below the VGA hole, RAM up to the
     // PCI hole, the rest above 4 GiB, each region mapped from offset 0 of the fd (about
