@@ -15,26 +15,38 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use tracing::{debug, info, warn};
-use uvdpa_runtime::{ConfigNotifier, DeviceRuntime, RuntimeParams};
+use uvdpa_runtime::{DeviceRuntime, RuntimeParams};
 pub use uvdpa_runtime::{ResCtx, SessionState};
 use uvdpa_virtio::dirty::DirtyLog;
-use uvdpa_virtio::inflight::{InflightLayout, InflightMap};
-use uvdpa_virtio::interrupts::{IrqAction, VectorTable};
+use uvdpa_virtio::inflight::InflightMap;
+use uvdpa_virtio::interrupts::VectorTable;
 use uvdpa_virtio::loglimit::DeviceLogLimits;
 use uvdpa_virtio::memory::MAX_REGIONS;
 use uvdpa_virtio::split::MAX_QUEUE_SIZE;
 use uvdpa_virtio::stats::StatsTable;
-use uvdpa_virtio::{DeviceStatus, GuestMemory, MemoryRegion, VirtioDevice, VirtioFeatures};
+use uvdpa_virtio::{DeviceStatus, VirtioDevice, VirtioFeatures};
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserMemory,
-    VhostUserMemoryRegion, VhostUserMsgValidator, VhostUserProtocolFeatures,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures,
     VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr, VhostUserVringAddrFlags,
-    VhostUserVringState, VHOST_USER_CONFIG_SIZE,
+    VhostUserVringState,
 };
 use vm_memory::ByteValued;
 
 use crate::connection::{Connection, Request};
 use crate::error::Error;
+
+mod config;
+mod features;
+mod inflight;
+mod lifecycle;
+mod memory;
+mod vrings;
+mod wire;
+
+use config::{notify_config_change, BackendChannel};
+use features::transport_features;
+pub use features::{dirty_log_mode, supported_protocol_features, DirtyLogMode};
+use wire::{decode, expect_fds, has_reply, u64_reply};
 
 pub use uvdpa_runtime::STOP_TIMEOUT;
 
@@ -47,99 +59,6 @@ pub use uvdpa_runtime::STOP_TIMEOUT;
 /// address space, so no frontend can use it all up and make other devices' memory tables
 /// fail.
 pub const DEFAULT_MAX_MEMORY: u64 = 4 << 40;
-
-/// Whether and how this backend does dirty page logging for live migration, from the
-/// environment variable `UVDPA_DIRTY_LOG` read once per process:
-/// - unset or `on`: VHOST_F_LOG_ALL and LOG_SHMFD are offered and every device write is
-///   logged while the frontend asks for it;
-/// - `off`: neither is offered (QEMU then refuses to migrate the VM: a migration blocker);
-/// - `skip`: offered, but nothing is logged (a test switch that shows a migration test
-///   catches lost writes; never for real use).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DirtyLogMode {
-    /// Offered and done.
-    On,
-    /// Not offered.
-    Off,
-    /// Offered, not done (tests).
-    Skip,
-}
-
-/// The process's [`DirtyLogMode`] (`UVDPA_DIRTY_LOG`).
-pub fn dirty_log_mode() -> DirtyLogMode {
-    static MODE: std::sync::OnceLock<DirtyLogMode> = std::sync::OnceLock::new();
-    *MODE.get_or_init(|| match std::env::var("UVDPA_DIRTY_LOG").as_deref() {
-        Ok("off") => DirtyLogMode::Off,
-        Ok("skip") => {
-            warn!("UVDPA_DIRTY_LOG=skip: dirty logging offered but not done; live migration will lose device writes");
-            DirtyLogMode::Skip
-        }
-        Ok("on") | Err(_) => DirtyLogMode::On,
-        Ok(other) => {
-            warn!("UVDPA_DIRTY_LOG={other:?} is not on/off/skip; dirty logging stays on");
-            DirtyLogMode::On
-        }
-    })
-}
-
-/// Transport features offered over vhost-user besides the device's own.
-fn transport_features() -> VirtioFeatures {
-    let log = if dirty_log_mode() == DirtyLogMode::Off {
-        VirtioFeatures::empty()
-    } else {
-        VirtioFeatures::VHOST_F_LOG_ALL
-    };
-    VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES | log
-}
-
-/// Protocol features this backend implements (REPLY_ACK is always offered).
-pub fn supported_protocol_features(device_type: u32) -> VhostUserProtocolFeatures {
-    let log = if dirty_log_mode() == DirtyLogMode::Off {
-        VhostUserProtocolFeatures::empty()
-    } else {
-        VhostUserProtocolFeatures::LOG_SHMFD
-    };
-    // VHOST_USER_PROTOCOL_F_NET_MTU (`MTU` in rust-vmm) for network devices (device ID 1).
-    let net_mtu = if device_type == 1 {
-        VhostUserProtocolFeatures::MTU
-    } else {
-        VhostUserProtocolFeatures::empty()
-    };
-    net_mtu
-        | log
-        | VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        | VhostUserProtocolFeatures::STATUS
-        | VhostUserProtocolFeatures::RESET_DEVICE
-        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-        | VhostUserProtocolFeatures::BACKEND_REQ
-}
-
-/// The backend→frontend channel (SET_BACKEND_REQ_FD), shared with workers so a failing
-/// queue can tell the frontend at once.
-type BackendChannel = Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>>;
-
-/// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (no body, no reply asked) without blocking:
-/// a frontend that does not read its channel loses the notice, it never stalls a worker.
-fn notify_config_change(channel: &BackendChannel) -> bool {
-    let guard = channel.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(sock) = guard.as_ref() else {
-        return false;
-    };
-    let code = vhost::vhost_user::message::BackendReq::CONFIG_CHANGE_MSG as u32;
-    let hdr = crate::connection::Header {
-        request: code,
-        flags: 0x1,
-        size: 0,
-    }
-    .to_bytes();
-    matches!(
-        rustix::net::send(sock, &hdr, rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL),
-        Ok(n) if n == hdr.len()
-    )
-}
 
 /// A vhost-user session between one frontend and one device.
 pub struct Session {
@@ -166,43 +85,6 @@ pub struct Session {
     /// See [`SessionParams::max_memory`].
     max_memory: u64,
     log_limits: Arc<DeviceLogLimits>,
-}
-
-fn decode<T: ByteValued + Default + VhostUserMsgValidator>(
-    request: &'static str,
-    body: &[u8],
-) -> Result<T, Error> {
-    let mut v = T::default();
-    if body.len() != std::mem::size_of::<T>() {
-        return Err(Error::BadBodySize {
-            request,
-            got: body.len(),
-            expected: std::mem::size_of::<T>(),
-        });
-    }
-    v.as_mut_slice().copy_from_slice(body);
-    if !v.is_valid() {
-        return Err(Error::InvalidParam {
-            request,
-            reason: "field values fail validation".into(),
-        });
-    }
-    Ok(v)
-}
-
-fn expect_fds(request: &'static str, req: &Request, expected: usize) -> Result<(), Error> {
-    if req.fds.len() != expected {
-        return Err(Error::WrongFdCount {
-            request,
-            got: req.fds.len(),
-            expected,
-        });
-    }
-    Ok(())
-}
-
-fn u64_reply(v: u64) -> Vec<u8> {
-    VhostUserU64::new(v).as_slice().to_vec()
 }
 
 /// What a session is given besides its connection.
@@ -303,15 +185,6 @@ impl Session {
         self.rt.publish_state(|st| st.protocol_features = protocol);
     }
 
-    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG to this session's frontend over the
-    /// backend channel (SET_BACKEND_REQ_FD) when called; the call returns whether the
-    /// notice went out (false before the frontend set a channel, or when it does not read
-    /// it). It never blocks, and stays valid (a no-op) after the session ended.
-    pub fn config_notifier(&self) -> ConfigNotifier {
-        let channel = self.backend.clone();
-        Arc::new(move || notify_config_change(&channel))
-    }
-
     /// The frontend's pid, as given at creation.
     pub fn frontend_pid(&self) -> Option<u32> {
         self.frontend_pid
@@ -381,34 +254,6 @@ impl Session {
                 self.conn.send_reply(&req.hdr, &u64_reply(1))
             }
             Err(e) => Err(e),
-        }
-    }
-
-    fn need(
-        &self,
-        request: &'static str,
-        f: VhostUserProtocolFeatures,
-        name: &'static str,
-    ) -> Result<(), Error> {
-        if self.protocol.contains(f) {
-            Ok(())
-        } else {
-            Err(Error::FeatureNotNegotiated {
-                request,
-                feature: name,
-            })
-        }
-    }
-
-    fn vring_index(&self, index: u32) -> Result<usize, Error> {
-        let i = index as usize;
-        if i < self.rt.num_vrings() {
-            Ok(i)
-        } else {
-            Err(Error::VringIndex {
-                index,
-                num: self.rt.device().num_queues(),
-            })
         }
     }
 
@@ -840,388 +685,6 @@ impl Session {
             }
         }
     }
-
-    fn check_inflight_geometry(
-        &self,
-        request: &'static str,
-        m: &VhostUserInflight,
-    ) -> Result<(), Error> {
-        let (nq, qs) = (m.num_queues, m.queue_size);
-        // Any ring size a frontend may set (see SET_VRING_NUM), whatever the device's
-        // queue_size: the region is at most 64 queues of 32768 descriptors.
-        if nq == 0 || nq > self.rt.device().num_queues() || qs == 0 || qs > MAX_QUEUE_SIZE {
-            return Err(Error::InvalidParam {
-                request,
-                reason: format!(
-                    "{nq} queues of {qs} (device: 1..={} queues of 1..={MAX_QUEUE_SIZE})",
-                    self.rt.device().num_queues(),
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    fn get_inflight_fd(&mut self, req: &Request) -> Result<Arc<InflightMap>, Error> {
-        self.need(
-            "GET_INFLIGHT_FD",
-            VhostUserProtocolFeatures::INFLIGHT_SHMFD,
-            "INFLIGHT_SHMFD",
-        )?;
-        expect_fds("GET_INFLIGHT_FD", req, 0)?;
-        let m: VhostUserInflight = decode("GET_INFLIGHT_FD", &req.body)?;
-        self.check_inflight_geometry("GET_INFLIGHT_FD", &m)?;
-        // The region follows the ring layout the features negotiated: QEMU sends
-        // SET_FEATURES first (vhost_dev_prepare_inflight). A frontend asking before
-        // SET_FEATURES gets the packed size, the larger, which serves either layout.
-        let acked = self.rt.acked();
-        let layout = if acked.is_empty() || acked.contains(VirtioFeatures::VIRTIO_F_RING_PACKED) {
-            InflightLayout::Packed
-        } else {
-            InflightLayout::Split
-        };
-        let map = InflightMap::create_in(layout, m.num_queues, m.queue_size)
-            .map_err(|e| Error::Device(e.to_string()))?;
-        self.rt.set_inflight(Some(map.clone()))?;
-        Ok(map)
-    }
-
-    /// Features offered over vhost-user: the device's, with VHOST_USER_F_PROTOCOL_FEATURES.
-    fn offered(&self) -> VirtioFeatures {
-        self.rt.offered()
-    }
-
-    fn set_features(&mut self, value: u64) -> Result<(), Error> {
-        let unknown = value & !self.offered().bits();
-        if unknown != 0 {
-            return Err(Error::UnofferedFeatures { unknown });
-        }
-        let features = VirtioFeatures::from_raw(value);
-        let transport =
-            VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES | VirtioFeatures::VHOST_F_LOG_ALL;
-        let logging = features.contains(VirtioFeatures::VHOST_F_LOG_ALL);
-        if logging != self.rt.acked().contains(VirtioFeatures::VHOST_F_LOG_ALL)
-            && self.log_limits.request.check().is_some()
-        {
-            info!(device = %self.name, on = logging, "dirty logging (VHOST_F_LOG_ALL) switched");
-        }
-        if !self.protocol.contains(VhostUserProtocolFeatures::STATUS) {
-            // Without SET_STATUS, SET_FEATURES is where FEATURES_OK is decided.
-            self.rt.check_features(features - transport)?;
-        }
-        self.rt.set_features(features, transport)?;
-        if !features.contains(VirtioFeatures::VHOST_USER_F_PROTOCOL_FEATURES) {
-            // Without protocol features, rings are enabled as soon as they start.
-            for i in 0..self.rt.num_vrings() {
-                self.rt.reconfigure(i, |v| v.enabled = true)?;
-            }
-        }
-        debug!(device = %self.name, features = format_args!("{value:#x}"), "features acked");
-        Ok(())
-    }
-
-    /// Device reset by status (SET_STATUS 0, virtio 1.2 §2.1); see
-    /// [`DeviceRuntime::reset_status`]. QEMU 7.2 sends it before GET_VRING_BASE when it
-    /// stops a device, so the vrings keep the base they stopped at. Session-level
-    /// negotiation (virtio and protocol features) is kept.
-    pub fn reset_status(&mut self) {
-        self.rt.reset_status();
-    }
-
-    /// Full device reset (RESET_DEVICE, RESET_OWNER); see [`DeviceRuntime::reset`].
-    pub fn reset(&mut self) {
-        self.rt.reset();
-        self.record.inflight = None;
-    }
-
-    /// Says in the log when a memory region's fd is not sealed against shrinking
-    /// (`F_SEAL_SHRINK`): the frontend could truncate it under the mapping, and only the
-    /// SIGBUS containment of [`uvdpa_virtio::fault`] keeps the daemon alive then. Files
-    /// and hugetlbfs (QEMU's memory-backend-file, DPDK's hugepage files) cannot be sealed,
-    /// so this is no refusal, and it is logged at INFO (default level) rather than WARN:
-    /// common frontends (libblkio, virtio-driver, DPDK) hand over unsealed fds every time.
-    fn check_seals(&self, fd: &OwnedFd, gpa: u64, size: u64) {
-        let seals = uvdpa_virtio::fd_seals(fd);
-        if !seals.shrink_sealed {
-            if let Some(suppressed) = self.log_limits.request.check() {
-                info!(
-                    device = %self.name,
-                    gpa = format_args!("{gpa:#x}"),
-                    size = format_args!("{size:#x}"),
-                    fd = seals.kind,
-                    suppressed,
-                    "Memory region is not sealed against shrinking (no F_SEAL_SHRINK): relies on SIGBUS containment"
-                );
-            }
-        }
-    }
-
-    /// Refuses a memory table that would map `total` bytes (`None`: more than 2^64) when
-    /// that is past [`SessionParams::max_memory`]; returns the total otherwise.
-    fn check_memory_limit(&self, total: Option<u64>) -> Result<u64, Error> {
-        match total {
-            Some(t) if t <= self.max_memory => Ok(t),
-            _ => Err(Error::MemoryLimit {
-                total: total.unwrap_or(u64::MAX),
-                limit: self.max_memory,
-            }),
-        }
-    }
-
-    fn set_mem_table(&mut self, req: &Request) -> Result<(), Error> {
-        let hdr_len = std::mem::size_of::<VhostUserMemory>();
-        let region_len = std::mem::size_of::<VhostUserMemoryRegion>();
-        let (head, rest) = req.body.split_at(hdr_len.min(req.body.len()));
-        let m: VhostUserMemory = decode("SET_MEM_TABLE", head)?;
-        let n = m.num_regions as usize;
-        if n == 0 || n > crate::connection::MAX_FDS {
-            return Err(Error::InvalidParam {
-                request: "SET_MEM_TABLE",
-                reason: format!("{n} regions (1..={})", crate::connection::MAX_FDS),
-            });
-        }
-        if rest.len() != n * region_len {
-            return Err(Error::BadBodySize {
-                request: "SET_MEM_TABLE",
-                got: req.body.len(),
-                expected: hdr_len + n * region_len,
-            });
-        }
-        expect_fds("SET_MEM_TABLE", req, n)?;
-        // The whole table against the limit before anything is mapped; it replaces the
-        // current table, so only its own regions count.
-        let mut wanted = Vec::with_capacity(n);
-        for chunk in rest.chunks_exact(region_len) {
-            wanted.push(decode::<VhostUserMemoryRegion>("SET_MEM_TABLE", chunk)?);
-        }
-        let total = self.check_memory_limit(wanted.iter().try_fold(0u64, |sum, r| {
-            sum.checked_add(mapped_bytes(r.mmap_offset, r.memory_size))
-        }))?;
-        let mut regions = Vec::with_capacity(n);
-        let mut records = Vec::with_capacity(n);
-        for (r, fd) in wanted.iter().zip(&req.fds) {
-            self.check_seals(fd, r.guest_phys_addr, r.memory_size);
-            regions.push(MemoryRegion::map(
-                fd,
-                r.guest_phys_addr,
-                r.memory_size,
-                r.user_addr,
-                r.mmap_offset,
-            )?);
-            records.push(crate::handover::RegionRecord::new(
-                r.guest_phys_addr,
-                r.memory_size,
-                r.user_addr,
-                r.mmap_offset,
-                fd,
-            ));
-        }
-        let mem = GuestMemory::new(regions)?;
-        if let Some(suppressed) = self.log_limits.request.check() {
-            info!(device = %self.name, regions = n, bytes = mem.total_size(), mapped = total, suppressed, "memory table set");
-        }
-        self.region_repeats.clear();
-        self.record.regions = records;
-        Ok(self.rt.replace_memory(|_| Ok(Some(mem)))?)
-    }
-
-    fn add_mem_region(
-        &mut self,
-        r: &VhostUserSingleMemoryRegion,
-        fds: &[OwnedFd],
-    ) -> Result<(), Error> {
-        let fd = fds.first().ok_or(Error::WrongFdCount {
-            request: "ADD_MEM_REG",
-            got: 0,
-            expected: 1,
-        })?;
-        // QEMU sends a multi-queue device's regions once per vhost device (one per net
-        // queue pair): a region identical to a mapped one is another reference to it, not
-        // an overlap.
-        let key = (r.guest_phys_addr, r.memory_size);
-        let mapped = self.rt.memory().is_some_and(|m| {
-            m.region(key.0, key.1)
-                .is_some_and(|x| x.uaddr() == r.user_addr)
-        });
-        if mapped {
-            match self.region_repeats.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, n)) => *n = n.saturating_add(1),
-                None => self.region_repeats.push((key, 1)),
-            }
-            debug!(device = %self.name, gpa = key.0, size = key.1, "ADD_MEM_REG of a mapped region: one more reference");
-            return Ok(());
-        }
-        let current = self.rt.memory().map_or(Some(0), |m| {
-            m.regions()
-                .iter()
-                .try_fold(0u64, |sum, x| sum.checked_add(x.mapped_len()))
-        });
-        let total = current.and_then(|c| c.checked_add(mapped_bytes(r.mmap_offset, r.memory_size)));
-        self.check_memory_limit(total)?;
-        self.check_seals(fd, r.guest_phys_addr, r.memory_size);
-        let region = MemoryRegion::map(
-            fd,
-            r.guest_phys_addr,
-            r.memory_size,
-            r.user_addr,
-            r.mmap_offset,
-        )?;
-        if let Some(m) = self.rt.memory() {
-            m.check_addition(&region)?;
-        }
-        self.record.regions.push(crate::handover::RegionRecord::new(
-            r.guest_phys_addr,
-            r.memory_size,
-            r.user_addr,
-            r.mmap_offset,
-            fd,
-        ));
-        Ok(self.rt.replace_memory(|old| {
-            let mut regions = old;
-            regions.push(region);
-            Ok(Some(GuestMemory::new(regions)?))
-        })?)
-    }
-
-    fn remove_mem_region(&mut self, gpa: u64, size: u64) -> Result<(), Error> {
-        if let Some(i) = self
-            .region_repeats
-            .iter()
-            .position(|(k, _)| *k == (gpa, size))
-        {
-            match self.region_repeats.get_mut(i) {
-                Some((_, n)) if *n > 1 => *n -= 1,
-                _ => {
-                    self.region_repeats.swap_remove(i);
-                }
-            }
-            return Ok(());
-        }
-        // Checked before the table is taken apart, so a refused removal keeps it.
-        if self.rt.memory().and_then(|m| m.region(gpa, size)).is_none() {
-            return Err(Error::Memory(uvdpa_virtio::MemoryError::NoSuchRegion {
-                gpa,
-                size,
-            }));
-        }
-        self.record
-            .regions
-            .retain(|r| !(r.gpa == gpa && r.size == size));
-        Ok(self.rt.replace_memory(|old| {
-            let regions: Vec<MemoryRegion> = old
-                .into_iter()
-                .filter(|r| !(r.gpa() == gpa && r.size() == size))
-                .collect();
-            Ok(Some(GuestMemory::new(regions)?))
-        })?)
-    }
-
-    fn set_vring_fd(&mut self, code: FrontendReq, req: &Request) -> Result<(), Error> {
-        let name = match code {
-            FrontendReq::SET_VRING_KICK => "SET_VRING_KICK",
-            FrontendReq::SET_VRING_CALL => "SET_VRING_CALL",
-            _ => "SET_VRING_ERR",
-        };
-        let v: VhostUserU64 = decode(name, &req.body)?;
-        let value = v.value;
-        const NOFD: u64 = 0x100;
-        if value & !(NOFD | 0xff) != 0 {
-            return Err(Error::InvalidParam {
-                request: name,
-                reason: format!("value {value:#x} has reserved bits"),
-            });
-        }
-        let i = self.vring_index((value & 0xff) as u32)?;
-        let nofd = value & NOFD != 0;
-        expect_fds(name, req, usize::from(!nofd))?;
-        let fd = req
-            .fds
-            .first()
-            .and_then(|f| f.try_clone().ok())
-            .map(Arc::new);
-        if !nofd && fd.is_none() {
-            return Err(Error::Worker {
-                index: i as u16,
-                reason: "cannot duplicate the fd".into(),
-            });
-        }
-        match code {
-            FrontendReq::SET_VRING_KICK => Ok(self.rt.reconfigure(i, |v| {
-                // A kick fd starts the ring; without one the frontend would poll, which
-                // this backend does not support, so the ring stays stopped.
-                v.started = fd.is_some();
-                v.kick = fd;
-            })?),
-            FrontendReq::SET_VRING_CALL => {
-                // The call fd is the trigger of the vring's vector: swapped in place, the
-                // worker keeps running (QEMU re-sends it when the guest masks a vector).
-                self.rt
-                    .vectors()
-                    .set_irqs(i as u16, 1, IrqAction::Eventfd(vec![fd]))
-                    .map_err(|e| Error::InvalidParam {
-                        request: "SET_VRING_CALL",
-                        reason: e.to_string(),
-                    })
-            }
-            _ => Ok(self.rt.reconfigure(i, |v| v.err = fd)?),
-        }
-    }
-
-    fn get_config(&mut self, body: &[u8]) -> Result<Vec<u8>, Error> {
-        let hdr_len = std::mem::size_of::<VhostUserConfig>();
-        let (head, payload) = body.split_at(hdr_len.min(body.len()));
-        let c: VhostUserConfig = decode("GET_CONFIG", head)?;
-        let size = c.size as usize;
-        if payload.len() != size || c.offset.saturating_add(c.size) > VHOST_USER_CONFIG_SIZE {
-            return Err(Error::BadBodySize {
-                request: "GET_CONFIG",
-                got: body.len(),
-                expected: hdr_len + size,
-            });
-        }
-        let config = self.rt.device().config();
-        let mut reply = Vec::with_capacity(hdr_len + size);
-        reply.extend_from_slice(head);
-        let start = c.offset as usize;
-        for k in 0..size {
-            reply.push(config.get(start + k).copied().unwrap_or(0));
-        }
-        Ok(reply)
-    }
-
-    /// Ends the session: every vring completes the chains already in its avail ring and
-    /// stops, then completed writes are made durable.
-    pub fn close(&mut self) {
-        self.rt.close();
-        self.region_repeats.clear();
-        self.log_fd = None;
-        self.record = crate::handover::Record::default();
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.close();
-    }
-}
-
-/// Bytes of address space a region maps: [`MemoryRegion::map`] maps from offset 0 of the
-/// fd (saturating: an overflowing region is refused by the limit, and by the mapping).
-fn mapped_bytes(mmap_offset: u64, size: u64) -> u64 {
-    mmap_offset.saturating_add(size)
-}
-
-/// Requests whose success reply carries data (they never get a bare ack).
-fn has_reply(code: FrontendReq) -> bool {
-    matches!(
-        code,
-        FrontendReq::GET_FEATURES
-            | FrontendReq::GET_PROTOCOL_FEATURES
-            | FrontendReq::GET_QUEUE_NUM
-            | FrontendReq::GET_VRING_BASE
-            | FrontendReq::GET_CONFIG
-            | FrontendReq::GET_MAX_MEM_SLOTS
-            | FrontendReq::GET_STATUS
-    )
 }
 
 impl AsFd for Session {
