@@ -7,7 +7,8 @@ use proptest::prelude::*;
 
 use super::testing::DriverQueue;
 use super::*;
-use crate::chain::ChainError;
+use crate::chain::{ChainError, DescriptorChain};
+use crate::chain::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use crate::memory::MemoryRegion;
 
 const MEM: u64 = 0x10_0000;
