@@ -1092,7 +1092,8 @@ pub fn parse_config(path: &Path, text: &str) -> Result<Vec<DeviceSpec>, ConfigEr
 /// Parses and validates a config file's text: its devices and the daemon's settings.
 ///
 /// # Errors
-/// As [`parse_config`]; a `metrics` value that is not `IP:PORT` is a [`ConfigError::Parse`].
+/// [`ConfigError::Parse`] for TOML or schema errors and for a `metrics` value that is not
+/// `IP:PORT`, [`ConfigError::Field`] for values, including duplicate names.
 pub fn parse_daemon_config(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
     let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),

@@ -6,6 +6,10 @@
 //! (and, for a net device, the `dpdk-testpmd --vdev` argument).
 //! `uvdpa [-j] [-p] [--ctl PATH] OBJECT COMMAND ...` talks to a running daemon over its
 //! control socket `<run-dir>/uvdpa.ctl`.
+//!
+//! The `///` comments of the command-line types below are `--help` text (clap), written
+//! for a terminal, not for rustdoc.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 mod capture;
 mod cli;

@@ -1,6 +1,6 @@
 //! A device served over VDUSE: created in the kernel (`/dev/vduse/control`), its message
 //! loop answered on a thread, its vrings run by the transport-neutral
-//! [`DeviceRuntime`](uvdpa_runtime::DeviceRuntime), and optionally bound to the vDPA bus
+//! [`uvdpa_runtime::DeviceRuntime`], and optionally bound to the vDPA bus
 //! (vdpa netlink `VDPA_CMD_DEV_NEW`, what `vdpa dev add name NAME mgmtdev vduse` sends).
 //!
 //! Message policy (Linux `Documentation/userspace-api/vduse.rst`, seed 004):
@@ -20,13 +20,13 @@
 //!   it is logged and skipped (the kernel, if it sent it, times it out).
 //!
 //! The loop never blocks on the kernel: the device fd is non-blocking and polled together
-//! with a shutdown eventfd. It answers at most [`DRAIN_BATCH`] requests per wakeup before
+//! with a shutdown eventfd. It answers at most `DRAIN_BATCH` requests per wakeup before
 //! looking at the shutdown fd again, so a flood cannot hold off a stop; and a device fd
 //! that polls ready with nothing to read (a device the kernel marked broken after a
 //! timed-out message polls EPOLLERR for good) is looked at again only every
-//! [`STALL_BACKOFF`], never in a busy loop.
+//! `STALL_BACKOFF`, never in a busy loop.
 //!
-//! The few ioctls the policy itself calls go through [`PolicyOps`], implemented by
+//! The few ioctls the policy itself calls go through `PolicyOps`, implemented by
 //! [`DeviceFd`]; the unit tests (`server/tests.rs`) run the loop over a socketpair with a
 //! fake in their place.
 

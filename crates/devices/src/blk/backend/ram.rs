@@ -12,8 +12,8 @@ use uvdpa_virtio::Segment;
 use super::super::BlkError;
 use super::{punch_hole, retry_intr, ResizeError};
 
-/// Address space a RAM disk reserves so it can grow in place: [`RamDisk::new`] and
-/// [`RamDisk::from_fd`] reserve `max(size, RAM_RESERVE)` bytes, of which only the first
+/// Address space a RAM disk reserves so it can grow in place: `RamDisk::new` and
+/// `RamDisk::from_fd` reserve `max(size, RAM_RESERVE)` bytes, of which only the first
 /// `size` (in whole pages) map the disk's memfd (the rest is PROT_NONE: it costs neither
 /// memory nor commit charge).
 pub const RAM_RESERVE: u64 = 256 << 30;
@@ -21,7 +21,7 @@ pub const RAM_RESERVE: u64 = 256 << 30;
 /// A disk in a memfd (`memfd_create("uvdpa-ram")`), mapped shared into a reservation of
 /// address space. It lives as long as the device, across frontend reconnects; its fd
 /// ([`RamDisk::fd`]) can be handed to another process (a new daemon taking the devices
-/// over on a live upgrade), which maps the same bytes with [`RamDisk::from_fd`].
+/// over on a live upgrade), which maps the same bytes with `RamDisk::from_fd`.
 ///
 /// The reservation is `reserved` bytes of PROT_NONE address space that never moves; its
 /// first `committed` bytes (whole pages) are the file's first `committed` bytes, mapped
@@ -56,7 +56,7 @@ unsafe impl Sync for RamDisk {}
 
 impl RamDisk {
     /// A new memfd of `size` bytes of zeroes (`size` rounded up to whole pages in the file),
-    /// mapped as [`RamDisk::from_fd`] maps it.
+    /// mapped as `RamDisk::from_fd` maps it.
     ///
     /// # Errors
     /// [`BlkError::MapMemory`] when the memfd cannot be created, sealed, sized or mapped.
@@ -79,7 +79,7 @@ impl RamDisk {
     /// other mapping of the file. The file is sealed against shrinking (`F_SEAL_SHRINK`) if
     /// it is not yet, and extended to whole pages if `size` ends inside a page past its end;
     /// it is never truncated. The mapping sits in a new reservation of at least
-    /// [`RAM_RESERVE`] bytes, as [`RamDisk::new`]'s.
+    /// [`RAM_RESERVE`] bytes, as `RamDisk::new`'s.
     ///
     /// # Errors
     /// [`BlkError::AdoptRamFd`] when `fd` is not a memfd that can be sealed against

@@ -13,7 +13,7 @@
 //! matched by cookie, and `sendmsg`/`readv` straight between the socket and guest memory.
 //!
 //! # What it speaks
-//! - Handshake ([`handshake`]): fixed newstyle, `NBD_OPT_STRUCTURED_REPLY` when the server
+//! - Handshake (`handshake`): fixed newstyle, `NBD_OPT_STRUCTURED_REPLY` when the server
 //!   knows it, `NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE` (falling back to
 //!   `NBD_OPT_EXPORT_NAME` for servers without `NBD_OPT_GO`). TLS is not supported yet.
 //! - Commands: READ (split at the server's maximum payload, at most 32 MiB), WRITE,
@@ -32,16 +32,16 @@
 //! minimum block size must not exceed the logical block size; the capacity is the export
 //! size rounded down to the logical block size.
 //!
-//! Each queue worker owns one connection ([`group::NbdGroup`]). With `connections = N`
+//! Each queue worker owns one connection (`group::NbdGroup`). With `connections = N`
 //! (where the server advertises `NBD_FLAG_CAN_MULTI_CONN`; otherwise 1) queue `i` runs in
 //! worker `i % N`, so the queues share N connections and N threads.
 //!
 //! # Failures
-//! See [`group`]: a lost connection is re-established with backoff; requests in flight
+//! See `group`: a lost connection is re-established with backoff; requests in flight
 //! are resent on the new connection when it comes back within `reconnect_delay`, and fail
 //! with VIRTIO_BLK_S_IOERR after it. Every request fails with IOERR at the latest
 //! `timeout` after it was taken from the ring, and a worker stop waits at most
-//! [`group::STOP_BUDGET`] for requests in flight.
+//! `group::STOP_BUDGET` for requests in flight.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};

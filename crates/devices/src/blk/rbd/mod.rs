@@ -5,12 +5,12 @@
 //! No maintained Rust binding covers librbd's asynchronous API: the `ceph` crate
 //! (ceph-rust) wraps librados and admin sockets only; `librbd-sys` 0.1.0 is a single,
 //! long-unmaintained release of generated bindings. The backend needs nineteen C
-//! functions, so [`ffi`] declares exactly those by hand (signatures from
+//! functions, so `ffi` declares exactly those by hand (signatures from
 //! `rbd/librbd.h` and `rados/librados.h`), each call with its safety argument, and
 //! owns the three handles (cluster, pool, image) in drop order.
 //!
 //! # The device
-//! [`RbdDisk::open`] (at `dev add`) reads `conf`, authenticates as `client.ID` (with
+//! `RbdDisk::open` (at `dev add`) reads `conf`, authenticates as `client.ID` (with
 //! `keyring` when given, otherwise what the conf names), connects, opens the pool and the
 //! image (read-only, without taking the image's exclusive lock, for a `ro` device); any
 //! step that fails makes `dev add` fail with the step and librados' errno
@@ -22,7 +22,7 @@
 //! The device offers FLUSH, DISCARD and WRITE_ZEROES.
 //!
 //! One image handle serves every queue (librbd handles are thread-safe); each queue has
-//! its own worker and [`group::RbdGroup`], with many requests in flight.
+//! its own worker and `group::RbdGroup`, with many requests in flight.
 
 use std::io;
 use std::path::PathBuf;

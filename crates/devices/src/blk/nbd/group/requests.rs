@@ -298,7 +298,7 @@ impl NbdGroup {
     }
 
     /// Completes slot `i`, answered by
-    /// [`BlkQueue::handle`](super::super::super::queue::BlkQueue::handle) (status written;
+    /// [`BlkQueue::handle_on`](super::super::super::queue::BlkQueue::handle_on) (status written;
     /// `used` is the used length it returned, its latency counted).
     fn finish_sync(&mut self, i: usize, used: u32, queues: &mut [WorkerQueue], done: &mut Done) {
         let Some(slot) = self.slots.get_mut(i) else {
