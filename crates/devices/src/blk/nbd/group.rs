@@ -383,6 +383,16 @@ impl NbdGroup {
         })
     }
 
+    /// Slots holding a request that has server commands (parts), in slot order.
+    fn waiting_slots(&self) -> Vec<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.cmd.is_some())
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     fn busy_of(&self, queue: u16) -> usize {
         self.busy_q.iter().find(|e| e.0 == queue).map_or(0, |e| e.1)
     }
@@ -547,13 +557,7 @@ impl GroupHandler for NbdGroup {
         }
         if self.busy > 0 {
             let mut done = Done::default();
-            let waiting: Vec<usize> = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.cmd.is_some())
-                .map(|(i, _)| i)
-                .collect();
+            let waiting = self.waiting_slots();
             tracing::warn!(
                 uri = %self.spec.uri,
                 requests = waiting.len(),

@@ -198,13 +198,7 @@ impl NbdGroup {
                     .down_since
                     .map_or(true, |t| Instant::now() >= t + self.spec.reconnect_delay);
                 if over {
-                    let waiting: Vec<usize> = self
-                        .slots
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, s)| s.cmd.is_some())
-                        .map(|(i, _)| i)
-                        .collect();
+                    let waiting = self.waiting_slots();
                     for i in waiting {
                         self.complete(i, VIRTIO_BLK_S_IOERR, Some(queues), done);
                     }
